@@ -1,0 +1,222 @@
+"""Public neighborhood attention ops: ``na1d/na2d/na3d`` and the unfused ``qk`` / ``av`` pieces.
+
+All ops share one generic implementation; the rank-specific functions only fix the number of
+spatial axes. Arguments follow NATTEN (heads-last layout, per-axis kernel/stride/dilation/causal).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+from nat_jax.kernels import reference, xla
+from nat_jax.kernels.params import (BoolOrTuple, IntOrTuple, NAParams, check_qkv, check_rpb,
+                                    make_params)
+
+# name -> fn(query, key, value, params, rpb) -> (out, lse). Backends may add themselves
+# (``register_backend``) together with a predicate saying which arguments they support.
+FusedFn = Callable[..., tuple[jax.Array, jax.Array]]
+_BACKENDS: dict[str, FusedFn] = {
+    "reference": reference.na_fused,
+    "xla": xla.na_fused,
+}
+_SUPPORTS: dict[str, Callable[..., bool]] = {}
+# Preference order for backend="auto": the first registered backend whose predicate accepts the
+# call on the current platform wins; "xla" runs everywhere and is the fallback.
+_AUTO_ORDER: list[str] = []
+
+
+def register_backend(name: str, fn: FusedFn, supports: Callable[..., bool] | None = None,
+                     auto: bool = False) -> None:
+    """Register a fused NA implementation under ``name``.
+
+    ``supports(query, key, value, params, rpb, platform) -> bool`` says whether it handles a call;
+    with ``auto=True`` it is tried (in registration order) before ``xla`` for ``backend="auto"``.
+    """
+    _BACKENDS[name] = fn
+    if supports is not None:
+        _SUPPORTS[name] = supports
+    if auto and name not in _AUTO_ORDER:
+        _AUTO_ORDER.append(name)
+
+
+def available_backends() -> tuple[str, ...]:
+    """Names accepted by ``backend=`` (besides ``"auto"``)."""
+    return tuple(_BACKENDS)
+
+
+def resolve_backend(backend: str, query, key, value, p: NAParams, rpb) -> str:
+    """Concrete backend name for a call (``"auto"`` -> the best one for the platform)."""
+    if backend != "auto":
+        if backend not in _BACKENDS:
+            raise ValueError(f"{backend=} is not one of {('auto',) + available_backends()}")
+        return backend
+    platform = jax.default_backend()
+    for name in _AUTO_ORDER:
+        if _SUPPORTS.get(name, lambda *a: True)(query, key, value, p, rpb, platform):
+            return name
+    return "xla"
+
+
+def _prepare(rank, query, key, value, kernel_size, stride, dilation, is_causal, scale, rpb):
+    check_qkv(rank, query, key, value)
+    p = make_params(tuple(query.shape[1:1 + rank]), query.shape[-1], kernel_size, stride,
+                    dilation, is_causal, scale)
+    if rpb is not None:
+        check_rpb(rpb, p, query.shape[-2])
+    return p
+
+
+@functools.partial(jax.jit, static_argnames=("p", "backend"))
+def _fused(query, key, value, rpb, p: NAParams, backend: str):
+    return _BACKENDS[backend](query, key, value, p, rpb)
+
+
+def neighborhood_attention(query: jax.Array, key: jax.Array, value: jax.Array,
+                           kernel_size: IntOrTuple, stride: IntOrTuple = 1,
+                           dilation: IntOrTuple = 1, is_causal: BoolOrTuple = False,
+                           scale: float | None = None, rpb: jax.Array | None = None,
+                           backend: str = "auto", return_lse: bool = False):
+    """N-dimensional neighborhood attention (rank taken from ``query.ndim - 3``).
+
+    See :func:`na2d` for the arguments. Returns the output, or ``(output, lse)`` with
+    ``return_lse=True`` (``lse [B, *spatial, heads]`` float32, natural log).
+    """
+    rank = query.ndim - 3
+    if rank not in (1, 2, 3):
+        raise ValueError(f"query.ndim={query.ndim}: expected 4, 5 or 6 "
+                         "([batch, *spatial(1-3), heads, head_dim])")
+    return _na(rank, query, key, value, kernel_size, stride, dilation, is_causal, scale, rpb,
+               backend, return_lse)
+
+
+def _na(rank, query, key, value, kernel_size, stride, dilation, is_causal, scale, rpb, backend,
+        return_lse):
+    p = _prepare(rank, query, key, value, kernel_size, stride, dilation, is_causal, scale, rpb)
+    name = resolve_backend(backend, query, key, value, p, rpb)
+    out, lse = _fused(query, key, value, rpb, p, name)
+    return (out, lse) if return_lse else out
+
+
+_DOC_ARGS = """
+    Args:
+      query, key: ``[batch, {axes}, heads, head_dim]`` (heads-last, NATTEN's layout); same shape
+        and floating dtype.
+      value: ``[batch, {axes}, heads, head_dim_v]``, same dtype.
+      kernel_size: window size, int or one per axis; ``>= 2`` and ``kernel_size * dilation <=``
+        the axis length. Even sizes take ``K/2`` keys before and ``K/2 - 1`` after the query.
+      stride: int or per axis, ``1 <= stride <= kernel_size``; queries in a block of ``stride``
+        share the window of the block's centre ("leader") query. ``stride == kernel_size`` is
+        blocked (non-overlapping window) attention.
+      dilation: int or per axis, ``>= 1``; the axis splits into ``dilation`` interleaved groups
+        and a query attends only within its group.
+      is_causal: bool or per axis; causal windows end at the query.
+      scale: multiplies ``q . k``; defaults to ``head_dim ** -0.5`` (``0.0`` is a valid value).
+      rpb: optional relative positional bias ``[heads, {rpb}]``, added after scaling; requires
+        odd kernels, stride 1 and no causal axis. Differentiable.
+      backend: ``"auto"`` (the best supported one for the platform), ``"reference"`` (plain
+        gather, ground truth), ``"xla"`` (tiled, memory-efficient, any platform) or a
+        registered kernel backend such as ``"pallas"``.
+      return_lse: also return the float32 logsumexp ``[batch, {axes}, heads]``.
+
+    Windows follow NATTEN exactly: they are shifted inwards at the borders (never zero-padded),
+    so every non-causal query sees exactly ``prod(kernel_size)`` keys. bf16/fp16 inputs compute
+    logits and softmax in float32 and return the input dtype. Works under ``jax.jit``,
+    ``jax.vmap``, ``jax.grad`` and with batch/head-sharded inputs.
+
+    Returns:
+      ``[batch, {axes}, heads, head_dim_v]`` in the input dtype (and lse with ``return_lse``).
+
+    Raises:
+      ValueError: naming the argument and the rule it breaks.
+"""
+
+
+def _make_fused(rank: int, axes: str, rpb_shape: str):
+    def op(query: jax.Array, key: jax.Array, value: jax.Array, kernel_size: IntOrTuple,
+           stride: IntOrTuple = 1, dilation: IntOrTuple = 1, is_causal: BoolOrTuple = False,
+           scale: float | None = None, rpb: jax.Array | None = None, backend: str = "auto",
+           return_lse: bool = False):
+        return _na(rank, query, key, value, kernel_size, stride, dilation, is_causal, scale, rpb,
+                   backend, return_lse)
+
+    op.__name__ = op.__qualname__ = f"na{rank}d"
+    op.__doc__ = f"{rank}-D neighborhood attention.\n" + _DOC_ARGS.format(axes=axes, rpb=rpb_shape)
+    return op
+
+
+na1d = _make_fused(1, "L", "2K-1")
+na2d = _make_fused(2, "X, Y", "2Kx-1, 2Ky-1")
+na3d = _make_fused(3, "X, Y, Z", "2Kx-1, 2Ky-1, 2Kz-1")
+
+
+# ------------------------------------------------------------------ unfused pieces
+
+
+@functools.partial(jax.jit, static_argnames=("p",))
+def _qk(query, key, rpb, p):
+    return reference.na_qk(query, key, p, rpb)
+
+
+@functools.partial(jax.jit, static_argnames=("p",))
+def _av(weights, value, p):
+    return reference.na_av(weights, value, p)
+
+
+def _make_qk(rank: int, axes: str):
+    def qk(query: jax.Array, key: jax.Array, kernel_size: IntOrTuple, dilation: IntOrTuple = 1,
+           is_causal: BoolOrTuple = False, rpb: jax.Array | None = None,
+           scale: float | None = None, stride: IntOrTuple = 1) -> jax.Array:
+        p = _prepare(rank, query, key, None, kernel_size, stride, dilation, is_causal, scale,
+                     rpb)
+        return _qk(query, key, rpb, p)
+
+    qk.__name__ = qk.__qualname__ = f"na{rank}d_qk"
+    qk.__doc__ = f"""{rank}-D neighborhood attention logits (the unfused first half).
+
+    Args:
+      query, key: ``[batch, {axes}, heads, head_dim]``.
+      kernel_size, dilation, is_causal, stride, rpb, scale: as for :func:`na{rank}d`.
+
+    Returns:
+      float32 logits ``[batch, {axes}, heads, prod(kernel_size)]``: ``scale * q.k (+ rpb)`` with
+      the window flattened row-major (slot ``j`` = key ``start + j`` per axis). Slots a causal
+      window does not reach hold ``-inf``. ``na{rank}d_av(softmax(logits), v, ...)`` equals
+      ``na{rank}d(q, k, v, ...)``.
+    """
+    return qk
+
+
+def _make_av(rank: int, axes: str):
+    def av(weights: jax.Array, value: jax.Array, kernel_size: IntOrTuple,
+           dilation: IntOrTuple = 1, is_causal: BoolOrTuple = False,
+           stride: IntOrTuple = 1) -> jax.Array:
+        if value.ndim != rank + 3:
+            check_qkv(rank, value, value)
+        p = make_params(tuple(value.shape[1:1 + rank]), value.shape[-1], kernel_size, stride,
+                        dilation, is_causal)
+        want = (*value.shape[:-1], p.window)
+        if tuple(weights.shape) != want:
+            raise ValueError(f"weights.shape={tuple(weights.shape)} must be {want} "
+                             "([batch, *spatial, heads, prod(kernel_size)])")
+        return _av(weights, value, p)
+
+    av.__name__ = av.__qualname__ = f"na{rank}d_av"
+    av.__doc__ = f"""{rank}-D neighborhood attention weighted sum (the unfused second half).
+
+    Args:
+      weights: ``[batch, {axes}, heads, prod(kernel_size)]`` (e.g. softmax of ``na{rank}d_qk``).
+      value: ``[batch, {axes}, heads, head_dim]``.
+      kernel_size, dilation, is_causal, stride: as for :func:`na{rank}d`.
+
+    Returns:
+      ``[batch, {axes}, heads, head_dim]`` in ``value.dtype``.
+    """
+    return av
+
+
+na1d_qk, na2d_qk, na3d_qk = (_make_qk(r, a) for r, a in ((1, "L"), (2, "X, Y"), (3, "X, Y, Z")))
+na1d_av, na2d_av, na3d_av = (_make_av(r, a) for r, a in ((1, "L"), (2, "X, Y"), (3, "X, Y, Z")))

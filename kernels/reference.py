@@ -1,0 +1,97 @@
+"""Reference neighborhood attention: gather every query's window, then dense softmax.
+
+Written for clarity, not speed: it materializes ``[B, *spatial, prod(K), heads, head_dim]`` for
+keys and values. It is the project's ground truth for the other backends (alongside the float64
+oracle in the tests), and it provides the unfused ``qk`` / ``av`` pieces used for
+``output_attentions``. Gradients come from JAX autodiff.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from nat_jax.kernels import windows
+from nat_jax.kernels.params import NAParams
+
+
+def _window_index(spatial: tuple[int, ...], p: NAParams):
+    """Advanced-index tuple gathering ``[*spatial, *kernel]`` keys, and the window validity mask
+    ``[N, W]`` (N = prod(spatial), W = prod(kernel))."""
+    n = len(spatial)
+    idx, valid = [], np.ones((), bool)
+    for a in range(n):
+        ia, va = windows.neighbor_indices(spatial[a], p.kernel_size[a], p.stride[a],
+                                          p.dilation[a], p.is_causal[a])
+        shape = [1] * (2 * n)
+        shape[a], shape[n + a] = spatial[a], p.kernel_size[a]
+        idx.append(ia.reshape(shape))
+        valid = valid & va.reshape(shape)
+    valid = np.broadcast_to(valid, spatial + p.kernel_size)
+    return tuple(idx), valid.reshape(math.prod(spatial), -1)
+
+
+def _rpb_bias(rpb: jax.Array, spatial: tuple[int, ...], p: NAParams) -> jax.Array:
+    """RPB gathered per (query, window slot): ``[heads, N, W]`` float32."""
+    n = len(spatial)
+    flat = np.zeros((), np.int64)
+    for a in range(n):
+        rel = windows.rpb_indices(spatial[a], p.kernel_size[a], p.dilation[a])
+        shape = [1] * (2 * n)
+        shape[a], shape[n + a] = spatial[a], p.kernel_size[a]
+        flat = flat * (2 * p.kernel_size[a] - 1) + rel.reshape(shape)
+    flat = np.broadcast_to(flat, spatial + p.kernel_size).reshape(math.prod(spatial), -1)
+    return rpb.astype(jnp.float32).reshape(rpb.shape[0], -1)[:, flat]
+
+
+def _gather(x: jax.Array, idx) -> jax.Array:
+    """``[B, *spatial, h, d]`` -> ``[B, N, W, h, d]``."""
+    g = x[(slice(None), *idx)]  # [B, *spatial, *kernel, h, d]
+    n = len(idx)
+    b = x.shape[0]
+    return g.reshape(b, math.prod(g.shape[1:1 + n]), math.prod(g.shape[1 + n:1 + 2 * n]),
+                     *x.shape[-2:])
+
+
+def na_qk(query: jax.Array, key: jax.Array, p: NAParams, rpb: jax.Array | None = None
+          ) -> jax.Array:
+    """Scaled (+ biased) logits ``[B, *spatial, heads, prod(K)]`` in float32; slots outside a
+    causal window hold ``-inf``."""
+    spatial = query.shape[1:-2]
+    idx, valid = _window_index(spatial, p)
+    b, h = query.shape[0], query.shape[-2]
+    qf = query.reshape(b, -1, h, query.shape[-1])
+    logits = jnp.einsum("bnhd,bnwhd->bnhw", qf, _gather(key, idx),
+                        preferred_element_type=jnp.float32) * p.scale
+    if rpb is not None:
+        logits = logits + jnp.transpose(_rpb_bias(rpb, spatial, p), (1, 0, 2))[None]
+    logits = jnp.where(valid[None, :, None, :], logits, -jnp.inf)
+    return logits.reshape(*query.shape[:-1], -1)
+
+
+def na_av(weights: jax.Array, value: jax.Array, p: NAParams) -> jax.Array:
+    """``weights [B, *spatial, heads, prod(K)]`` times window values -> ``[B, *spatial, heads,
+    head_dim]`` in ``value.dtype``."""
+    spatial = value.shape[1:-2]
+    idx, valid = _window_index(spatial, p)
+    b, h = value.shape[0], value.shape[-2]
+    wf = weights.reshape(b, -1, h, weights.shape[-1])
+    wf = jnp.where(valid[None, :, None, :], wf, 0).astype(
+        jnp.promote_types(weights.dtype, value.dtype))
+    out = jnp.einsum("bnhw,bnwhd->bnhd", wf, _gather(value, idx),
+                     preferred_element_type=jnp.float32)
+    return out.astype(value.dtype).reshape(value.shape)
+
+
+def na_fused(query: jax.Array, key: jax.Array, value: jax.Array, p: NAParams,
+             rpb: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """Neighborhood attention by gather; returns ``(out, lse)`` with ``lse [B, *spatial, heads]``
+    float32 (natural-log logsumexp of the scaled, biased logits)."""
+    logits = na_qk(query, key, p, rpb)
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    probs = jnp.exp(logits - lse[..., None])
+    out = na_av(probs.astype(value.dtype), value, p)
+    return out, lse

@@ -1,0 +1,178 @@
+"""Neighborhood windows and query tiling: the index arithmetic every backend shares.
+
+Everything here is plain arithmetic on integer arrays, written against an array module ``xp``
+(``numpy`` for tables built at trace time, ``jax.numpy`` for index math inside a kernel), so the
+reference, the tiled XLA path and the Pallas kernels all derive their masks from one place.
+
+Conventions (see NATTEN's rules, reproduced in ``shared/reference/na-semantics.md``):
+
+* One axis of length ``L`` with dilation ``d`` is split into ``d`` interleaved groups; token ``i``
+  lives in group ``i % d`` at *group coordinate* ``i // d``. Group ``g`` has
+  ``L // d + (g < L % d)`` tokens. A query only sees keys of its own group.
+* Within a group, NA is plain (undilated) NA over the group's length: the window of group
+  coordinate ``ic`` is ``[start, end)`` in group coordinates, as returned by :func:`window_bounds`.
+* Multi-dimensional NA is the Cartesian product of the per-axis windows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any
+
+import numpy as np
+
+
+def group_length(length: int, dilation: int, group: Any, xp: Any = np) -> Any:
+    """Number of tokens in dilation group(s) ``group`` of an axis of ``length`` tokens."""
+    return length // dilation + (group < length % dilation) * 1
+
+
+def window_bounds(ic: Any, group_len: Any, kernel: int, stride: int, causal: bool, xp: Any = np):
+    """Neighborhood ``[start, end)`` of group coordinate(s) ``ic`` along one axis.
+
+    Args:
+      ic: query group coordinate(s), any integer array (or scalar).
+      group_len: length of the query's dilation group (broadcastable against ``ic``).
+      kernel, stride: static window size and stride along this axis.
+      causal: static; causal windows end at the query itself.
+      xp: ``numpy`` or ``jax.numpy``.
+
+    Returns:
+      ``(start, end)`` in group coordinates. Non-causal windows always hold exactly ``kernel``
+      keys (shifted inwards at the borders, never padded); causal windows hold
+      ``min(ic + 1, kernel)``-ish keys, fewer near the start.
+    """
+    left = kernel // 2
+    right = kernel // 2 + (kernel % 2 - 1)
+    if causal:
+        leader = xp.minimum((ic // stride) * stride + stride - 1, group_len - 1)
+        start = xp.maximum(leader - left - right, 0)
+        end = xp.minimum(ic + 1, group_len)
+        return start, end
+    leader = xp.minimum((ic // stride) * stride + stride // 2, group_len - 1)
+    # NATTEN's rule, `max(leader - left, 0) + (leader + right >= L) * (L - right - leader - 1)`,
+    # is a clamp of the centred start into [0, L - K] whenever K <= L (which validation ensures).
+    start = xp.minimum(xp.maximum(leader - left, 0), group_len - kernel)
+    return start, start + kernel
+
+
+def _axis_tables(length: int, kernel: int, stride: int, dilation: int, causal: bool):
+    """Per-token window bounds of one axis in *original* token order (group coordinates)."""
+    i = np.arange(length)
+    g, ic = i % dilation, i // dilation
+    start, end = window_bounds(ic, group_length(length, dilation, g), kernel, stride, causal)
+    return g, ic, start, end
+
+
+@functools.lru_cache(maxsize=512)
+def neighbor_indices(length: int, kernel: int, stride: int, dilation: int, causal: bool):
+    """Original key indices of every query's window along one axis.
+
+    Returns:
+      ``(idx, valid)``, both ``[length, kernel]``: slot ``j`` of query ``i`` holds key
+      ``g + (start + j) * dilation``; ``valid`` is False for slots past the window end (only
+      causal windows have those; their ``idx`` is clamped to a real token).
+    """
+    g, _, start, end = _axis_tables(length, kernel, stride, dilation, causal)
+    slot = start[:, None] + np.arange(kernel)[None, :]
+    valid = slot < end[:, None]
+    idx = g[:, None] + np.minimum(slot, end[:, None] - 1) * dilation
+    idx.setflags(write=False)
+    valid.setflags(write=False)
+    return idx, valid
+
+
+@functools.lru_cache(maxsize=512)
+def rpb_indices(length: int, kernel: int, dilation: int):
+    """RPB column of every (query, window slot) pair along one axis, ``[length, kernel]``.
+
+    The bias of a key ``kernel - 1 + (key_g - query_g)`` depends on the offset in dilated units
+    (stride 1, non-causal: the only case RPB is defined for).
+    """
+    _, ic, start, _ = _axis_tables(length, kernel, 1, dilation, False)
+    slot = start[:, None] + np.arange(kernel)[None, :]
+    out = kernel - 1 + slot - ic[:, None]
+    out.setflags(write=False)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Query tiling (used by the XLA path; the Pallas kernels use the same per-axis plans).
+
+
+@dataclasses.dataclass(frozen=True)
+class AxisTiling:
+    """How one axis is regrouped by dilation and cut into query tiles with key halos.
+
+    Token ``i`` goes to group ``i % dilation``, row ``i // dilation``; each group is padded to
+    ``num_tiles * tile`` rows. Query tile ``t`` of group ``g`` needs only the keys at group rows
+    ``halo_start[g, t] + [0, halo)``; ``mask[g, t, q, h]`` says whether that key is in the window
+    of the tile's query ``q``; ``rel[g, t, q, h]`` is its RPB column (meaningless where masked).
+    """
+
+    length: int
+    kernel: int
+    stride: int
+    dilation: int
+    causal: bool
+    tile: int
+    rows: int  # ceil(length / dilation): rows per group after regrouping (before tile padding)
+    num_tiles: int
+    halo: int
+    halo_start: np.ndarray  # [dilation, num_tiles]
+    mask: np.ndarray  # [dilation, num_tiles, tile, halo] bool
+    rel: np.ndarray  # [dilation, num_tiles, tile, halo] int32
+
+
+@functools.lru_cache(maxsize=512)
+def axis_tiling(length: int, kernel: int, stride: int, dilation: int, causal: bool,
+                tile: int) -> AxisTiling:
+    """Build the static tiling plan of one axis (numpy, cached)."""
+    rows = -(-length // dilation)
+    tile = max(1, min(tile, rows))
+    num_tiles = -(-rows // tile)
+    groups = np.arange(dilation)[:, None]
+    glen = group_length(length, dilation, groups)  # [d, 1]
+    q = np.arange(num_tiles * tile)[None, :]
+    # Padded query rows (beyond their group's length) borrow the last real row's window, so
+    # every row has at least one key and nothing downstream divides by zero.
+    qc = np.minimum(q, glen - 1)
+    start, end = window_bounds(qc, glen, kernel, stride, causal)  # [d, rows_padded]
+    start = start.reshape(dilation, num_tiles, tile)
+    end = end.reshape(dilation, num_tiles, tile)
+    # Windows start and end monotonically in the query coordinate, so a tile's key box runs from
+    # its first query's start to its last query's end.
+    box_lo, box_hi = start.min(-1), end.max(-1)
+    halo = min(int((box_hi - box_lo).max()), rows)
+    halo_start = np.clip(box_lo, 0, rows - halo)
+    keys = halo_start[..., None] + np.arange(halo)  # [d, nt, halo]
+    mask = (keys[:, :, None, :] >= start[..., None]) & (keys[:, :, None, :] < end[..., None])
+    qrow = qc.reshape(dilation, num_tiles, tile)
+    rel = (kernel - 1 + keys[:, :, None, :] - qrow[..., None]).astype(np.int32)
+    for arr in (halo_start, mask, rel):
+        arr.setflags(write=False)
+    return AxisTiling(length, kernel, stride, dilation, causal, tile, rows, num_tiles, halo,
+                      halo_start, mask, rel)
+
+
+def default_tile_sizes(shape: tuple[int, ...], kernel: tuple[int, ...],
+                       dilation: tuple[int, ...]) -> tuple[int, ...]:
+    """Query tile per axis for the XLA path: about 64 (1-D) / 8x8 (2-D) / 4x4x4 (3-D) queries,
+    grown for large kernels so the key halo is not dominated by its borders."""
+    base = {1: 64, 2: 8, 3: 4}[len(shape)]
+    tiles = []
+    for n, k, d in zip(shape, kernel, dilation):
+        t = base
+        # Large windows: a tile about as wide as the window halves the halo per query.
+        while t < k and t < 64:
+            t *= 2
+        tiles.append(max(1, min(t, -(-n // d))))
+    return tuple(tiles)
+
+
+def na_flops(batch: int, heads: int, shape: tuple[int, ...], kernel: tuple[int, ...],
+             head_dim: int) -> int:
+    """Forward FLOPs by NATTEN's convention: ``4 * B * heads * N * prod(K) * head_dim``."""
+    return 4 * batch * heads * math.prod(shape) * math.prod(kernel) * head_dim
