@@ -9,6 +9,7 @@ from nat_jax.kernels.ops import (available_backends, na1d, na1d_av, na1d_qk, na2
                                  register_backend, resolve_backend)
 from nat_jax.kernels.params import NAParams, make_params
 from nat_jax.kernels.windows import na_flops
+from nat_jax.kernels import pallas as _pallas  # noqa: E402,F401  (registers backend "pallas")
 
 __all__ = [
     "NAParams", "available_backends", "make_params", "na1d", "na1d_av", "na1d_qk", "na2d",

@@ -176,3 +176,112 @@ def na_flops(batch: int, heads: int, shape: tuple[int, ...], kernel: tuple[int, 
              head_dim: int) -> int:
     """Forward FLOPs by NATTEN's convention: ``4 * B * heads * N * prod(K) * head_dim``."""
     return 4 * batch * heads * math.prod(shape) * math.prod(kernel) * head_dim
+
+
+# --------------------------------------------------------------------------------------------
+# Tile boxes: which key tiles a query tile needs (and the inverse), per axis, in group rows.
+# Written against ``xp`` so the Pallas kernels evaluate them on traced scalars (program ids) and
+# the static extents below come from the very same formulas in numpy.
+
+
+def in_window(qc: Any, kc: Any, group_len: Any, kernel: int, stride: int, causal: bool,
+              xp: Any = np) -> Any:
+    """Whether key group coordinate(s) ``kc`` lie in the window of query coordinate(s) ``qc``
+    (broadcasting). Query rows past the group's end (tile padding) borrow the last row's window,
+    so every row has keys; keys past the end are never inside a window."""
+    start, end = window_bounds(xp.minimum(qc, group_len - 1), group_len, kernel, stride, causal,
+                               xp=xp)
+    return (kc >= start) & (kc < end)
+
+
+def tile_box(tile: Any, q_tile: int, kv_tile: int, group_len: Any, kernel: int, stride: int,
+             causal: bool, xp: Any = np):
+    """Key tiles ``[lo, hi)`` (tiles of ``kv_tile`` rows) holding every key that a query of query
+    tile ``tile`` (tiles of ``q_tile`` rows) attends to along one axis.
+
+    Window starts and ends grow monotonically with the query, so the box runs from the window
+    start of the tile's first query to the window end of its last (padded rows clamp to the last
+    real row)."""
+    first = xp.minimum(tile * q_tile, group_len - 1)
+    last = xp.minimum(tile * q_tile + q_tile - 1, group_len - 1)
+    start, _ = window_bounds(first, group_len, kernel, stride, causal, xp=xp)
+    _, end = window_bounds(last, group_len, kernel, stride, causal, xp=xp)
+    return start // kv_tile, (end + kv_tile - 1) // kv_tile
+
+
+def _first_true(pred, size: Any, max_size: int, xp: Any):
+    """Smallest ``i`` in ``[0, size)`` with monotone ``pred(i)`` true, else ``size``: bisection
+    with a static step count, so it unrolls into plain scalar arithmetic inside a kernel."""
+    lo = xp.zeros_like(size)
+    hi = size
+    for _ in range(max(1, int(max_size).bit_length() + 1)):
+        mid = (lo + hi) // 2
+        ok = pred(xp.minimum(mid, size - 1)) & (mid < hi)
+        hi = xp.where(ok, mid, hi)
+        lo = xp.where(ok, lo, xp.minimum(mid + 1, hi))
+    return hi
+
+
+def query_span(key_lo: Any, key_hi: Any, group_len: Any, max_len: int, kernel: int, stride: int,
+               causal: bool, xp: Any = np):
+    """Queries ``[lo, hi)`` whose windows meet keys ``[key_lo, key_hi]`` (inclusive), one axis.
+
+    ``max_len`` is a static bound on ``group_len`` (it fixes the bisection depth). Because window
+    starts and ends are monotone in the query, the queries seeing a key range are contiguous:
+    from the first whose window ends after ``key_lo`` to the last whose window starts at or
+    before ``key_hi``.
+    """
+    def bounds(i):
+        return window_bounds(i, group_len, kernel, stride, causal, xp=xp)
+
+    lo = _first_true(lambda i: bounds(i)[1] > key_lo, group_len, max_len, xp)
+    hi = _first_true(lambda i: bounds(i)[0] > key_hi, group_len, max_len, xp)
+    return lo, hi
+
+
+def inverse_tile_box(tile: Any, kv_tile: int, q_tile: int, group_len: Any, max_len: int,
+                     kernel: int, stride: int, causal: bool, xp: Any = np):
+    """Query tiles ``[lo, hi)`` whose queries attend to some key of key tile ``tile`` (the inverse
+    of :func:`tile_box`, used by the dK/dV pass). Empty (``lo >= hi``) for pure padding tiles."""
+    key_lo = tile * kv_tile
+    key_hi = xp.minimum(key_lo + kv_tile - 1, group_len - 1)
+    lo, hi = query_span(key_lo, key_hi, group_len, max_len, kernel, stride, causal, xp=xp)
+    hi = xp.where(key_lo < group_len, hi, lo)
+    return lo // q_tile, (hi + q_tile - 1) // q_tile
+
+
+def _group_lengths(length: int, dilation: int) -> np.ndarray:
+    return np.unique(group_length(length, dilation, np.arange(dilation)))
+
+
+@functools.lru_cache(maxsize=1024)
+def tile_box_extent(length: int, kernel: int, stride: int, dilation: int, causal: bool,
+                    q_tile: int, kv_tile: int) -> int:
+    """Largest :func:`tile_box` width (in key tiles) over all query tiles and dilation groups of
+    one axis: the static trip count of a kernel's key loop along that axis."""
+    rows = -(-length // dilation)
+    width = 1
+    for glen in _group_lengths(length, dilation):
+        t = np.arange(-(-rows // q_tile))
+        lo, hi = tile_box(t, q_tile, kv_tile, glen, kernel, stride, causal)
+        width = max(width, int((hi - lo).max()))
+    return width
+
+
+@functools.lru_cache(maxsize=1024)
+def inverse_tile_box_extent(length: int, kernel: int, stride: int, dilation: int, causal: bool,
+                            q_tile: int, kv_tile: int) -> int:
+    """Largest :func:`inverse_tile_box` width (in query tiles) over all key tiles and groups."""
+    rows = -(-length // dilation)
+    width = 1
+    for glen in _group_lengths(length, dilation):
+        t = np.arange(-(-rows // kv_tile))
+        lo, hi = inverse_tile_box(t, kv_tile, q_tile, glen, rows, kernel, stride, causal)
+        width = max(width, int((hi - lo).max()))
+    return width
+
+
+def clamp_box(lo: Any, width: int, num_tiles: int, xp: Any = np) -> Any:
+    """Shift a box start so ``[lo, lo + width)`` stays inside ``[0, num_tiles)``; the shifted box
+    still covers the original ``[lo, hi)`` whenever ``hi - lo <= width`` and ``hi <= num_tiles``."""
+    return xp.maximum(xp.minimum(lo, num_tiles - width), 0)

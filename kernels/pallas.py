@@ -1,0 +1,770 @@
+"""Fused neighborhood attention in Pallas: forward, dQ, dK/dV and dRPB kernels.
+
+One kernel family for 1-D, 2-D and 3-D NA (backend name ``"pallas"``). On GPU the kernels use
+Pallas's Triton lowering; on CPU the very same kernel bodies run with ``interpret=True``.
+
+Layout and tiling (done in XLA around the kernels, see :func:`_to_tiles`):
+
+* Dilation: every axis is regrouped so each dilation group is contiguous (token ``i`` -> group
+  ``i % d``, row ``i // d``) and the groups are folded into a batch-like axis. Inside a kernel the
+  problem is NA with dilation 1 over one group; the group's length per axis comes from the grid
+  index. (Chosen over indexing groups in the kernel: loads stay contiguous tiles, and the XLA
+  path uses the same regrouping.)
+* Tokens are then permuted *tile-major*: each multi-dimensional tile (e.g. 8x8 rows of a 2-D
+  group) becomes a contiguous block of ``prod(tile)`` rows, a power of two as Triton requires.
+  Queries and keys may use different tile shapes; each array is permuted with its own.
+* ``head_dim`` is zero-padded to a power of two (at least 16, Triton's smallest dot).
+
+Forward (grid ``(query tiles, batch * groups, heads)``): a query tile loads its queries once and
+loops over the key tiles of its neighborhood box (:func:`windows.tile_box`: from the window start
+of its first query to the window end of its last, per axis, with a static trip count from
+:func:`windows.tile_box_extent`), with an online softmax in float32 (exp2 domain). The exact
+per-element window mask comes from :func:`windows.in_window` evaluated on iota arithmetic; the RPB
+is a pointer gather from the bias Ref at the relative offset (in dilated units).
+
+Backward: ``delta = sum(out * dout) - dlse`` in XLA, then
+
+* dQ kernel: per query tile, the same key box as the forward;
+* dK/dV kernel: per key tile, the query tiles whose boxes touch it
+  (:func:`windows.inverse_tile_box`, exact, by bisection on the monotone window bounds);
+* dRPB kernel (only with ``rpb``): per query tile, a loop over the ``prod(2K-1)`` bias entries;
+  entry ``b`` pairs every query with the one key at that relative offset (a row gather), so the
+  reduction needs no atomics. Each (query tile, batch*group, head) writes its own partial sums,
+  which XLA adds up: **every gradient, dRPB included, is deterministic.** Its cost is about
+  ``prod(2K-1) / prod(K)`` times a forward pass on CUDA cores (no tensor cores).
+
+Limits: ``head_dim <= 256`` (q/k and v separately), float32/bfloat16/float16 inputs, RPB with odd
+kernels, stride 1 and no causal axis (as everywhere in nat-jax).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from nat_jax.kernels import reference, windows
+from nat_jax.kernels.params import NAParams
+
+LOG2E = math.log2(math.e)
+LN2 = math.log(2.0)
+# Finite "minus infinity" for masked logits: exp2 of its difference to any real logit is 0,
+# and it never produces inf - inf = NaN in the running max.
+_MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
+_MIN_ROWS = 16  # Triton's smallest dot operand dimension.
+MAX_HEAD_DIM = 256
+SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def _is_pow2(n: int) -> bool:
+    return n >= 1 and (n & (n - 1)) == 0
+
+
+def _grow_tile(rows: Sequence[int], total: int) -> tuple[int, ...]:
+    """A power-of-two tile per axis with ``prod == total``, doubling the axis that has the most
+    rows left uncovered (ties: the last, most contiguous axis); tiny axes stop growing at their
+    (power-of-two rounded) size unless every axis is saturated."""
+    n = len(rows)
+    tile = [1] * n
+    while math.prod(tile) < total:
+        grow = [a for a in range(n) if tile[a] < _pow2(rows[a])] or [n - 1]
+        a = max(grow, key=lambda a: (rows[a] / tile[a], a))
+        tile[a] *= 2
+    return tuple(tile)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class BlockSizes:
+    """Tile shapes (group rows per spatial axis) of the Pallas NA kernels.
+
+    Attributes:
+      q, kv: query and key/value tile of the forward kernel.
+      q_bwd, kv_bwd: query and key/value tile of the dQ, dK/dV and dRPB kernels.
+      num_warps: Triton warps per program (``None``: 4 for head_dim <= 64, else 8).
+      num_stages: Triton software-pipelining stages.
+
+    Every entry is a power of two and each tile holds at least 16 rows in total (Triton's
+    smallest dot). Hashable, so it can be a static ``jax.jit`` argument.
+    """
+
+    q: tuple[int, ...]
+    kv: tuple[int, ...]
+    q_bwd: tuple[int, ...]
+    kv_bwd: tuple[int, ...]
+    num_warps: int | None = None
+    num_stages: int = 2
+
+    def __post_init__(self):
+        rank = len(self.q)
+        for name in ("q", "kv", "q_bwd", "kv_bwd"):
+            tile = getattr(self, name)
+            if not isinstance(tile, tuple) or len(tile) != rank or rank not in (1, 2, 3):
+                raise ValueError(f"{name}={tile!r} must be a tuple with one entry per spatial "
+                                 f"axis (rank {rank} from q)")
+            if not all(isinstance(t, int) and _is_pow2(t) for t in tile):
+                raise ValueError(f"{name}={tile!r}: tile entries must be powers of two")
+            if math.prod(tile) < _MIN_ROWS:
+                raise ValueError(f"{name}={tile!r}: a tile must hold at least {_MIN_ROWS} rows")
+        if self.num_warps is not None and not _is_pow2(self.num_warps):
+            raise ValueError(f"num_warps={self.num_warps} must be a power of two")
+        if self.num_stages < 1:
+            raise ValueError(f"num_stages={self.num_stages} must be >= 1")
+
+    @property
+    def rank(self) -> int:
+        return len(self.q)
+
+    @classmethod
+    def get_default(cls, shape: Sequence[int], kernel_size: Sequence[int],
+                    dilation: Sequence[int], head_dim: int, dtype=jnp.float32) -> BlockSizes:
+        """Per-shape defaults: 64-row forward tiles (32 for the key tile when head_dim > 64),
+        32-row backward tiles (16 when head_dim > 128), spread over the axes by
+        :func:`_grow_tile`. ``kernel_size`` and ``dtype`` are part of the signature so a tuned
+        table can refine the choice."""
+        del kernel_size, dtype
+        rows = [-(-n // d) for n, d in zip(shape, dilation)]
+        kv = 64 if head_dim <= 64 else 32
+        bwd = 32 if head_dim <= 128 else 16
+        return cls(q=_grow_tile(rows, 64), kv=_grow_tile(rows, kv), q_bwd=_grow_tile(rows, bwd),
+                   kv_bwd=_grow_tile(rows, bwd))
+
+    def warps(self, head_dim: int) -> int:
+        return self.num_warps or (4 if head_dim <= 64 else 8)
+
+
+# ------------------------------------------------------------------------------- tiling plan
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    """Static geometry of one kernel launch: NA parameters plus a (query tile, key tile) pair."""
+
+    lengths: tuple[int, ...]
+    kernel: tuple[int, ...]
+    stride: tuple[int, ...]
+    dilation: tuple[int, ...]
+    causal: tuple[bool, ...]
+    q_tile: tuple[int, ...]
+    kv_tile: tuple[int, ...]
+    scale: float
+    has_rpb: bool
+
+    @property
+    def rank(self) -> int:
+        return len(self.lengths)
+
+    @property
+    def rows(self) -> tuple[int, ...]:  # rows per dilation group (the longest group)
+        return tuple(-(-n // d) for n, d in zip(self.lengths, self.dilation))
+
+    @property
+    def groups(self) -> int:
+        return math.prod(self.dilation)
+
+    @property
+    def nq(self) -> tuple[int, ...]:
+        return tuple(-(-r // t) for r, t in zip(self.rows, self.q_tile))
+
+    @property
+    def nk(self) -> tuple[int, ...]:
+        return tuple(-(-r // t) for r, t in zip(self.rows, self.kv_tile))
+
+    def _axis(self, a: int):
+        return (self.lengths[a], self.kernel[a], self.stride[a], self.dilation[a],
+                self.causal[a])
+
+    @property
+    def box(self) -> tuple[int, ...]:
+        """Key tiles per axis visited by a query tile."""
+        return tuple(windows.tile_box_extent(*self._axis(a), self.q_tile[a], self.kv_tile[a])
+                     for a in range(self.rank))
+
+    @property
+    def inverse_box(self) -> tuple[int, ...]:
+        """Query tiles per axis visited by a key tile."""
+        return tuple(windows.inverse_tile_box_extent(*self._axis(a), self.q_tile[a],
+                                                     self.kv_tile[a]) for a in range(self.rank))
+
+    @property
+    def rpb_size(self) -> int:
+        return math.prod(2 * k - 1 for k in self.kernel)
+
+
+def _make_plan(p: NAParams, lengths, q_tile, kv_tile, has_rpb: bool) -> _Plan:
+    return _Plan(tuple(lengths), p.kernel_size, p.stride, p.dilation, p.is_causal,
+                 tuple(q_tile), tuple(kv_tile), p.scale, has_rpb)
+
+
+# --------------------------------------------------------------------- in-kernel index math
+
+
+def _i32(x):
+    """Strongly typed int32: Triton's lowering mishandles remainders of weak-typed scalars
+    (e.g. a ``fori_loop`` index), so in-kernel index math never stays weakly typed."""
+    return lax.convert_element_type(x, jnp.int32)
+
+
+def _unravel(flat, sizes: Sequence[int]) -> list:
+    """Row-major multi-index of non-negative ``flat`` over static ``sizes``."""
+    flat = _i32(flat)
+    out = []
+    for s in reversed(sizes):
+        out.append(lax.rem(flat, jnp.int32(s)))
+        flat = lax.div(flat, jnp.int32(s))
+    return out[::-1]
+
+
+def _ravel(index: Sequence, sizes: Sequence[int]):
+    flat = 0
+    for i, s in zip(index, sizes):
+        flat = flat * s + i
+    return flat
+
+
+def _group_lengths(plan: _Plan, z) -> list:
+    """Per-axis length of the dilation group of grid row ``z`` (= batch * groups + group)."""
+    group = _unravel(z % plan.groups, plan.dilation)
+    return [windows.group_length(n, d, g, xp=jnp)
+            for n, d, g in zip(plan.lengths, plan.dilation, group)]
+
+
+def _tile_coords(tile_index: Sequence, tile: Sequence[int], shape: tuple[int, int], dim: int):
+    """Group coordinates per axis of the rows of one tile, as int32 arrays of ``shape`` varying
+    along ``dim`` (rows of a tile are row-major over the tile's axes)."""
+    r = lax.broadcasted_iota(jnp.int32, shape, dim)
+    local = _unravel(r, tile)
+    return [t * s + loc for t, s, loc in zip(tile_index, tile, local)]
+
+
+def _window_mask(plan: _Plan, qc: Sequence, kc: Sequence, glen: Sequence):
+    """Exact NA mask: key coords ``kc`` inside the window of query coords ``qc`` on every axis."""
+    mask = None
+    for a in range(plan.rank):
+        m = windows.in_window(qc[a], kc[a], glen[a], plan.kernel[a], plan.stride[a],
+                              plan.causal[a], xp=jnp)
+        mask = m if mask is None else mask & m
+    return mask
+
+
+def _rpb_index(plan: _Plan, qc: Sequence, kc: Sequence, glen: Sequence, mask):
+    """Flat RPB column of each (query, key) pair: ``K - 1 + key - query`` per axis in group
+    coordinates (= dilated units), row-major over axes; 0 where masked (stays in bounds)."""
+    flat = 0
+    for a in range(plan.rank):
+        k = plan.kernel[a]
+        flat = flat * (2 * k - 1) + (k - 1 + kc[a] - jnp.minimum(qc[a], glen[a] - 1))
+    return jnp.where(mask, flat, 0)
+
+
+def _dot(a, b, trans_b: bool = False):
+    """float32-accumulated matmul; float32 inputs use full precision (no TF32)."""
+    precision = lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
+    if trans_b:
+        b = b.T
+    return jnp.dot(a, b, preferred_element_type=jnp.float32, precision=precision)
+
+
+def _logits2(plan: _Plan, q, k, rpb_ref, qc, kc, glen):
+    """Masked logits in log2 units ``[Tq, Tk]`` and the mask."""
+    s = _dot(q, k, trans_b=True) * (plan.scale * LOG2E)
+    mask = _window_mask(plan, qc, kc, glen)
+    if rpb_ref is not None:
+        s = s + rpb_ref[_rpb_index(plan, qc, kc, glen, mask)].astype(jnp.float32) * LOG2E
+    return jnp.where(mask, s, _MASK_VALUE), mask
+
+
+def _key_tiles(plan: _Plan, qt: Sequence, glen: Sequence):
+    """Clamped box start per axis (key tiles) of query tile ``qt``."""
+    lo = []
+    for a in range(plan.rank):
+        start, _ = windows.tile_box(qt[a], plan.q_tile[a], plan.kv_tile[a], glen[a],
+                                    plan.kernel[a], plan.stride[a], plan.causal[a], xp=jnp)
+        lo.append(windows.clamp_box(start, plan.box[a], plan.nk[a], xp=jnp))
+    return lo
+
+
+# --------------------------------------------------------------------------------- kernels
+
+
+def _fwd_kernel(*refs, plan: _Plan):
+    if plan.has_rpb:
+        q_ref, k_ref, v_ref, rpb_ref, o_ref, lse_ref = refs
+    else:
+        (q_ref, k_ref, v_ref, o_ref, lse_ref), rpb_ref = refs, None
+    tq, tk = math.prod(plan.q_tile), math.prod(plan.kv_tile)
+    glen = _group_lengths(plan, pl.program_id(1))
+    qt = _unravel(pl.program_id(0), plan.nq)
+    qc = _tile_coords(qt, plan.q_tile, (tq, 1), 0)
+    lo = _key_tiles(plan, qt, glen)
+    q = q_ref[...]
+
+    def body(it, carry):
+        acc, m_prev, l_prev = carry
+        kt = [lo[a] + j for a, j in enumerate(_unravel(it, plan.box))]
+        rows = pl.ds(_ravel(kt, plan.nk) * tk, tk)
+        k, v = k_ref[rows, :], v_ref[rows, :]
+        kc = _tile_coords(kt, plan.kv_tile, (1, tk), 1)
+        s, mask = _logits2(plan, q, k, rpb_ref, qc, kc, glen)
+        m_next = jnp.maximum(m_prev, jnp.max(s, axis=1))
+        correction = jnp.exp2(m_prev - m_next)
+        p = jnp.where(mask, jnp.exp2(s - m_next[:, None]), 0.0)
+        l_next = l_prev * correction + jnp.sum(p, axis=1)
+        acc = acc * correction[:, None] + _dot(p.astype(v.dtype), v)
+        return acc, m_next, l_next
+
+    init = (jnp.zeros((tq, o_ref.shape[-1]), jnp.float32),
+            jnp.full((tq,), _MASK_VALUE, jnp.float32), jnp.zeros((tq,), jnp.float32))
+    acc, m, l = lax.fori_loop(0, math.prod(plan.box), body, init)
+    # Every row (padding rows too, which borrow the last real row's window) has >= 1 key: l > 0.
+    o_ref[...] = (acc / l[:, None]).astype(o_ref.dtype)
+    lse_ref[...] = (m + jnp.log2(l)) * LN2
+
+
+def _dq_kernel(*refs, plan: _Plan):
+    if plan.has_rpb:
+        q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, rpb_ref, dq_ref = refs
+    else:
+        (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref), rpb_ref = refs, None
+    tq, tk = math.prod(plan.q_tile), math.prod(plan.kv_tile)
+    glen = _group_lengths(plan, pl.program_id(1))
+    qt = _unravel(pl.program_id(0), plan.nq)
+    qc = _tile_coords(qt, plan.q_tile, (tq, 1), 0)
+    lo = _key_tiles(plan, qt, glen)
+    q, do = q_ref[...], do_ref[...]
+    lse2 = lse_ref[...] * LOG2E
+    delta = delta_ref[...]
+
+    def body(it, dq):
+        kt = [lo[a] + j for a, j in enumerate(_unravel(it, plan.box))]
+        rows = pl.ds(_ravel(kt, plan.nk) * tk, tk)
+        k, v = k_ref[rows, :], v_ref[rows, :]
+        kc = _tile_coords(kt, plan.kv_tile, (1, tk), 1)
+        s, mask = _logits2(plan, q, k, rpb_ref, qc, kc, glen)
+        p = jnp.where(mask, jnp.exp2(s - lse2[:, None]), 0.0)
+        ds = p * (_dot(do, v, trans_b=True) - delta[:, None])
+        return dq + _dot(ds.astype(k.dtype), k)
+
+    dq = lax.fori_loop(0, math.prod(plan.box), body,
+                       jnp.zeros((tq, dq_ref.shape[-1]), jnp.float32))
+    dq_ref[...] = (dq * plan.scale).astype(dq_ref.dtype)
+
+
+def _dkv_kernel(*refs, plan: _Plan):
+    if plan.has_rpb:
+        q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, rpb_ref, dk_ref, dv_ref = refs
+    else:
+        (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref), rpb_ref = refs, None
+    tq, tk = math.prod(plan.q_tile), math.prod(plan.kv_tile)
+    glen = _group_lengths(plan, pl.program_id(1))
+    kt = _unravel(pl.program_id(0), plan.nk)
+    kc = _tile_coords(kt, plan.kv_tile, (1, tk), 1)
+    lo = []
+    for a in range(plan.rank):
+        start, _ = windows.inverse_tile_box(kt[a], plan.kv_tile[a], plan.q_tile[a], glen[a],
+                                            plan.rows[a], plan.kernel[a], plan.stride[a],
+                                            plan.causal[a], xp=jnp)
+        lo.append(windows.clamp_box(start, plan.inverse_box[a], plan.nq[a], xp=jnp))
+    k, v = k_ref[...], v_ref[...]
+
+    def body(it, carry):
+        dk, dv = carry
+        qt = [lo[a] + j for a, j in enumerate(_unravel(it, plan.inverse_box))]
+        rows = pl.ds(_ravel(qt, plan.nq) * tq, tq)
+        q, do = q_ref[rows, :], do_ref[rows, :]
+        lse2 = lse_ref[rows] * LOG2E
+        delta = delta_ref[rows]
+        qc = _tile_coords(qt, plan.q_tile, (tq, 1), 0)
+        s, mask = _logits2(plan, q, k, rpb_ref, qc, kc, glen)
+        # Padding query rows carry lse = +inf, so their p is exactly 0.
+        p = jnp.where(mask, jnp.exp2(s - lse2[:, None]), 0.0)
+        dv = dv + _dot(p.astype(do.dtype).T, do)
+        ds = p * (_dot(do, v, trans_b=True) - delta[:, None])
+        dk = dk + _dot(ds.astype(q.dtype).T, q)
+        return dk, dv
+
+    init = (jnp.zeros((tk, dk_ref.shape[-1]), jnp.float32),
+            jnp.zeros((tk, dv_ref.shape[-1]), jnp.float32))
+    dk, dv = lax.fori_loop(0, math.prod(plan.inverse_box), body, init)
+    dk_ref[...] = (dk * plan.scale).astype(dk_ref.dtype)
+    dv_ref[...] = dv.astype(dv_ref.dtype)
+
+
+def _drpb_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, rpb_ref, out_ref, *,
+                 plan: _Plan):
+    """Partial dRPB of one query tile: for each bias entry ``b`` (relative offset per axis),
+    every query meets exactly one key, gathered by row; sum ``ds`` over the tile's queries."""
+    tq, tk = math.prod(plan.q_tile), math.prod(plan.kv_tile)
+    glen = _group_lengths(plan, pl.program_id(1))
+    qt = _unravel(pl.program_id(0), plan.nq)
+    qc = _tile_coords(qt, plan.q_tile, (tq,), 0)
+    qcw = [jnp.minimum(c, g - 1) for c, g in zip(qc, glen)]
+    q = q_ref[...].astype(jnp.float32)
+    do = do_ref[...].astype(jnp.float32)
+    lse2 = lse_ref[...] * LOG2E
+    delta = delta_ref[...]
+    bias = rpb_ref[...].astype(jnp.float32)
+    entries = lax.broadcasted_iota(jnp.int32, bias.shape, 0)
+
+    def body(b, acc):
+        offset = [o - (k - 1) for o, k in zip(_unravel(b, [2 * k - 1 for k in plan.kernel]),
+                                              plan.kernel)]
+        kc = [c + o for c, o in zip(qcw, offset)]
+        valid = _window_mask(plan, qc, kc, glen)
+        kc = [jnp.clip(c, 0, r - 1) for c, r in zip(kc, plan.rows)]
+        tile = _ravel([c // t for c, t in zip(kc, plan.kv_tile)], plan.nk)
+        rows = tile * tk + _ravel([c % t for c, t in zip(kc, plan.kv_tile)], plan.kv_tile)
+        k = k_ref[rows, :].astype(jnp.float32)
+        v = v_ref[rows, :].astype(jnp.float32)
+        bias_b = jnp.sum(jnp.where(entries == b, bias, 0.0))
+        s2 = jnp.sum(q * k, axis=1) * (plan.scale * LOG2E) + bias_b * LOG2E
+        p = jnp.where(valid, jnp.exp2(s2 - lse2), 0.0)
+        ds = p * (jnp.sum(do * v, axis=1) - delta)
+        return acc + jnp.where(entries == b, jnp.sum(ds), 0.0)
+
+    out_ref[...] = lax.fori_loop(0, plan.rpb_size, body, jnp.zeros(bias.shape, jnp.float32))
+
+
+# ------------------------------------------------------------------------ layout (XLA side)
+
+
+def _to_tiles(x: jax.Array, plan: _Plan, tile: tuple[int, ...], fill: float = 0.0,
+              feat: int | None = None) -> jax.Array:
+    """``[B, *spatial, h, (D)]`` -> ``[B * groups, h, prod(num_tiles * tile), (feat)]``:
+    dilation groups folded next to the batch, each group padded to whole tiles (with ``fill``)
+    and permuted tile-major; the feature axis zero-padded to ``feat``."""
+    n = plan.rank
+    b, h = x.shape[0], x.shape[1 + n]
+    rest = x.shape[2 + n:]
+    nts = [-(-r // t) for r, t in zip(plan.rows, tile)]
+    pads = [(0, 0)] + [(0, nt * t * d - length) for nt, t, d, length in
+                       zip(nts, tile, plan.dilation, plan.lengths)] + [(0, 0)] * (1 + len(rest))
+    x = jnp.pad(x, pads, constant_values=fill)
+    if rest and feat is not None and feat > rest[0]:
+        x = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, feat - rest[0])])
+        rest = (feat,)
+    split = [b] + [s for nt, t, d in zip(nts, tile, plan.dilation) for s in (nt, t, d)]
+    x = x.reshape(*split, h, *rest)
+    perm = ([0] + [3 + 3 * a for a in range(n)] + [1 + 3 * n] + [1 + 3 * a for a in range(n)]
+            + [2 + 3 * a for a in range(n)] + list(range(2 + 3 * n, x.ndim)))
+    x = jnp.transpose(x, perm)
+    return x.reshape(b * plan.groups, h, math.prod(nts) * math.prod(tile), *rest)
+
+
+def _from_tiles(y: jax.Array, plan: _Plan, tile: tuple[int, ...], batch: int,
+                feat: int | None = None) -> jax.Array:
+    """Inverse of :func:`_to_tiles`: ``[B * groups, h, N, (F)]`` -> ``[B, *spatial, h, (feat)]``."""
+    n = plan.rank
+    h = y.shape[1]
+    rest = y.shape[3:]
+    nts = [-(-r // t) for r, t in zip(plan.rows, tile)]
+    y = y.reshape(batch, *plan.dilation, h, *nts, *tile, *rest)
+    perm = [0] + [x for a in range(n) for x in (2 + n + a, 2 + 2 * n + a, 1 + a)] + [1 + n]
+    perm += list(range(2 + 3 * n, y.ndim))
+    y = jnp.transpose(y, perm)
+    y = y.reshape(batch, *[nt * t * d for nt, t, d in zip(nts, tile, plan.dilation)], h, *rest)
+    crop = (slice(None), *[slice(0, length) for length in plan.lengths], slice(None))
+    if rest and feat is not None:
+        crop += (slice(0, feat),)
+    return y[crop]
+
+
+def _feat(d: int) -> int:
+    return max(_MIN_ROWS, _pow2(d))
+
+
+def _rpb_table(rpb: jax.Array) -> jax.Array:
+    """``[h, 2K-1, ...]`` -> ``[h, P]`` float32, ``P`` a power of two (zero padded)."""
+    flat = rpb.reshape(rpb.shape[0], -1).astype(jnp.float32)
+    return jnp.pad(flat, [(0, 0), (0, _pow2(flat.shape[1]) - flat.shape[1])])
+
+
+# ------------------------------------------------------------------------- pallas_call wrappers
+
+
+def _call(kernel, plan: _Plan, grid, in_specs, out_specs, out_shape, args, *, name: str,
+          num_warps: int, num_stages: int, interpret: bool, poison: bool):
+    """``pl.pallas_call`` with Triton compiler params. With ``poison`` every output starts as a
+    NaN buffer (aliased input), so an element the kernel fails to write stays NaN."""
+    body = functools.partial(kernel, plan=plan)
+    aliases = {}
+    if poison:
+        nin = len(args)
+        args = list(args) + [jnp.full(s.shape, jnp.nan, s.dtype) for s in out_shape]
+        in_specs = list(in_specs) + list(out_specs)
+        aliases = {nin + i: i for i in range(len(out_shape))}
+        inner = body
+
+        def body(*refs):
+            return inner(*refs[:nin], *refs[nin + len(out_shape):])
+
+    return pl.pallas_call(
+        body, grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
+        input_output_aliases=aliases, interpret=interpret, name=name,
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+    )(*args)
+
+
+def _specs_rows(rows: int, feat: int | None):
+    """BlockSpec of ``rows`` rows of grid tile ``i`` (``feat=None``: a vector like lse)."""
+    if feat is None:
+        return pl.BlockSpec((None, None, rows), lambda i, z, h: (z, h, i))
+    return pl.BlockSpec((None, None, rows, feat), lambda i, z, h: (z, h, i, 0))
+
+
+def _specs_all(x: jax.Array):
+    """BlockSpec handing a program the whole ``[N, (F)]`` slab of its (batch*group, head)."""
+    if x.ndim == 3:
+        return pl.BlockSpec((None, None, x.shape[2]), lambda i, z, h: (z, h, 0))
+    return pl.BlockSpec((None, None, *x.shape[2:]), lambda i, z, h: (z, h, 0, 0))
+
+
+def _rpb_spec(table: jax.Array):
+    return pl.BlockSpec((None, table.shape[1]), lambda i, z, h: (h, 0))
+
+
+def _forward_call(qt, kt, vt, table, plan: _Plan, blocks: BlockSizes, interpret: bool,
+                  poison: bool = False):
+    """Forward kernel on tiled operands -> ``(out [BG, h, Nq, Fv], lse [BG, h, Nq] float32)``."""
+    bg, h, nrows, fq = qt.shape
+    fv = vt.shape[-1]
+    tq = math.prod(plan.q_tile)
+    args = [qt, kt, vt] + ([table] if plan.has_rpb else [])
+    in_specs = [_specs_rows(tq, fq), _specs_all(kt), _specs_all(vt)]
+    in_specs += [_rpb_spec(table)] if plan.has_rpb else []
+    out_shape = [jax.ShapeDtypeStruct((bg, h, nrows, fv), vt.dtype),
+                 jax.ShapeDtypeStruct((bg, h, nrows), jnp.float32)]
+    out_specs = [_specs_rows(tq, fv), _specs_rows(tq, None)]
+    return _call(_fwd_kernel, plan, (nrows // tq, bg, h), in_specs, out_specs, out_shape, args,
+                 name="na_pallas_fwd", num_warps=blocks.warps(max(fq, fv)),
+                 num_stages=blocks.num_stages, interpret=interpret, poison=poison)
+
+
+def _backward_calls(qt, kt, vt, dot, lset, deltat, table, plan: _Plan, blocks: BlockSizes,
+                    interpret: bool, poison: bool = False):
+    """dQ, dK/dV (and dRPB partials) kernels on tiled operands (tiles ``plan.q_tile`` /
+    ``plan.kv_tile``). Returns ``(dq, dk, dv, drpb_partial or None)``."""
+    bg, h, nq_rows, fq = qt.shape
+    nk_rows, fv = kt.shape[2], vt.shape[-1]
+    tq, tk = math.prod(plan.q_tile), math.prod(plan.kv_tile)
+    warps = blocks.warps(max(fq, fv))
+    common = dict(num_warps=warps, num_stages=blocks.num_stages, interpret=interpret,
+                  poison=poison)
+    rpb_args = [table] if plan.has_rpb else []
+    rpb_specs = [_rpb_spec(table)] if plan.has_rpb else []
+
+    (dq,) = _call(
+        _dq_kernel, plan, (nq_rows // tq, bg, h),
+        [_specs_rows(tq, fq), _specs_all(kt), _specs_all(vt), _specs_rows(tq, fv),
+         _specs_rows(tq, None), _specs_rows(tq, None)] + rpb_specs,
+        [_specs_rows(tq, fq)], [jax.ShapeDtypeStruct(qt.shape, qt.dtype)],
+        [qt, kt, vt, dot, lset, deltat] + rpb_args, name="na_pallas_dq", **common)
+
+    dk, dv = _call(
+        _dkv_kernel, plan, (nk_rows // tk, bg, h),
+        [_specs_all(qt), _specs_rows(tk, fq), _specs_rows(tk, fv), _specs_all(dot),
+         _specs_all(lset), _specs_all(deltat)] + rpb_specs,
+        [_specs_rows(tk, fq), _specs_rows(tk, fv)],
+        [jax.ShapeDtypeStruct(kt.shape, kt.dtype), jax.ShapeDtypeStruct(vt.shape, vt.dtype)],
+        [qt, kt, vt, dot, lset, deltat] + rpb_args, name="na_pallas_dkv", **common)
+
+    drpb = None
+    if plan.has_rpb:
+        nqt = nq_rows // tq
+        (drpb,) = _call(
+            _drpb_kernel, plan, (nqt, bg, h),
+            [_specs_rows(tq, fq), _specs_all(kt), _specs_all(vt), _specs_rows(tq, fv),
+             _specs_rows(tq, None), _specs_rows(tq, None), _rpb_spec(table)],
+            [pl.BlockSpec((None, None, None, table.shape[1]), lambda i, z, hh: (i, z, hh, 0))],
+            [jax.ShapeDtypeStruct((nqt, bg, h, table.shape[1]), jnp.float32)],
+            [qt, kt, vt, dot, lset, deltat, table], name="na_pallas_drpb", **common)
+    return dq, dk, dv, drpb
+
+
+# ----------------------------------------------------------------------- forward / backward
+
+
+def _plans(query, p: NAParams, rpb, blocks: BlockSizes):
+    lengths = query.shape[1:1 + p.rank]
+    has_rpb = rpb is not None
+    return (_make_plan(p, lengths, blocks.q, blocks.kv, has_rpb),
+            _make_plan(p, lengths, blocks.q_bwd, blocks.kv_bwd, has_rpb))
+
+
+def _forward(query, key, value, rpb, p: NAParams, blocks: BlockSizes, interpret: bool,
+             poison: bool = False):
+    plan, _ = _plans(query, p, rpb, blocks)
+    fq, fv = _feat(query.shape[-1]), _feat(value.shape[-1])
+    qt = _to_tiles(query, plan, plan.q_tile, feat=fq)
+    kt = _to_tiles(key, plan, plan.kv_tile, feat=fq)
+    vt = _to_tiles(value, plan, plan.kv_tile, feat=fv)
+    table = _rpb_table(rpb) if rpb is not None else None
+    out_t, lse_t = _forward_call(qt, kt, vt, table, plan, blocks, interpret, poison)
+    b = query.shape[0]
+    out = _from_tiles(out_t, plan, plan.q_tile, b, feat=value.shape[-1])
+    lse = _from_tiles(lse_t, plan, plan.q_tile, b)
+    return out, lse, (out_t, lse_t)
+
+
+def _backward(query, key, value, rpb, out, lse, dout, dlse, p: NAParams, blocks: BlockSizes,
+              interpret: bool, poison: bool = False):
+    _, plan = _plans(query, p, rpb, blocks)
+    fq, fv = _feat(query.shape[-1]), _feat(value.shape[-1])
+    delta = jnp.sum(out.astype(jnp.float32) * dout.astype(jnp.float32), axis=-1)
+    if dlse is not None:
+        # d lse / d logits = p, so a cotangent on lse only shifts delta.
+        delta = delta - dlse.astype(jnp.float32)
+    qt = _to_tiles(query, plan, plan.q_tile, feat=fq)
+    dot = _to_tiles(dout.astype(value.dtype), plan, plan.q_tile, feat=fv)
+    # Padding query rows get lse = +inf: their probabilities (and gradients) are exactly 0.
+    lset = _to_tiles(lse, plan, plan.q_tile, fill=jnp.inf)
+    deltat = _to_tiles(delta, plan, plan.q_tile)
+    kt = _to_tiles(key, plan, plan.kv_tile, feat=fq)
+    vt = _to_tiles(value, plan, plan.kv_tile, feat=fv)
+    table = _rpb_table(rpb) if rpb is not None else None
+    dqt, dkt, dvt, drpb_t = _backward_calls(qt, kt, vt, dot, lset, deltat, table, plan, blocks,
+                                            interpret, poison)
+    b = query.shape[0]
+    dq = _from_tiles(dqt, plan, plan.q_tile, b, feat=query.shape[-1])
+    dk = _from_tiles(dkt, plan, plan.kv_tile, b, feat=key.shape[-1])
+    dv = _from_tiles(dvt, plan, plan.kv_tile, b, feat=value.shape[-1])
+    drpb = None
+    if rpb is not None:
+        # Deterministic: fixed-order XLA sum over (query tiles, batch * groups) partials.
+        h = rpb.shape[0]
+        drpb = drpb_t.sum(axis=(0, 1))[:, :plan.rpb_size].reshape(rpb.shape).astype(rpb.dtype)
+    return dq, dk, dv, drpb, (dqt, dkt, dvt, drpb_t)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnames=("p", "blocks", "interpret"))
+def _na_pallas(query, key, value, rpb, p: NAParams, blocks: BlockSizes, interpret: bool):
+    out, lse, _ = _forward(query, key, value, rpb, p, blocks, interpret)
+    return out, lse
+
+
+def _na_pallas_fwd(query, key, value, rpb, p, blocks, interpret):
+    out, lse, _ = _forward(query, key, value, rpb, p, blocks, interpret)
+    return (out, lse), (query, key, value, rpb, out, lse)
+
+
+def _na_pallas_bwd(p, blocks, interpret, res, cts):
+    query, key, value, rpb, out, lse = res
+    dout, dlse = cts
+    dq, dk, dv, drpb, _ = _backward(query, key, value, rpb, out, lse, dout, dlse, p, blocks,
+                                    interpret)
+    return dq, dk, dv, drpb
+
+
+_na_pallas.defvjp(_na_pallas_fwd, _na_pallas_bwd)
+
+
+def default_interpret() -> bool:
+    """Interpret mode wherever there is no GPU to lower to (CPU, TPU)."""
+    return jax.default_backend() not in ("gpu", "cuda")
+
+
+def block_sizes_for(query: jax.Array, value: jax.Array, p: NAParams) -> BlockSizes:
+    """Block sizes for a call: the autotuned choice if one is cached, else the defaults."""
+    from nat_jax.kernels import autotune  # local: autotune imports this module
+
+    return autotune.cached_block_sizes(query, value, p) or BlockSizes.get_default(
+        query.shape[1:1 + p.rank], p.kernel_size, p.dilation,
+        max(query.shape[-1], value.shape[-1]), query.dtype)
+
+
+def na_fused(query: jax.Array, key: jax.Array, value: jax.Array, p: NAParams,
+             rpb: jax.Array | None = None, *, block_sizes: BlockSizes | None = None,
+             interpret: bool | None = None) -> tuple[jax.Array, jax.Array]:
+    """Fused neighborhood attention with Pallas kernels (differentiable, RPB included).
+
+    Args:
+      query, key: ``[B, *spatial, heads, head_dim]`` (rank 1-3), float32/bfloat16/float16,
+        ``head_dim <= 256``.
+      value: ``[B, *spatial, heads, head_dim_v]``, ``head_dim_v <= 256``.
+      p: normalized parameters (:func:`params.make_params`).
+      rpb: optional ``[heads, 2K-1, ...]`` relative positional bias.
+      block_sizes: tiles; default: the autotuned choice if cached, else
+        :meth:`BlockSizes.get_default`.
+      interpret: run the kernels in Pallas interpret mode; default: on CPU/TPU (no GPU).
+
+    Returns:
+      ``(out [B, *spatial, heads, head_dim_v] in value.dtype, lse [B, *spatial, heads] float32)``.
+      Gradients flow to query, key, value and rpb (and through lse).
+    """
+    if block_sizes is None:
+        block_sizes = block_sizes_for(query, value, p)
+    if block_sizes.rank != p.rank:
+        raise ValueError(f"block_sizes={block_sizes} has rank {block_sizes.rank}, the input has "
+                         f"{p.rank} spatial axes")
+    if interpret is None:
+        interpret = default_interpret()
+    return _na_pallas(query, key, value, rpb, p, block_sizes, interpret)
+
+
+def kernel_outputs(query, key, value, p: NAParams, rpb=None, dout=None, dlse=None, *,
+                   block_sizes: BlockSizes | None = None, interpret: bool = True,
+                   poison: bool = True) -> dict[str, jax.Array]:
+    """Forward and backward results for tests, computed directly (no custom_vjp), plus the raw
+    tiled, padded output of every kernel under ``raw_*``. With ``poison`` each kernel output
+    buffer starts as NaN, so any element a kernel does not write stays NaN in ``raw_*``."""
+    blocks = block_sizes or block_sizes_for(query, value, p)
+    out, lse, (out_t, lse_t) = _forward(query, key, value, rpb, p, blocks, interpret, poison)
+    if dout is None:
+        dout = jnp.ones_like(out)
+    dq, dk, dv, drpb, (dqt, dkt, dvt, drpb_t) = _backward(
+        query, key, value, rpb, out, lse, dout, dlse, p, blocks, interpret, poison)
+    res = dict(out=out, lse=lse, dq=dq, dk=dk, dv=dv, raw_out=out_t, raw_lse=lse_t, raw_dq=dqt,
+               raw_dk=dkt, raw_dv=dvt)
+    if rpb is not None:
+        res.update(drpb=drpb, raw_drpb=drpb_t)
+    return res
+
+
+def na_reference(query, key, value, p: NAParams, rpb=None):
+    """Pure-jnp reference of :func:`na_fused` (the project's gather backend; autodiff grads)."""
+    return reference.na_fused(query, key, value, p, rpb)
+
+
+# ------------------------------------------------------------------------------- dispatch
+
+
+def supports(query, key, value, p: NAParams, rpb, platform: str) -> bool:
+    """Whether ``backend="auto"`` should pick these kernels: GPU only, supported dtypes and
+    head dims."""
+    if platform not in ("gpu", "cuda"):
+        return False
+    if query.dtype not in SUPPORTED_DTYPES:
+        return False
+    if query.shape[-1] > MAX_HEAD_DIM or value.shape[-1] > MAX_HEAD_DIM:
+        return False
+    return rpb is None or rpb.dtype in SUPPORTED_DTYPES
+
+
+def _backend_fn(query, key, value, p: NAParams, rpb=None):
+    if query.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"query.dtype={query.dtype}: the pallas backend supports float32, "
+                         "bfloat16 and float16")
+    if query.shape[-1] > MAX_HEAD_DIM or value.shape[-1] > MAX_HEAD_DIM:
+        raise ValueError(f"head_dim={query.shape[-1]}/{value.shape[-1]}: the pallas backend "
+                         f"supports head_dim <= {MAX_HEAD_DIM}")
+    return na_fused(query, key, value, p, rpb)
+
+
+def _register() -> None:
+    from nat_jax.kernels.ops import register_backend
+
+    register_backend("pallas", _backend_fn, supports=supports, auto=True)
+
+
+_register()

@@ -1,0 +1,251 @@
+"""Pallas NA kernels (forward, lse, dQ/dK/dV/dRPB) against the float64 oracle and natten flex.
+
+Everything runs the real kernel bodies; ``TestPallasNA.INTERPRET`` says how (True: Pallas
+interpret mode, the only option on CPU; a GPU run sets it False). Each grid case runs forward
+and backward in one go with every kernel output buffer poisoned with NaN beforehand, so an
+element a kernel fails to write shows up as NaN in its raw (tiled, padded) output.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import jax
+import jax.numpy as jnp
+
+import na_cases
+import oracle
+from nat_jax import kernels
+from nat_jax.kernels import autotune, pallas, windows
+from nat_jax.kernels.params import make_params
+
+FWD_TOL = {jnp.float32: (2e-5, 1e-5), jnp.bfloat16: (3e-2, 2e-2), jnp.float16: (5e-3, 5e-3)}
+GRAD_TOL = {jnp.float32: 5e-5, jnp.bfloat16: 5e-2, jnp.float16: 1e-2}
+
+# Quick tier: every feature at least once (dilation, stride, causal, even kernels, kernel == size,
+# RPB with dilation, 1-D/2-D/3-D, tiles smaller than the map so boxes and padding matter).
+QUICK = [
+    (na_cases.QUICK[1], False),  # 1-D even kernel, stride, dilation, causal
+    (na_cases.QUICK[2], False),  # kernel == size
+    (na_cases.QUICK[4], False),  # 2-D mixed causal, stride, dilation, even kernel
+    (na_cases.RPB[2], True),  # 2-D RPB with dilation
+    (na_cases.QUICK[7], False),  # 3-D mixed
+    (na_cases.RPB[4], True),  # 3-D RPB
+]
+SLOW = ([(c, False) for c in na_cases.QUICK if all(c is not q for q, _ in QUICK)]
+        + [(c, True) for c in na_cases.RPB if all(c is not q for q, _ in QUICK)]
+        + [(c, False) for c in na_cases.NATTEN_GRID[1:7] + na_cases.NATTEN_GRID[10:12]]
+        + [(c, False) for c in na_cases.random_cases(10, 3, 1) + na_cases.random_cases(11, 4, 2)
+           + na_cases.random_cases(12, 2, 3)])
+
+
+def case_id(x):
+    if isinstance(x, dict):
+        return na_cases.case_id(x)
+    if isinstance(x, bool):
+        return "rpb" if x else "norpb"
+    return getattr(x, "__name__", str(x))
+
+
+def small_blocks(c, head_dim):
+    """Tiles of 16 rows (the Triton minimum): more tiles per map, so box arithmetic, clamping
+    and padding are exercised even on the small test shapes."""
+    rows = [-(-n // d) for n, d in zip(c["shape"], c["dilation"])]
+    t = pallas._grow_tile(rows, 16)  # noqa: SLF001
+    return pallas.BlockSizes(q=t, kv=t, q_bwd=t, kv_bwd=t)
+
+
+def make_inputs(rng, c, dtype, with_rpb):
+    shape = (c["batch"], *c["shape"], c["heads"], c["head_dim"])
+    arrs = [rng.standard_normal(shape).astype(np.float32) for _ in range(4)]
+    arrs.append(rng.standard_normal(shape[:-1]).astype(np.float32))  # lse cotangent
+    rpb = (rng.standard_normal((c["heads"], *(2 * k - 1 for k in c["kernel"])))
+           .astype(np.float32) if with_rpb else None)
+    jx = [jnp.asarray(a, dtype) for a in arrs[:4]] + [jnp.asarray(arrs[4])]
+    jx.append(None if rpb is None else jnp.asarray(rpb, dtype))
+    # The oracle sees exactly the (rounded) values the kernels see.
+    f64 = [None if a is None else np.asarray(jnp.asarray(a, jnp.float32), np.float64) for a in jx]
+    return jx, f64
+
+
+def oracle_kw(c):
+    return dict(kernel=c["kernel"], stride=c["stride"], dilation=c["dilation"],
+                causal=c["causal"])
+
+
+def assert_close(got, want, atol, rtol, what):
+    got = np.asarray(jnp.asarray(got, jnp.float32), np.float64)
+    np.testing.assert_allclose(got, want, atol=atol, rtol=rtol, err_msg=what)
+
+
+def assert_grad_close(got, want, dtype, what):
+    scale = max(1.0, float(np.abs(want).max()))
+    assert_close(np.asarray(jnp.asarray(got, jnp.float32)) / scale, want / scale,
+                 GRAD_TOL[dtype], 0, what)
+
+
+class TestPallasNA:
+    INTERPRET = True
+
+    def check_case(self, rng, c, dtype, with_rpb, blocks=None):
+        (q, k, v, dout, _, rpb), (q64, k64, v64, do64, _, rpb64) = make_inputs(
+            rng, c, dtype, with_rpb)
+        p = make_params(c["shape"], c["head_dim"], c["kernel"], c["stride"], c["dilation"],
+                        c["causal"])
+        blocks = blocks or small_blocks(c, c["head_dim"])
+        fn = jax.jit(lambda *a: pallas.kernel_outputs(*a[:3], p, a[3], a[4], block_sizes=blocks,
+                                                      interpret=self.INTERPRET, poison=True))
+        res = fn(q, k, v, rpb, dout)
+        for name, raw in res.items():
+            if name.startswith("raw_"):
+                assert not np.isnan(np.asarray(raw, np.float32)).any(), f"{name} not fully written"
+        want, want_lse = oracle.na_forward(q64, k64, v64, rpb=rpb64, **oracle_kw(c))
+        atol, rtol = FWD_TOL[dtype]
+        assert res["out"].dtype == dtype and res["out"].shape == q.shape
+        assert res["lse"].dtype == jnp.float32 and res["lse"].shape == q.shape[:-1]
+        assert_close(res["out"], want, atol, rtol, "out")
+        assert_close(res["lse"], want_lse, 4 * atol, rtol, "lse")
+        grads = oracle.na_backward(q64, k64, v64, do64, rpb=rpb64, **oracle_kw(c))
+        for name, w in zip(("dq", "dk", "dv", "drpb"), grads):
+            if w is None:
+                assert name not in res
+                continue
+            assert res[name].dtype == dtype and res[name].shape == w.shape
+            assert_grad_close(res[name], w, dtype, name)
+
+    @pytest.mark.parametrize("c,with_rpb", QUICK, ids=case_id)
+    def test_quick(self, rng, c, with_rpb):
+        self.check_case(rng, c, jnp.float32, with_rpb)
+
+    @pytest.mark.parametrize("c,with_rpb", [QUICK[0], QUICK[3]], ids=case_id)
+    def test_bf16(self, rng, c, with_rpb):
+        self.check_case(rng, c, jnp.bfloat16, with_rpb)
+
+    @pytest.mark.slow
+    @pytest.mark.parametrize("c,with_rpb", SLOW, ids=case_id)
+    def test_sweep(self, rng, c, with_rpb):
+        self.check_case(rng, c, jnp.float32, with_rpb)
+
+    @pytest.mark.slow
+    @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16], ids=["bf16", "fp16"])
+    @pytest.mark.parametrize("c,with_rpb", SLOW[::5], ids=case_id)
+    def test_sweep_low_precision(self, rng, c, with_rpb, dtype):
+        self.check_case(rng, c, dtype, with_rpb)
+
+    @pytest.mark.slow
+    @pytest.mark.parametrize("c", na_cases.all_causal(na_cases.case((11, 10), (5, 4),
+                                                                    stride=(2, 1),
+                                                                    dilation=(2, 2))),
+                             ids=case_id)
+    def test_causal_combos(self, rng, c):
+        self.check_case(rng, c, jnp.float32, False)
+
+    @pytest.mark.slow
+    @pytest.mark.parametrize("head_dim", [24, 256])
+    def test_head_dims(self, rng, head_dim):
+        c = na_cases.case((9, 7), 3, dilation=(2, 1), heads=1, head_dim=head_dim)
+        self.check_case(rng, c, jnp.float32, True)
+
+    def test_default_blocks_and_api(self, rng):
+        """The public op with backend="pallas": default tiles, custom_vjp and jax.grad, with
+        cotangents on both the output and the lse, against the reference backend's autodiff
+        (itself checked against the oracle); the dispatcher picks "pallas" only on GPU."""
+        c = na_cases.case((12, 10), (5, 3), dilation=(2, 1), heads=2, head_dim=16)
+        (q, k, v, dout, dlse, rpb), (q64, k64, v64, _, _, rpb64) = make_inputs(
+            rng, c, jnp.float32, True)
+        assert kernels.resolve_backend("auto", q, k, v, None, rpb) == (
+            "xla" if self.INTERPRET else "pallas")
+
+        def loss(q, k, v, rpb, backend):
+            out, lse = kernels.na2d(q, k, v, c["kernel"], dilation=c["dilation"], rpb=rpb,
+                                    backend=backend, return_lse=True)
+            return jnp.sum(out * dout) + jnp.sum(lse * dlse), (out, lse)
+
+        grad = jax.grad(loss, argnums=(0, 1, 2, 3), has_aux=True)
+        grads, (out, lse) = jax.jit(grad, static_argnums=4)(q, k, v, rpb, "pallas")
+        want, want_lse = oracle.na_forward(q64, k64, v64, rpb=rpb64, **oracle_kw(c))
+        assert_close(out, want, *FWD_TOL[jnp.float32], "out")
+        assert_close(lse, want_lse, 1e-4, 1e-5, "lse")
+        ref_grads, _ = jax.jit(grad, static_argnums=4)(q, k, v, rpb, "reference")
+        for name, g, w in zip(("dq", "dk", "dv", "drpb"), grads, ref_grads):
+            assert_grad_close(g, np.asarray(w, np.float64), jnp.float32, name)
+
+    @pytest.mark.parametrize("c", [na_cases.QUICK[4], na_cases.QUICK[7]], ids=case_id)
+    def test_matches_natten_flex(self, rng, c):
+        import natten
+        import torch
+
+        (q, k, v, *_), _ = make_inputs(rng, c, jnp.float32, False)
+        fn = {1: natten.na1d, 2: natten.na2d, 3: natten.na3d}[len(c["shape"])]
+        t = [torch.from_numpy(np.asarray(x)) for x in (q, k, v)]
+        want, want_lse = fn(*t, kernel_size=c["kernel"], stride=c["stride"],
+                            dilation=c["dilation"], is_causal=c["causal"], scale=0.3,
+                            backend="flex-fna", return_lse=True)
+        p = make_params(c["shape"], c["head_dim"], c["kernel"], c["stride"], c["dilation"],
+                        c["causal"], scale=0.3)
+        out, lse = jax.jit(lambda q, k, v: pallas.na_fused(
+            q, k, v, p, block_sizes=small_blocks(c, 16), interpret=self.INTERPRET))(q, k, v)
+        assert_close(out, want.numpy(), 2e-5, 1e-5, "out")
+        assert_close(lse, want_lse.numpy(), 5e-5, 1e-5, "lse")
+
+
+# ------------------------------------------------------------------- tiling and block sizes
+
+
+@pytest.mark.parametrize("length,kernel,stride,dilation,causal", [
+    (13, 4, 2, 3, True), (40, 7, 1, 1, False), (33, 8, 3, 2, False), (17, 17, 5, 1, True)])
+@pytest.mark.parametrize("q_tile,kv_tile", [(1, 1), (4, 2), (8, 16)])
+def test_tile_boxes_cover_every_window(length, kernel, stride, dilation, causal, q_tile, kv_tile):
+    """Clamped boxes (forward) and inverse boxes (dK/dV) contain every (query, key) pair of the
+    exact mask, and the inverse box is tight."""
+    rows = -(-length // dilation)
+    ext = windows.tile_box_extent(length, kernel, stride, dilation, causal, q_tile, kv_tile)
+    iext = windows.inverse_tile_box_extent(length, kernel, stride, dilation, causal, q_tile,
+                                           kv_tile)
+    nqt, nkt = -(-rows // q_tile), -(-rows // kv_tile)
+    for g in range(dilation):
+        glen = windows.group_length(length, dilation, g)
+        qc, kc = np.arange(nqt * q_tile), np.arange(nkt * kv_tile)
+        mask = windows.in_window(qc[:, None], kc[None, :], glen, kernel, stride, causal)
+        mask &= qc[:, None] < glen
+        for t in range(nqt):
+            lo = windows.clamp_box(windows.tile_box(t, q_tile, kv_tile, glen, kernel, stride,
+                                                    causal)[0], ext, nkt)
+            need = np.nonzero(mask[t * q_tile:(t + 1) * q_tile].any(0))[0] // kv_tile
+            assert need.size == 0 or (need.min() >= lo and need.max() < lo + ext)
+        for j in range(nkt):
+            lo, hi = windows.inverse_tile_box(j, kv_tile, q_tile, glen, rows, kernel, stride,
+                                              causal)
+            need = np.nonzero(mask[:, j * kv_tile:(j + 1) * kv_tile].any(1))[0] // q_tile
+            if need.size:
+                assert (need.min(), need.max() + 1) == (lo, hi)
+                lo = windows.clamp_box(lo, iext, nqt)
+                assert need.min() >= lo and need.max() < lo + iext
+
+
+def test_block_sizes_validation_and_defaults():
+    b = pallas.BlockSizes.get_default((56, 56), (7, 7), (1, 1), 64)
+    assert b.q == (8, 8) and b.rank == 2 and hash(b) == hash(pallas.BlockSizes(**{
+        f: getattr(b, f) for f in ("q", "kv", "q_bwd", "kv_bwd", "num_warps", "num_stages")}))
+    wide = pallas.BlockSizes.get_default((3, 100), (3, 7), (1, 1), 256)
+    assert wide.q == (1, 64) and wide.kv == (1, 32) and wide.q_bwd == (1, 16)
+    assert pallas.BlockSizes.get_default((5,), (3,), (2,), 16).q == (64,)  # tiny: padded rows
+    with pytest.raises(ValueError, match="powers of two"):
+        pallas.BlockSizes(q=(6, 8), kv=(8, 8), q_bwd=(4, 4), kv_bwd=(4, 4))
+    with pytest.raises(ValueError, match="at least 16"):
+        pallas.BlockSizes(q=(2, 4), kv=(8, 8), q_bwd=(4, 4), kv_bwd=(4, 4))
+    with pytest.raises(ValueError, match="one entry per spatial axis"):
+        pallas.BlockSizes(q=(16,), kv=(8, 8), q_bwd=(4, 4), kv_bwd=(4, 4))
+
+
+def test_autotune_on_cpu_returns_defaults_and_caches(tmp_path):
+    q = jnp.zeros((1, 20, 20, 2, 32), jnp.float32)
+    p = make_params((20, 20), 32, 5)
+    best = autotune.tune(q, q, q, p, cache_file=tmp_path / "blocks.json")
+    assert best == pallas.BlockSizes.get_default((20, 20), (5, 5), (1, 1), 32)
+    entry = {autotune.shape_key(q, q, p): pallas.BlockSizes(q=(4, 8), kv=(8, 8), q_bwd=(4, 4),
+                                                            kv_bwd=(4, 4))}
+    autotune.save(tmp_path / "blocks.json", entry)
+    assert autotune.load(tmp_path / "blocks.json") == entry
+    assert len(autotune.candidates(q, q, p)) >= 3
