@@ -126,6 +126,24 @@ class AxisTiling:
     rel: np.ndarray  # [dilation, num_tiles, tile, halo] int32
 
 
+def _padded_bounds(length: int, kernel: int, stride: int, dilation: int, causal: bool,
+                   padded_rows: int):
+    """Window bounds ``[dilation, padded_rows]`` of every group row; padded rows (beyond their
+    group's length) borrow the last real row's window so every row has at least one key."""
+    groups = np.arange(dilation)[:, None]
+    glen = group_length(length, dilation, groups)  # [d, 1]
+    qc = np.minimum(np.arange(padded_rows)[None, :], glen - 1)
+    start, end = window_bounds(qc, glen, kernel, stride, causal)
+    return qc, start, end
+
+
+def _box(start: np.ndarray, end: np.ndarray, num_tiles: int, tile: int):
+    """Key box ``[lo, hi)`` of each query tile. Windows start and end monotonically in the
+    query coordinate, but min/max keep this independent of that fact."""
+    d = start.shape[0]
+    return (start.reshape(d, num_tiles, tile).min(-1), end.reshape(d, num_tiles, tile).max(-1))
+
+
 @functools.lru_cache(maxsize=512)
 def axis_tiling(length: int, kernel: int, stride: int, dilation: int, causal: bool,
                 tile: int) -> AxisTiling:
@@ -133,21 +151,13 @@ def axis_tiling(length: int, kernel: int, stride: int, dilation: int, causal: bo
     rows = -(-length // dilation)
     tile = max(1, min(tile, rows))
     num_tiles = -(-rows // tile)
-    groups = np.arange(dilation)[:, None]
-    glen = group_length(length, dilation, groups)  # [d, 1]
-    q = np.arange(num_tiles * tile)[None, :]
-    # Padded query rows (beyond their group's length) borrow the last real row's window, so
-    # every row has at least one key and nothing downstream divides by zero.
-    qc = np.minimum(q, glen - 1)
-    start, end = window_bounds(qc, glen, kernel, stride, causal)  # [d, rows_padded]
-    start = start.reshape(dilation, num_tiles, tile)
-    end = end.reshape(dilation, num_tiles, tile)
-    # Windows start and end monotonically in the query coordinate, so a tile's key box runs from
-    # its first query's start to its last query's end.
-    box_lo, box_hi = start.min(-1), end.max(-1)
+    qc, start, end = _padded_bounds(length, kernel, stride, dilation, causal, num_tiles * tile)
+    box_lo, box_hi = _box(start, end, num_tiles, tile)
     halo = min(int((box_hi - box_lo).max()), rows)
     halo_start = np.clip(box_lo, 0, rows - halo)
     keys = halo_start[..., None] + np.arange(halo)  # [d, nt, halo]
+    start = start.reshape(dilation, num_tiles, tile)
+    end = end.reshape(dilation, num_tiles, tile)
     mask = (keys[:, :, None, :] >= start[..., None]) & (keys[:, :, None, :] < end[..., None])
     qrow = qc.reshape(dilation, num_tiles, tile)
     rel = (kernel - 1 + keys[:, :, None, :] - qrow[..., None]).astype(np.int32)
@@ -157,18 +167,35 @@ def axis_tiling(length: int, kernel: int, stride: int, dilation: int, causal: bo
                       halo_start, mask, rel)
 
 
+@functools.lru_cache(maxsize=512)
 def default_tile_sizes(shape: tuple[int, ...], kernel: tuple[int, ...],
-                       dilation: tuple[int, ...]) -> tuple[int, ...]:
-    """Query tile per axis for the XLA path: about 64 (1-D) / 8x8 (2-D) / 4x4x4 (3-D) queries,
-    grown for large kernels so the key halo is not dominated by its borders."""
-    base = {1: 64, 2: 8, 3: 4}[len(shape)]
+                       dilation: tuple[int, ...], stride: tuple[int, ...] | None = None,
+                       causal: tuple[bool, ...] | None = None) -> tuple[int, ...]:
+    """Query tile per axis for the XLA path, from a small cost model.
+
+    Per axis, a tile of ``T`` rows costs ``num_tiles * T * halo`` query-key pairs (padded
+    queries and halo keys included: dense work inside a tile) plus a fixed overhead per tile
+    (the halo gather and a small matmul) worth ``64 ** (1 / rank) * K`` pairs. Small tiles
+    waste less work on halos, large ones amortize the overhead; ties go to the smaller tile.
+    """
+    rank = len(shape)
+    stride = stride or (1,) * rank
+    causal = causal or (False,) * rank
+    limit = {1: 512, 2: 32, 3: 16}.get(rank, 16)
     tiles = []
-    for n, k, d in zip(shape, kernel, dilation):
-        t = base
-        # Large windows: a tile about as wide as the window halves the halo per query.
-        while t < k and t < 64:
-            t *= 2
-        tiles.append(max(1, min(t, -(-n // d))))
+    for n, k, s, d, c in zip(shape, kernel, stride, dilation, causal):
+        rows = -(-n // d)
+        overhead = 64 ** (1 / rank) * k
+        best = None
+        _, start, end = _padded_bounds(n, k, s, d, c, 2 * rows)
+        for t in range(1, min(rows, limit) + 1):
+            nt = -(-rows // t)
+            lo, hi = _box(start[:, :nt * t], end[:, :nt * t], nt, t)
+            halo = min(int((hi - lo).max()), rows)
+            cost = nt * (t * halo + overhead)
+            if best is None or cost < best[0]:
+                best = (cost, t)
+        tiles.append(best[1])
     return tuple(tiles)
 
 

@@ -88,7 +88,8 @@ def na_fused(query: jax.Array, key: jax.Array, value: jax.Array, p: NAParams,
     b, h, dq = query.shape[0], query.shape[-2], query.shape[-1]
     dv = value.shape[-1]
     if tile_sizes is None:
-        tile_sizes = windows.default_tile_sizes(spatial, p.kernel_size, p.dilation)
+        tile_sizes = windows.default_tile_sizes(spatial, p.kernel_size, p.dilation, p.stride,
+                                                  p.is_causal)
     plans = [windows.axis_tiling(spatial[a], p.kernel_size[a], p.stride[a], p.dilation[a],
                                  p.is_causal[a], tile_sizes[a]) for a in range(n)]
     dil = tuple(pl.dilation for pl in plans)

@@ -1,0 +1,202 @@
+"""Benchmark the neighborhood-attention backends: forward and forward+backward.
+
+Shapes: NAT/DiNAT stages at 224 (56x56 ... 7x7, head_dim 32, K=7, DiNAT dilations), a token
+scaling series (56x56 -> 224x224) and large-kernel cases. Every backend is timed in the same run
+(jit-compiled, warm, median of ``--repeats`` runs); effective TFLOP/s uses NATTEN's FLOP
+convention (forward ``4*B*heads*N*prod(K)*head_dim``, backward counted as 2.5x forward).
+
+Usage::
+
+    python benchmarks/na_ops.py                      # CPU-sized suite, writes JSON + table
+    python benchmarks/na_ops.py --suite gpu          # GPU-sized suite (batch 128, large kernel)
+    python benchmarks/na_ops.py --only stages --backends xla
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+from nat_jax import kernels
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+    group: str
+    name: str
+    batch: int
+    spatial: tuple[int, ...]
+    heads: int
+    head_dim: int
+    kernel: int
+    dilation: int = 1
+    rpb: bool = True
+    dtype: str = "float32"
+    backward: bool = True
+
+
+def cpu_suite() -> list[Shape]:
+    stages = [
+        Shape("stages", "NAT s1 56x56 h2", 2, (56, 56), 2, 32, 7),
+        Shape("stages", "DiNAT s1 56x56 h2 d8", 2, (56, 56), 2, 32, 7, 8),
+        Shape("stages", "NAT s2 28x28 h4", 2, (28, 28), 4, 32, 7),
+        Shape("stages", "DiNAT s2 28x28 h4 d4", 2, (28, 28), 4, 32, 7, 4),
+        Shape("stages", "NAT s3 14x14 h8", 2, (14, 14), 8, 32, 7),
+        Shape("stages", "DiNAT s3 14x14 h8 d2", 2, (14, 14), 8, 32, 7, 2),
+        Shape("stages", "NAT s4 7x7 h16", 2, (7, 7), 16, 32, 7),
+    ]
+    scaling = [Shape("scaling", f"{n}x{n} h2 K7", 1, (n, n), 2, 32, 7) for n in (56, 112, 224)]
+    large = [
+        Shape("large", "2-D 64x64 K31 h4 d64", 1, (64, 64), 4, 64, 31, rpb=False),
+        Shape("large", "1-D 4096 K255 h4 d64", 1, (4096,), 4, 64, 255, rpb=False),
+    ]
+    return stages + scaling + large
+
+
+def gpu_suite() -> list[Shape]:
+    out = []
+    for dil_name, dils in (("NAT", (1, 1, 1, 1)), ("DiNAT", (8, 4, 2, 1))):
+        for (n, h), d in zip(((56, 2), (28, 4), (14, 8), (7, 16)), dils):
+            out.append(Shape("stages", f"{dil_name} {n}x{n} h{h} d{d}", 128, (n, n), h, 32, 7, d,
+                             dtype="bfloat16"))
+    out += [Shape("scaling", f"{n}x{n} h2 K7", 8, (n, n), 2, 32, 7, dtype="bfloat16")
+            for n in (56, 112, 224)]
+    out.append(Shape("large", "2-D 256x256 K80 h24 d128 fp16", 1, (256, 256), 24, 128, 80,
+                     rpb=False, dtype="float16", backward=False))
+    return out
+
+
+def _median_seconds(fn, args, repeats: int) -> float:
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+def bench_one(s: Shape, backend: str, repeats: int) -> dict:
+    rank = len(s.spatial)
+    dtype = jnp.dtype(s.dtype)
+    key = jax.random.key(0)
+    kq, kk, kv, kr, kd = jax.random.split(key, 5)
+    shape = (s.batch, *s.spatial, s.heads, s.head_dim)
+    q, k, v, dout = (jax.random.normal(x, shape, dtype) for x in (kq, kk, kv, kd))
+    rpb = (jax.random.normal(kr, (s.heads, *(2 * s.kernel - 1,) * rank), dtype) if s.rpb
+           else None)
+
+    def fwd(q, k, v, rpb):
+        return kernels.neighborhood_attention(q, k, v, s.kernel, dilation=s.dilation, rpb=rpb,
+                                              backend=backend)
+
+    def fwd_bwd(q, k, v, rpb):
+        out, vjp = jax.vjp(fwd, q, k, v, rpb)
+        return vjp(dout)
+
+    flops = kernels.na_flops(s.batch, s.heads, s.spatial, (s.kernel,) * rank, s.head_dim)
+    row = dict(dataclasses.asdict(s), backend=backend, flops_fwd=flops)
+    t = _median_seconds(jax.jit(fwd), (q, k, v, rpb), repeats)
+    row.update(fwd_ms=t * 1e3, fwd_tflops=flops / t / 1e12)
+    if s.backward:
+        t = _median_seconds(jax.jit(fwd_bwd), (q, k, v, rpb), repeats)
+        row.update(fwd_bwd_ms=t * 1e3, fwd_bwd_tflops=3.5 * flops / t / 1e12)
+    return row
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--suite", choices=("cpu", "gpu"),
+                        default="gpu" if jax.default_backend() == "gpu" else "cpu")
+    parser.add_argument("--only", default=None, help="comma-separated groups: stages,scaling,large")
+    parser.add_argument("--backends", default=None,
+                        help="comma-separated (default: reference,xla and pallas on GPU)")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/"
+                                                    "na_ops_<platform>.json)")
+    args = parser.parse_args(argv)
+
+    platform_name = jax.default_backend()
+    if args.backends:
+        backends = args.backends.split(",")
+    else:
+        backends = ["reference", "xla"]
+        # Interpret-mode Pallas on CPU checks correctness, not speed.
+        if platform_name == "gpu" and "pallas" in kernels.available_backends():
+            backends.append("pallas")
+    shapes = cpu_suite() if args.suite == "cpu" else gpu_suite()
+    if args.only:
+        groups = set(args.only.split(","))
+        shapes = [s for s in shapes if s.group in groups]
+
+    rows = []
+    console = Console()
+    with console.status("benchmarking") as status:
+        for s in shapes:
+            for backend in backends:
+                # The reference gathers [tokens, K^2, d] for keys and values: skip where that
+                # alone would not fit comfortably.
+                gather = 2 * s.batch * np.prod(s.spatial) * s.kernel ** len(s.spatial) \
+                    * s.heads * s.head_dim * jnp.dtype(s.dtype).itemsize
+                if backend == "reference" and gather > 4e9:
+                    continue
+                status.update(f"{s.name} [{backend}]")
+                rows.append(bench_one(s, backend, args.repeats))
+
+    device = jax.devices()[0]
+    meta = dict(device=device.device_kind, platform=platform_name, jax=jax.__version__,
+                jaxlib=jax.lib.__version__ if hasattr(jax.lib, "__version__") else None,
+                python=sys.version.split()[0], cpu_count=os.cpu_count(), host=platform.machine(),
+                date=datetime.date.today().isoformat(), repeats=args.repeats)
+    try:
+        import jaxlib
+        meta["jaxlib"] = jaxlib.__version__
+    except ImportError:
+        pass
+    out = args.out or os.path.join(os.path.dirname(__file__), "results",
+                                   f"na_ops_{platform_name}.json")
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    tmp = out + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(dict(meta=meta, results=rows), f, indent=1)
+    os.replace(tmp, out)
+
+    table = Table(title=f"NA ops on {device.device_kind} ({platform_name}), jax {jax.__version__}")
+    for col in ("shape", "dtype", "backend", "fwd ms", "fwd TFLOP/s", "fwd+bwd ms",
+                "vs reference"):
+        table.add_column(col, justify="left" if col in ("shape", "dtype", "backend") else "right")
+    by_key = {(r["name"], r["backend"]): r for r in rows}
+    for r in rows:
+        ref = by_key.get((r["name"], "reference"))
+        ratio = f"{ref['fwd_ms'] / r['fwd_ms']:.1f}x" if ref else "-"
+        table.add_row(r["name"], r["dtype"], r["backend"], f"{r['fwd_ms']:.2f}",
+                      f"{r['fwd_tflops']:.4f}",
+                      f"{r['fwd_bwd_ms']:.2f}" if "fwd_bwd_ms" in r else "-", ratio)
+    console.print(table)
+    scaling = [r for r in rows if r["group"] == "scaling" and r["backend"] == "xla"]
+    if len(scaling) > 1:
+        base = scaling[0]
+        for r in scaling[1:]:
+            tokens = np.prod(r["spatial"]) / np.prod(base["spatial"])
+            console.print(f"xla {r['name']}: {tokens:.0f}x tokens -> "
+                          f"{r['fwd_ms'] / base['fwd_ms']:.1f}x fwd time, "
+                          f"{r['fwd_bwd_ms'] / base['fwd_bwd_ms']:.1f}x fwd+bwd time")
+    console.print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

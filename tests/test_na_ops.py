@@ -1,0 +1,345 @@
+"""NA ops (reference and xla backends) against the float64 oracle and natten's flex backend."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import jax
+import jax.numpy as jnp
+
+import na_cases
+import oracle
+from nat_jax import kernels
+
+BACKENDS = ["reference", "xla"]
+# Per-dtype tolerances (atol, rtol) on O(1) outputs; gradients are compared after normalizing by
+# their own scale.
+FWD_TOL = {jnp.float32: (2e-5, 1e-5), jnp.bfloat16: (3e-2, 2e-2), jnp.float16: (5e-3, 5e-3)}
+GRAD_TOL = {jnp.float32: 5e-5, jnp.bfloat16: 5e-2, jnp.float16: 1e-2}
+
+
+def make_inputs(rng, c, dtype=jnp.float32, with_rpb=False):
+    shape = (c["batch"], *c["shape"], c["heads"], c["head_dim"])
+    q, k, v = (rng.standard_normal(shape).astype(np.float32) for _ in range(3))
+    rpb = None
+    if with_rpb:
+        rpb = rng.standard_normal((c["heads"], *(2 * x - 1 for x in c["kernel"]))).astype(np.float32)
+    as_dtype = lambda x: None if x is None else jnp.asarray(x, dtype)  # noqa: E731
+    # The oracle sees exactly the (rounded) values the backend sees.
+    rounded = [None if x is None else np.asarray(as_dtype(x), np.float64) for x in (q, k, v, rpb)]
+    return [as_dtype(x) for x in (q, k, v)] + [as_dtype(rpb)], rounded
+
+
+def call(c, q, k, v, rpb=None, backend="xla", **kw):
+    return kernels.neighborhood_attention(q, k, v, c["kernel"], c["stride"], c["dilation"],
+                                          c["causal"], rpb=rpb, backend=backend, **kw)
+
+
+def oracle_args(c):
+    return dict(kernel=c["kernel"], stride=c["stride"], dilation=c["dilation"],
+                causal=c["causal"])
+
+
+def assert_close(got, want, atol, rtol, what=""):
+    got = np.asarray(jnp.asarray(got, jnp.float32), np.float64)
+    np.testing.assert_allclose(got, want, atol=atol, rtol=rtol, err_msg=what)
+
+
+def check_forward(rng, c, backend, dtype=jnp.float32, with_rpb=False):
+    (q, k, v, rpb), (q64, k64, v64, rpb64) = make_inputs(rng, c, dtype, with_rpb)
+    out, lse = call(c, q, k, v, rpb, backend=backend, return_lse=True)
+    assert out.dtype == dtype and out.shape == q.shape
+    assert lse.dtype == jnp.float32 and lse.shape == q.shape[:-1]
+    want, want_lse = oracle.na_forward(q64, k64, v64, rpb=rpb64, **oracle_args(c))
+    atol, rtol = FWD_TOL[dtype]
+    assert_close(out, want, atol, rtol, "out")
+    assert_close(lse, want_lse, atol * 4, rtol, "lse")
+
+
+def check_gradients(rng, c, backend, dtype=jnp.float32, with_rpb=False):
+    (q, k, v, rpb), (q64, k64, v64, rpb64) = make_inputs(rng, c, dtype, with_rpb)
+    dout = rng.standard_normal(q.shape).astype(np.float32)
+    dout_j = jnp.asarray(dout, dtype)
+    dout64 = np.asarray(dout_j, np.float64)
+
+    def loss(q, k, v, rpb):
+        out = call(c, q, k, v, rpb, backend=backend)
+        return jnp.sum(out.astype(jnp.float32) * dout_j.astype(jnp.float32))
+
+    argnums = (0, 1, 2, 3) if with_rpb else (0, 1, 2)
+    grads = jax.grad(loss, argnums=argnums)(q, k, v, rpb)
+    want = oracle.na_backward(q64, k64, v64, dout64, rpb=rpb64, **oracle_args(c))
+    for name, g, w in zip("q k v rpb".split(), grads, want):
+        assert g.dtype == dtype
+        scale = max(1.0, float(np.abs(w).max()))
+        assert_close(np.asarray(jnp.asarray(g, jnp.float32)) / scale, w / scale,
+                     GRAD_TOL[dtype], 0, f"d{name}")
+
+
+# ---------------------------------------------------------------------------- forward grids
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("c", na_cases.QUICK, ids=na_cases.case_id)
+def test_forward_quick(rng, c, backend):
+    check_forward(rng, c, backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("c", na_cases.RPB, ids=na_cases.case_id)
+def test_forward_rpb(rng, c, backend):
+    check_forward(rng, c, backend, with_rpb=True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("c", na_cases.NATTEN_GRID, ids=na_cases.case_id)
+def test_forward_natten_grid(rng, c, backend):
+    check_forward(rng, c, backend)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("c", na_cases.random_cases(0, 12, 1) + na_cases.random_cases(1, 16, 2)
+                         + na_cases.random_cases(2, 8, 3), ids=na_cases.case_id)
+def test_random_sweep(rng, c):
+    check_forward(rng, c, "xla")
+    check_gradients(rng, c, "xla")
+
+
+# ---------------------------------------------------------------------------- gradients
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("c", na_cases.QUICK[::2], ids=na_cases.case_id)
+def test_gradients(rng, c, backend):
+    check_gradients(rng, c, backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("c", na_cases.RPB, ids=na_cases.case_id)
+def test_gradients_rpb(rng, c, backend):
+    check_gradients(rng, c, backend, with_rpb=True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("c", na_cases.NATTEN_GRID[1:8], ids=na_cases.case_id)
+def test_gradients_natten_grid(rng, c):
+    check_gradients(rng, c, "xla")
+
+
+# ---------------------------------------------------------------------------- dtypes
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("c", [na_cases.RPB[2], na_cases.QUICK[4], na_cases.QUICK[7]],
+                         ids=na_cases.case_id)
+def test_low_precision(rng, c, backend, dtype):
+    with_rpb = c in na_cases.RPB
+    check_forward(rng, c, backend, dtype, with_rpb)
+    check_gradients(rng, c, backend, dtype, with_rpb)
+
+
+# ---------------------------------------------------------------------------- natten flex
+
+
+def natten_flex(c, q, k, v):
+    import natten
+    import torch
+
+    fn = {1: natten.na1d, 2: natten.na2d, 3: natten.na3d}[len(c["shape"])]
+    t = [torch.from_numpy(np.asarray(x, np.float32)) for x in (q, k, v)]
+    out, lse = fn(*t, kernel_size=c["kernel"], stride=c["stride"], dilation=c["dilation"],
+                  is_causal=c["causal"], backend="flex-fna", return_lse=True)
+    return out.numpy(), lse.numpy()
+
+
+@pytest.mark.parametrize("c", na_cases.QUICK + na_cases.NATTEN_GRID[3:7], ids=na_cases.case_id)
+def test_xla_matches_natten_flex(rng, c):
+    (q, k, v, _), _ = make_inputs(rng, c)
+    want, want_lse = natten_flex(c, q, k, v)
+    out, lse = call(c, q, k, v, backend="xla", return_lse=True)
+    assert_close(out, want, 2e-5, 1e-5, "out")
+    assert_close(lse, want_lse, 5e-5, 1e-5, "lse")
+
+
+# ---------------------------------------------------------------------------- unfused pieces
+
+
+@pytest.mark.parametrize("c,with_rpb", [
+    (na_cases.case((9, 11), (3, 5), dilation=(2, 1)), True),
+    (na_cases.case((10,), 4, dilation=2, causal=True), False),
+    (na_cases.case((6, 5, 7), 3, dilation=(1, 1, 2), causal=(True, False, False)), False),
+], ids=lambda x: na_cases.case_id(x) if isinstance(x, dict) else str(x))
+def test_qk_av_pieces(rng, c, with_rpb):
+    (q, k, v, rpb), (q64, k64, _, rpb64) = make_inputs(rng, c, with_rpb=with_rpb)
+    rank = len(c["shape"])
+    qk = getattr(kernels, f"na{rank}d_qk")
+    av = getattr(kernels, f"na{rank}d_av")
+    logits = qk(q, k, c["kernel"], c["dilation"], c["causal"], rpb=rpb)
+    want = oracle.na_qk(q64, k64, c["kernel"], c["dilation"], c["causal"], rpb=rpb64)
+    assert logits.shape == (*q.shape[:-1], int(np.prod(c["kernel"])))
+    finite = np.isfinite(want)
+    assert np.array_equal(np.isfinite(np.asarray(logits)), finite)
+    assert_close(np.where(finite, logits, 0), np.where(finite, want, 0), 2e-5, 1e-5)
+    weights = jax.nn.softmax(logits, axis=-1)
+    out = av(weights, v, c["kernel"], c["dilation"], c["causal"])
+    assert_close(out, oracle.na_av(np.asarray(weights, np.float64), np.asarray(v, np.float64),
+                                   c["kernel"], c["dilation"], c["causal"]), 2e-5, 1e-5)
+    fused = call(c, q, k, v, rpb, backend="xla")
+    assert_close(out, np.asarray(fused, np.float64), 2e-5, 1e-5)
+
+
+def test_scale_zero_is_a_value(rng):
+    c = na_cases.case((12, 12), 3)
+    (q, k, v, _), (_, _, v64, _) = make_inputs(rng, c)
+    out = kernels.na2d(q, k, v, 3, scale=0.0)
+    # Uniform weights: the plain mean over each window.
+    want = oracle.na_forward(np.zeros_like(v64), np.zeros_like(v64), v64, 3)[0]
+    assert_close(out, want, 2e-5, 1e-5)
+
+
+# ---------------------------------------------------------------------------- transformations
+
+
+def test_jit_vmap_grad_compose(rng):
+    c = na_cases.case((10, 9), (3, 5), dilation=(2, 1))
+    (q, k, v, rpb), _ = make_inputs(rng, c, with_rpb=True)
+
+    def f(q, k, v, rpb):
+        return kernels.na2d(q, k, v, (3, 5), dilation=(2, 1), rpb=rpb).sum()
+
+    batched = jax.jit(jax.vmap(jax.grad(f, argnums=(0, 3)), in_axes=(0, 0, 0, None)))
+    gq, grpb = batched(q[:, None], k[:, None], v[:, None], rpb)
+    gq_ref, grpb_ref = jax.grad(f, argnums=(0, 3))(q[:1], k[:1], v[:1], rpb)
+    assert_close(gq[0], np.asarray(gq_ref, np.float64), 1e-5, 1e-5)
+    assert grpb.shape == (q.shape[0], *rpb.shape)
+    assert_close(grpb[0], np.asarray(grpb_ref, np.float64), 1e-5, 1e-5)
+
+
+def test_sharded_inputs_batch_and_heads(rng):
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+    devices = np.array(jax.devices()[:8]).reshape(4, 2)
+    mesh = Mesh(devices, ("data", "heads"))
+    c = na_cases.case((14, 14), 7, batch=4, heads=2)
+    (q, k, v, rpb), _ = make_inputs(rng, c, with_rpb=True)
+    spec = NamedSharding(mesh, P("data", None, None, "heads", None))
+    qs, ks, vs = (jax.device_put(x, spec) for x in (q, k, v))
+    rpbs = jax.device_put(rpb, NamedSharding(mesh, P("heads", None, None)))
+    fn = jax.jit(lambda q, k, v, r: kernels.na2d(q, k, v, 7, rpb=r))
+    out = fn(qs, ks, vs, rpbs)
+    assert_close(out, np.asarray(fn(q, k, v, rpb), np.float64), 1e-6, 1e-6)
+    g = jax.jit(jax.grad(lambda q, r: kernels.na2d(q, ks, vs, 7, rpb=r).sum(), argnums=(0, 1)))
+    gq, gr = g(qs, rpbs)
+    gq0, gr0 = jax.grad(lambda q, r: kernels.na2d(q, k, v, 7, rpb=r).sum(), argnums=(0, 1))(q, rpb)
+    assert_close(gq, np.asarray(gq0, np.float64), 1e-5, 1e-5)
+    assert_close(gr, np.asarray(gr0, np.float64), 1e-4, 1e-5)
+
+
+def test_xla_memory_is_linear_in_tokens():
+    """The compiled XLA path never allocates O(tokens^2) nor a [tokens, K^2, d] gather of keys
+    and values; its temporaries grow linearly with the number of tokens."""
+    dim, kernel = 64, 13
+
+    def temp_bytes(n):
+        s = jax.ShapeDtypeStruct((1, n, n, 1, dim), jnp.float32)
+        fn = jax.jit(lambda q, k, v: kernels.na2d(q, k, v, kernel, backend="xla"))
+        return fn.lower(s, s, s).compile().memory_analysis().temp_size_in_bytes
+
+    small, large = temp_bytes(96), temp_bytes(192)
+    tokens = 192 * 192
+    kv_gather_bytes = 2 * tokens * kernel**2 * dim * 4
+    assert large < kv_gather_bytes / 4, large
+    assert large < tokens * tokens * 4 / 20, large
+    # Doubling the side quadruples tokens: memory should grow ~4x, not ~16x.
+    assert large < 6 * small, (small, large)
+
+
+def test_chunked_xla_path_matches(rng, monkeypatch):
+    """Large problems run the XLA path in chunks of tiles; the result must not change."""
+    from nat_jax.kernels import xla
+    c = na_cases.case((24, 16), (5, 3), dilation=(2, 1))
+    (q, k, v, rpb), _ = make_inputs(rng, c, with_rpb=True)
+    want = xla.na_fused(q, k, v, kernels.make_params(c["shape"], 16, c["kernel"],
+                                                      dilation=c["dilation"]), rpb)
+    monkeypatch.setattr(xla, "_LOGITS_BUDGET", 4096)
+    p = kernels.make_params(c["shape"], 16, c["kernel"], dilation=c["dilation"])
+    got = xla.na_fused(q, k, v, p, rpb)
+    for a, b in zip(got, want):
+        assert_close(a, np.asarray(b, np.float64), 1e-6, 1e-6)
+    g = jax.grad(lambda q, r: xla.na_fused(q, k, v, p, r)[0].sum(), argnums=(0, 1))(q, rpb)
+    monkeypatch.setattr(xla, "_LOGITS_BUDGET", 1 << 30)
+    g0 = jax.grad(lambda q, r: xla.na_fused(q, k, v, p, r)[0].sum(), argnums=(0, 1))(q, rpb)
+    for a, b in zip(g, g0):
+        assert_close(a, np.asarray(b, np.float64), 1e-5, 1e-5)
+
+
+# ---------------------------------------------------------------------------- validation
+
+
+def _qkv(shape=(1, 8, 8, 2, 4), dtype=jnp.float32):
+    x = jnp.ones(shape, dtype)
+    return x, x, x
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(kernel_size=1), "kernel size must be >= 2"),
+    (dict(kernel_size=3, stride=4), "stride must satisfy"),
+    (dict(kernel_size=3, stride=0), "stride must satisfy"),
+    (dict(kernel_size=3, dilation=3), r"kernel_size \* dilation must not exceed"),
+    (dict(kernel_size=9), r"kernel_size \* dilation must not exceed"),
+    (dict(kernel_size=(3, 3, 3)), "one entry per spatial axis"),
+    (dict(kernel_size=3, dilation=0), "dilation must be >= 1"),
+    (dict(kernel_size=3, is_causal=(True,)), "one entry per spatial axis"),
+    (dict(kernel_size=3, backend="cuda-magic"), "backend="),
+    (dict(kernel_size=True), "must be an int"),
+])
+def test_bad_arguments_raise(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        kernels.na2d(*_qkv(), **kwargs)
+
+
+def test_bad_operands_raise():
+    q, k, v = _qkv()
+    with pytest.raises(ValueError, match="expects rank 5"):
+        kernels.na2d(q[0], k[0], v[0], 3)
+    with pytest.raises(ValueError, match="key.shape"):
+        kernels.na2d(q, k[:, :4], v, 3)
+    with pytest.raises(ValueError, match="key.dtype"):
+        kernels.na2d(q, k.astype(jnp.bfloat16), v, 3)
+    with pytest.raises(ValueError, match="floating dtype"):
+        kernels.na2d(q.astype(jnp.int32), k.astype(jnp.int32), v.astype(jnp.int32), 3)
+    with pytest.raises(ValueError, match="value.shape"):
+        kernels.na2d(q, k, v[:, :, :, :1], 3)
+    with pytest.raises(ValueError, match="expected 4, 5 or 6"):
+        kernels.neighborhood_attention(q[..., None, None], k[..., None, None],
+                                       v[..., None, None], 3)
+
+
+@pytest.mark.parametrize("kwargs,rpb_shape,match", [
+    (dict(kernel_size=4), (2, 7, 7), "odd kernel_size"),
+    (dict(kernel_size=3, stride=2), (2, 5, 5), "stride=1"),
+    (dict(kernel_size=3, is_causal=(False, True)), (2, 5, 5), "causal"),
+    (dict(kernel_size=3), (2, 5, 3), r"\[heads, 2K-1, ...\]"),
+    (dict(kernel_size=3), (3, 5, 5), r"\[heads, 2K-1, ...\]"),
+])
+def test_bad_rpb_raises(kwargs, rpb_shape, match):
+    with pytest.raises(ValueError, match=match):
+        kernels.na2d(*_qkv(), rpb=jnp.zeros(rpb_shape), **kwargs)
+
+
+def test_av_checks_weights_shape():
+    q, _, v = _qkv()
+    with pytest.raises(ValueError, match="weights.shape"):
+        kernels.na2d_av(jnp.ones((1, 8, 8, 2, 8)), v, 3)
+
+
+def test_auto_backend_resolves_to_a_registered_backend():
+    c = na_cases.case((8, 8), 3)
+    p = kernels.make_params(c["shape"], 16, 3)
+    name = kernels.resolve_backend("auto", None, None, None, p, None)
+    assert name in kernels.available_backends()
+    if jax.default_backend() == "cpu":
+        assert name == "xla"
