@@ -126,41 +126,29 @@ class AxisTiling:
     rel: np.ndarray  # [dilation, num_tiles, tile, halo] int32
 
 
-def _padded_bounds(length: int, kernel: int, stride: int, dilation: int, causal: bool,
-                   padded_rows: int):
-    """Window bounds ``[dilation, padded_rows]`` of every group row; padded rows (beyond their
-    group's length) borrow the last real row's window so every row has at least one key."""
-    groups = np.arange(dilation)[:, None]
-    glen = group_length(length, dilation, groups)  # [d, 1]
-    qc = np.minimum(np.arange(padded_rows)[None, :], glen - 1)
-    start, end = window_bounds(qc, glen, kernel, stride, causal)
-    return qc, start, end
-
-
-def _box(start: np.ndarray, end: np.ndarray, num_tiles: int, tile: int):
-    """Key box ``[lo, hi)`` of each query tile. Windows start and end monotonically in the
-    query coordinate, but min/max keep this independent of that fact."""
-    d = start.shape[0]
-    return (start.reshape(d, num_tiles, tile).min(-1), end.reshape(d, num_tiles, tile).max(-1))
+def _group_lengths_column(length: int, dilation: int) -> np.ndarray:
+    """``[dilation, 1]`` length of every dilation group."""
+    return group_length(length, dilation, np.arange(dilation)[:, None])
 
 
 @functools.lru_cache(maxsize=512)
 def axis_tiling(length: int, kernel: int, stride: int, dilation: int, causal: bool,
                 tile: int) -> AxisTiling:
-    """Build the static tiling plan of one axis (numpy, cached)."""
+    """Build the static tiling plan of one axis (numpy, cached). The key box of each query tile
+    is :func:`tile_box` with one-row key tiles and the mask is :func:`in_window`: the same
+    arithmetic the Pallas kernels evaluate in-kernel."""
     rows = -(-length // dilation)
     tile = max(1, min(tile, rows))
     num_tiles = -(-rows // tile)
-    qc, start, end = _padded_bounds(length, kernel, stride, dilation, causal, num_tiles * tile)
-    box_lo, box_hi = _box(start, end, num_tiles, tile)
-    halo = min(int((box_hi - box_lo).max()), rows)
-    halo_start = np.clip(box_lo, 0, rows - halo)
-    keys = halo_start[..., None] + np.arange(halo)  # [d, nt, halo]
-    start = start.reshape(dilation, num_tiles, tile)
-    end = end.reshape(dilation, num_tiles, tile)
-    mask = (keys[:, :, None, :] >= start[..., None]) & (keys[:, :, None, :] < end[..., None])
-    qrow = qc.reshape(dilation, num_tiles, tile)
-    rel = (kernel - 1 + keys[:, :, None, :] - qrow[..., None]).astype(np.int32)
+    glen = _group_lengths_column(length, dilation)  # [d, 1]
+    lo, hi = tile_box(np.arange(num_tiles)[None, :], tile, 1, glen, kernel, stride, causal)
+    halo = min(int((hi - lo).max()), rows)
+    halo_start = np.clip(lo, 0, rows - halo)  # [d, nt]
+    keys = halo_start[..., None, None] + np.arange(halo)  # [d, nt, 1, halo]
+    q = np.arange(num_tiles * tile).reshape(1, num_tiles, tile, 1)
+    glen4 = glen[..., None, None]
+    mask = in_window(q, keys, glen4, kernel, stride, causal)  # [d, nt, tile, halo]
+    rel = (kernel - 1 + keys - np.minimum(q, glen4 - 1)).astype(np.int32)
     for arr in (halo_start, mask, rel):
         arr.setflags(write=False)
     return AxisTiling(length, kernel, stride, dilation, causal, tile, rows, num_tiles, halo,
@@ -187,10 +175,10 @@ def default_tile_sizes(shape: tuple[int, ...], kernel: tuple[int, ...],
         rows = -(-n // d)
         overhead = 64 ** (1 / rank) * k
         best = None
-        _, start, end = _padded_bounds(n, k, s, d, c, 2 * rows)
+        glen = _group_lengths_column(n, d)
         for t in range(1, min(rows, limit) + 1):
             nt = -(-rows // t)
-            lo, hi = _box(start[:, :nt * t], end[:, :nt * t], nt, t)
+            lo, hi = tile_box(np.arange(nt)[None, :], t, 1, glen, k, s, c)
             halo = min(int((hi - lo).max()), rows)
             cost = nt * (t * halo + overhead)
             if best is None or cost < best[0]:
@@ -312,3 +300,16 @@ def clamp_box(lo: Any, width: int, num_tiles: int, xp: Any = np) -> Any:
     """Shift a box start so ``[lo, lo + width)`` stays inside ``[0, num_tiles)``; the shifted box
     still covers the original ``[lo, hi)`` whenever ``hi - lo <= width`` and ``hi <= num_tiles``."""
     return xp.maximum(xp.minimum(lo, num_tiles - width), 0)
+
+
+def tile_inside_windows(first_q: Any, last_q: Any, key_lo: Any, key_hi: Any, group_len: Any,
+                        kernel: int, stride: int, causal: bool, xp: Any = np) -> Any:
+    """Whether every key of ``[key_lo, key_hi)`` lies in the window of every query of
+    ``[first_q, last_q]`` along one axis (query rows clamped to the group as in
+    :func:`in_window`). Such a tile pair needs no per-element mask. Window starts and ends are
+    monotone in the query, so the latest start and the earliest end decide."""
+    start, _ = window_bounds(xp.minimum(last_q, group_len - 1), group_len, kernel, stride, causal,
+                             xp=xp)
+    _, end = window_bounds(xp.minimum(first_q, group_len - 1), group_len, kernel, stride, causal,
+                           xp=xp)
+    return (start <= key_lo) & (end >= key_hi)
