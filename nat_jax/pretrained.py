@@ -1,0 +1,173 @@
+"""Save and load models: an Orbax checkpoint of the parameters plus the config JSON.
+
+Directory format (the converter writes exactly this)::
+
+    path/
+      config.json   NatConfig/DinatConfig.to_dict() with id2label filled in (the label names),
+                    plus "architectures": [class name] and "format": "nat-jax/1"
+      params/       Orbax StandardCheckpointer: nnx.to_pure_dict(nnx.state(model, nnx.Param)),
+                    i.e. the nested dict of the parameter tree documented in nat_jax.modeling
+
+Writes are atomic: everything goes to a hidden temporary sibling directory that is renamed into
+place at the end, so a crash never leaves a half-written ``path``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from nat_jax.configs import _BaseConfig, model_class_for
+
+__all__ = ["FORMAT", "load_config", "load_pretrained", "save_pretrained"]
+
+FORMAT = "nat-jax/1"
+_HEAD_OF = {"ForImageClassification": "classification", "Backbone": "backbone", "Model": "base"}
+
+
+def _head_of(class_name: str) -> str:
+    for suffix, head in _HEAD_OF.items():
+        if class_name.endswith(suffix):
+            return head
+    raise ValueError(f"architectures entry {class_name!r} is not a NAT/DiNAT model class")
+
+
+def save_pretrained(model: nnx.Module, path: str | os.PathLike, *, overwrite: bool = False
+                    ) -> Path:
+    """Write ``model`` (params + config + label names) to the directory ``path``.
+
+    Raises:
+      FileExistsError: if ``path`` exists and ``overwrite`` is False.
+    """
+    import orbax.checkpoint as ocp
+
+    path = Path(path).absolute()
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"path={str(path)!r} exists; pass overwrite=True to replace it")
+    config: _BaseConfig = model.config
+    meta = config.to_dict()
+    meta["id2label"] = {str(i): n for i, n in enumerate(config.label_names())} \
+        if config.num_labels > 0 else None
+    meta["architectures"] = [type(model).__name__]
+    meta["format"] = FORMAT
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        (tmp / "config.json").write_text(json.dumps(meta, indent=2))
+        params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+        with ocp.StandardCheckpointer() as ckpt:
+            ckpt.save(tmp / "params", params)
+            ckpt.wait_until_finished()
+        old = None
+        if path.exists():
+            old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
+            path.rename(old)
+        tmp.rename(path)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def load_config(path: str | os.PathLike) -> tuple[_BaseConfig, str]:
+    """``(config, head)`` stored in a :func:`save_pretrained` directory."""
+    meta = json.loads((Path(path) / "config.json").read_text())
+    fmt = meta.pop("format", FORMAT)
+    if fmt != FORMAT:
+        raise ValueError(f"{path}: format {fmt!r} is not {FORMAT!r}")
+    archs = meta.pop("architectures", None) or ["ForImageClassification"]
+    return _BaseConfig.from_dict(meta), _head_of(archs[0])
+
+
+def load_pretrained(path: str | os.PathLike, *, head: str | None = None, dtype: str | None = None,
+                    param_dtype: str | None = None, na_backend: str | None = None,
+                    seed: int = 0) -> nnx.Module:
+    """Rebuild the model saved at ``path``.
+
+    Args:
+      path: a directory written by :func:`save_pretrained` (or the converter).
+      head: "classification", "base" or "backbone"; defaults to the saved model's. A classifier
+        checkpoint loads into "base" (its ``nat``/``dinat`` subtree) too.
+      dtype, param_dtype, na_backend: override the saved config (e.g. ``dtype="bfloat16"``).
+      seed: seeds the dropout streams (used only with ``deterministic=False``).
+
+    Returns:
+      The module with the saved parameters (nothing is randomly initialized and then thrown
+      away: the structure comes from ``nnx.eval_shape``).
+    """
+    import dataclasses
+
+    import orbax.checkpoint as ocp
+
+    path = Path(path).absolute()
+    config, saved_head = load_config(path)
+    overrides = {k: v for k, v in dict(dtype=dtype, param_dtype=param_dtype,
+                                       na_backend=na_backend).items() if v is not None}
+    config = dataclasses.replace(config, **overrides)
+    head = head or saved_head
+    cls = model_class_for(config, head)
+
+    def build():
+        return cls(config, rngs=nnx.Rngs(seed))
+
+    abstract = nnx.eval_shape(build)
+    graphdef, abstract_params, _ = nnx.split(abstract, nnx.Param, ...)
+    # Non-parameter state (dropout RNG keys/counts) is cheap: build it for real under jit, where
+    # XLA drops the unused parameter initializers.
+    rest = jax.jit(lambda: nnx.split(build(), nnx.Param, ...)[2])()
+
+    with ocp.StandardCheckpointer() as ckpt:
+        stored = _tree_meta(ckpt.metadata(path / "params"))
+        target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), stored)
+        values = ckpt.restore(path / "params", target)
+    if saved_head == "classification" and head == "base":
+        values = values[config.model_type]  # the classifier's backbone subtree
+    want = nnx.to_pure_dict(abstract_params)
+    _check_tree(want, values, path)
+    values = jax.tree.map(lambda t, v: jnp.asarray(v, t.dtype), want, _like(want, values))
+    nnx.replace_by_pure_dict(abstract_params, values)
+    return nnx.merge(graphdef, abstract_params, rest)
+
+
+def _tree_meta(meta):
+    tree = getattr(meta, "item_metadata", meta)
+    return getattr(tree, "tree", tree)
+
+
+def _key(k):
+    return getattr(k, "key", getattr(k, "idx", k))
+
+
+def _like(want, have):
+    """``have`` re-nested with ``want``'s keys (Orbax may hand back list indices as strings)."""
+    def pick(path, _):
+        node = have
+        for k in map(_key, path):
+            node = node[k] if k in node else node[str(k)]
+        return node
+    return jax.tree_util.tree_map_with_path(pick, want)
+
+
+def _check_tree(want, have, path) -> None:
+    """Same parameter paths and shapes as the model, with a readable error otherwise."""
+    def flat(tree):
+        return {"/".join(str(_key(k)) for k in p): tuple(leaf.shape)
+                for p, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+    want, have = flat(want), flat(have)
+    if want != have:
+        missing = sorted(set(want) - set(have))[:5]
+        extra = sorted(set(have) - set(want))[:5]
+        shapes = [k for k in want if k in have and want[k] != have[k]][:5]
+        raise ValueError(f"checkpoint {path} does not match the model: missing {missing}, "
+                         f"unexpected {extra}, shape mismatch {shapes}")
