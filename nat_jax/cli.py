@@ -14,6 +14,12 @@ import sys
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("nat_jax.demo", "compare the neighborhood-attention backends on a few shapes"),
+    "convert": ("nat_jax.convert.cli", "convert PyTorch NAT/DiNAT weights (HF or SHI-Labs) to "
+                "a nat-jax checkpoint"),
+    "export": ("nat_jax.convert.export_cli", "export a nat-jax checkpoint as an HF model "
+               "directory (safetensors)"),
+    "train": ("nat_jax.train.cli", "train NAT/DiNAT from a config (ImageNet, an image folder, "
+              "or the digits demo)"),
 }
 
 
