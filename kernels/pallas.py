@@ -27,11 +27,12 @@ Backward: ``delta = sum(out * dout) - dlse`` in XLA, then
 * dQ kernel: per query tile, the same key box as the forward;
 * dK/dV kernel: per key tile, the query tiles whose boxes touch it
   (:func:`windows.inverse_tile_box`, exact, by bisection on the monotone window bounds);
-* dRPB kernel (only with ``rpb``): per query tile, a loop over the ``prod(2K-1)`` bias entries;
-  entry ``b`` pairs every query with the one key at that relative offset (a row gather), so the
-  reduction needs no atomics. Each (query tile, batch*group, head) writes its own partial sums,
-  which XLA adds up: **every gradient, dRPB included, is deterministic.** Its cost is about
-  ``prod(2K-1) / prod(K)`` times a forward pass on CUDA cores (no tensor cores).
+* dRPB kernel (only with ``rpb``): per query tile, a loop over the relative offsets occurring in
+  the tile's windows (``prod(K)`` for interior tiles, up to ``prod(2K-1)`` at borders); each
+  offset pairs every query with exactly one key (a row gather), so the reduction needs no
+  atomics. Each (query tile, batch*group, head) writes its own partial sums, which XLA adds up
+  in a fixed order: **every gradient, dRPB included, is deterministic.** Its cost is about one
+  more forward pass, on CUDA cores (row-wise dots, no tensor cores).
 
 Limits: ``head_dim <= 256`` (q/k and v separately), float32/bfloat16/float16 inputs, RPB with odd
 kernels, stride 1 and no causal axis (as everywhere in nat-jax).
@@ -61,6 +62,7 @@ LN2 = math.log(2.0)
 _MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
 _MIN_ROWS = 16  # Triton's smallest dot operand dimension.
 MAX_HEAD_DIM = 256
+_MAX_GRID = 65535
 SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 
 
@@ -226,6 +228,16 @@ def _unravel(flat, sizes: Sequence[int]) -> list:
     return out[::-1]
 
 
+def _unravel_dynamic(flat, sizes: Sequence) -> list:
+    """Row-major multi-index of ``flat`` over traced (int32) ``sizes``."""
+    flat = _i32(flat)
+    out = []
+    for s in reversed(sizes):
+        out.append(lax.rem(flat, s))
+        flat = lax.div(flat, s)
+    return out[::-1]
+
+
 def _ravel(index: Sequence, sizes: Sequence[int]):
     flat = 0
     for i, s in zip(index, sizes):
@@ -258,14 +270,16 @@ def _window_mask(plan: _Plan, qc: Sequence, kc: Sequence, glen: Sequence):
     return mask
 
 
-def _rpb_index(plan: _Plan, qc: Sequence, kc: Sequence, glen: Sequence, mask):
+def _rpb_index(plan: _Plan, qc: Sequence, kc: Sequence, glen: Sequence):
     """Flat RPB column of each (query, key) pair: ``K - 1 + key - query`` per axis in group
-    coordinates (= dilated units), row-major over axes; 0 where masked (stays in bounds)."""
+    coordinates (= dilated units), row-major over axes. Clipped per axis so pairs outside the
+    window (masked later) still read in bounds."""
     flat = 0
     for a in range(plan.rank):
         k = plan.kernel[a]
-        flat = flat * (2 * k - 1) + (k - 1 + kc[a] - jnp.minimum(qc[a], glen[a] - 1))
-    return jnp.where(mask, flat, 0)
+        rel = k - 1 + kc[a] - jnp.minimum(qc[a], glen[a] - 1)
+        flat = flat * (2 * k - 1) + jnp.clip(rel, 0, 2 * k - 2)
+    return flat
 
 
 def _dot(a, b, trans_b: bool = False):
@@ -276,13 +290,31 @@ def _dot(a, b, trans_b: bool = False):
     return jnp.dot(a, b, preferred_element_type=jnp.float32, precision=precision)
 
 
-def _logits2(plan: _Plan, q, k, rpb_ref, qc, kc, glen):
-    """Masked logits in log2 units ``[Tq, Tk]`` and the mask."""
+def _pair_inside(plan: _Plan, qt: Sequence, kt: Sequence, glen: Sequence):
+    """Scalar: the key tile ``kt`` lies inside the window of every query of query tile ``qt``
+    (on every axis), so the pair needs no per-element mask."""
+    inside = None
+    for a in range(plan.rank):
+        tq, tk = plan.q_tile[a], plan.kv_tile[a]
+        ok = windows.tile_inside_windows(qt[a] * tq, qt[a] * tq + tq - 1, kt[a] * tk,
+                                         kt[a] * tk + tk, glen[a], plan.kernel[a],
+                                         plan.stride[a], plan.causal[a], xp=jnp)
+        inside = ok if inside is None else inside & ok
+    return inside
+
+
+def _logits2(plan: _Plan, q, k, rpb_ref, qt, kt, qc, kc, glen):
+    """Logits in log2 units ``[Tq, Tk]`` (scaled, biased); pairs outside the window hold
+    ``_MASK_VALUE``. The exact per-element mask is computed only for tile pairs that are not
+    entirely inside every window (border and box-edge tiles)."""
     s = _dot(q, k, trans_b=True) * (plan.scale * LOG2E)
-    mask = _window_mask(plan, qc, kc, glen)
     if rpb_ref is not None:
-        s = s + rpb_ref[_rpb_index(plan, qc, kc, glen, mask)].astype(jnp.float32) * LOG2E
-    return jnp.where(mask, s, _MASK_VALUE), mask
+        s = s + rpb_ref[_rpb_index(plan, qc, kc, glen)].astype(jnp.float32) * LOG2E
+
+    def masked(s):
+        return jnp.where(_window_mask(plan, qc, kc, glen), s, _MASK_VALUE)
+
+    return lax.cond(_pair_inside(plan, qt, kt, glen), lambda s: s, masked, s)
 
 
 def _key_tiles(plan: _Plan, qt: Sequence, glen: Sequence):
@@ -316,10 +348,12 @@ def _fwd_kernel(*refs, plan: _Plan):
         rows = pl.ds(_ravel(kt, plan.nk) * tk, tk)
         k, v = k_ref[rows, :], v_ref[rows, :]
         kc = _tile_coords(kt, plan.kv_tile, (1, tk), 1)
-        s, mask = _logits2(plan, q, k, rpb_ref, qc, kc, glen)
+        s = _logits2(plan, q, k, rpb_ref, qt, kt, qc, kc, glen)
         m_next = jnp.maximum(m_prev, jnp.max(s, axis=1))
         correction = jnp.exp2(m_prev - m_next)
-        p = jnp.where(mask, jnp.exp2(s - m_next[:, None]), 0.0)
+        # A row that has met only masked keys so far (m_next == _MASK_VALUE) accumulates
+        # exp2(0) = 1 terms here; its first real key rescales them by exp2(-huge) = 0.
+        p = jnp.exp2(s - m_next[:, None])
         l_next = l_prev * correction + jnp.sum(p, axis=1)
         acc = acc * correction[:, None] + _dot(p.astype(v.dtype), v)
         return acc, m_next, l_next
@@ -351,8 +385,8 @@ def _dq_kernel(*refs, plan: _Plan):
         rows = pl.ds(_ravel(kt, plan.nk) * tk, tk)
         k, v = k_ref[rows, :], v_ref[rows, :]
         kc = _tile_coords(kt, plan.kv_tile, (1, tk), 1)
-        s, mask = _logits2(plan, q, k, rpb_ref, qc, kc, glen)
-        p = jnp.where(mask, jnp.exp2(s - lse2[:, None]), 0.0)
+        # Masked pairs: exp2(_MASK_VALUE - lse) == 0 exactly.
+        p = jnp.exp2(_logits2(plan, q, k, rpb_ref, qt, kt, qc, kc, glen) - lse2[:, None])
         ds = p * (_dot(do, v, trans_b=True) - delta[:, None])
         return dq + _dot(ds.astype(k.dtype), k)
 
@@ -386,9 +420,8 @@ def _dkv_kernel(*refs, plan: _Plan):
         lse2 = lse_ref[rows] * LOG2E
         delta = delta_ref[rows]
         qc = _tile_coords(qt, plan.q_tile, (tq, 1), 0)
-        s, mask = _logits2(plan, q, k, rpb_ref, qc, kc, glen)
-        # Padding query rows carry lse = +inf, so their p is exactly 0.
-        p = jnp.where(mask, jnp.exp2(s - lse2[:, None]), 0.0)
+        # Masked pairs and padding query rows (lse = +inf) get p == 0 exactly.
+        p = jnp.exp2(_logits2(plan, q, k, rpb_ref, qt, kt, qc, kc, glen) - lse2[:, None])
         dv = dv + _dot(p.astype(do.dtype).T, do)
         ds = p * (_dot(do, v, trans_b=True) - delta[:, None])
         dk = dk + _dot(ds.astype(q.dtype).T, q)
@@ -403,13 +436,22 @@ def _dkv_kernel(*refs, plan: _Plan):
 
 def _drpb_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, rpb_ref, out_ref, *,
                  plan: _Plan):
-    """Partial dRPB of one query tile: for each bias entry ``b`` (relative offset per axis),
-    every query meets exactly one key, gathered by row; sum ``ds`` over the tile's queries."""
+    """Partial dRPB of one query tile. For each relative offset (one bias entry) that occurs in
+    the tile's windows, every query meets exactly one key: gather those key rows, recompute
+    ``ds`` row-wise and sum it over the tile's queries. Interior tiles visit ``prod(K)`` offsets,
+    border tiles up to ``prod(2K-1)`` (:func:`windows.offset_range`). RPB implies stride 1."""
     tq, tk = math.prod(plan.q_tile), math.prod(plan.kv_tile)
     glen = _group_lengths(plan, pl.program_id(1))
     qt = _unravel(pl.program_id(0), plan.nq)
     qc = _tile_coords(qt, plan.q_tile, (tq,), 0)
     qcw = [jnp.minimum(c, g - 1) for c, g in zip(qc, glen)]
+    lo, count = [], []
+    for a in range(plan.rank):
+        first = qt[a] * plan.q_tile[a]
+        o_lo, o_hi = windows.offset_range(first, first + plan.q_tile[a] - 1, glen[a],
+                                          plan.kernel[a], plan.causal[a], xp=jnp)
+        lo.append(_i32(o_lo))
+        count.append(_i32(o_hi - o_lo + 1))
     q = q_ref[...].astype(jnp.float32)
     do = do_ref[...].astype(jnp.float32)
     lse2 = lse_ref[...] * LOG2E
@@ -417,9 +459,10 @@ def _drpb_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, rpb_ref, out_r
     bias = rpb_ref[...].astype(jnp.float32)
     entries = lax.broadcasted_iota(jnp.int32, bias.shape, 0)
 
-    def body(b, acc):
-        offset = [o - (k - 1) for o, k in zip(_unravel(b, [2 * k - 1 for k in plan.kernel]),
-                                              plan.kernel)]
+    def body(i, acc):
+        offset = [lo_a + j for lo_a, j in zip(lo, _unravel_dynamic(i, count))]
+        b = _ravel([o + k - 1 for o, k in zip(offset, plan.kernel)],
+                   [2 * k - 1 for k in plan.kernel])
         kc = [c + o for c, o in zip(qcw, offset)]
         valid = _window_mask(plan, qc, kc, glen)
         kc = [jnp.clip(c, 0, r - 1) for c, r in zip(kc, plan.rows)]
@@ -433,7 +476,8 @@ def _drpb_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, rpb_ref, out_r
         ds = p * (jnp.sum(do * v, axis=1) - delta)
         return acc + jnp.where(entries == b, jnp.sum(ds), 0.0)
 
-    out_ref[...] = lax.fori_loop(0, plan.rpb_size, body, jnp.zeros(bias.shape, jnp.float32))
+    total = functools.reduce(lambda x, y: x * y, count)
+    out_ref[...] = lax.fori_loop(0, total, body, jnp.zeros(bias.shape, jnp.float32))
 
 
 # ------------------------------------------------------------------------ layout (XLA side)
@@ -747,6 +791,9 @@ def supports(query, key, value, p: NAParams, rpb, platform: str) -> bool:
     if query.dtype not in SUPPORTED_DTYPES:
         return False
     if query.shape[-1] > MAX_HEAD_DIM or value.shape[-1] > MAX_HEAD_DIM:
+        return False
+    # CUDA caps the 2nd and 3rd grid dimensions (batch * groups, heads) at 65535.
+    if query.shape[0] * math.prod(p.dilation) > _MAX_GRID or query.shape[-2] > _MAX_GRID:
         return False
     return rpb is None or rpb.dtype in SUPPORTED_DTYPES
 

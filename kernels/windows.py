@@ -313,3 +313,17 @@ def tile_inside_windows(first_q: Any, last_q: Any, key_lo: Any, key_hi: Any, gro
     _, end = window_bounds(xp.minimum(first_q, group_len - 1), group_len, kernel, stride, causal,
                            xp=xp)
     return (start <= key_lo) & (end >= key_hi)
+
+
+def offset_range(first_q: Any, last_q: Any, group_len: Any, kernel: int, causal: bool,
+                 xp: Any = np):
+    """Relative offsets ``key - query`` (inclusive ``[lo, hi]``) that occur in the windows of
+    queries ``[first_q, last_q]`` along one axis, for stride 1 (the RPB case). With stride 1,
+    window starts and ends advance by at most one per query, so ``start - query`` and
+    ``end - 1 - query`` never increase: the last query has the lowest offset, the first the
+    highest. Interior tiles see just ``kernel`` offsets, border tiles up to ``2 * kernel - 1``."""
+    first = xp.minimum(first_q, group_len - 1)
+    last = xp.minimum(last_q, group_len - 1)
+    start, _ = window_bounds(last, group_len, kernel, 1, causal, xp=xp)
+    _, end = window_bounds(first, group_len, kernel, 1, causal, xp=xp)
+    return start - last, end - 1 - first

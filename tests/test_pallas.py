@@ -194,11 +194,12 @@ class TestPallasNA:
 
 
 @pytest.mark.parametrize("length,kernel,stride,dilation,causal", [
-    (13, 4, 2, 3, True), (40, 7, 1, 1, False), (33, 8, 3, 2, False), (17, 17, 5, 1, True)])
+    (13, 4, 2, 3, True), (40, 7, 1, 1, False), (33, 8, 3, 2, False), (17, 17, 5, 1, True),
+    (64, 33, 1, 1, False), (50, 20, 4, 1, True)])
 @pytest.mark.parametrize("q_tile,kv_tile", [(1, 1), (4, 2), (8, 16)])
 def test_tile_boxes_cover_every_window(length, kernel, stride, dilation, causal, q_tile, kv_tile):
     """Clamped boxes (forward) and inverse boxes (dK/dV) contain every (query, key) pair of the
-    exact mask, and the inverse box is tight."""
+    exact mask, the inverse box is tight, and "tile pair needs no mask" is exact."""
     rows = -(-length // dilation)
     ext = windows.tile_box_extent(length, kernel, stride, dilation, causal, q_tile, kv_tile)
     iext = windows.inverse_tile_box_extent(length, kernel, stride, dilation, causal, q_tile,
@@ -214,6 +215,15 @@ def test_tile_boxes_cover_every_window(length, kernel, stride, dilation, causal,
                                                     causal)[0], ext, nkt)
             need = np.nonzero(mask[t * q_tile:(t + 1) * q_tile].any(0))[0] // kv_tile
             assert need.size == 0 or (need.min() >= lo and need.max() < lo + ext)
+            for j in range(nkt):
+                # The unmasked fast path is taken exactly when the whole block is inside.
+                block = windows.in_window(qc[t * q_tile:(t + 1) * q_tile, None],
+                                          kc[None, j * kv_tile:(j + 1) * kv_tile], glen, kernel,
+                                          stride, causal)
+                inside = windows.tile_inside_windows(t * q_tile, t * q_tile + q_tile - 1,
+                                                     j * kv_tile, j * kv_tile + kv_tile, glen,
+                                                     kernel, stride, causal)
+                assert bool(inside) == bool(block.all())
         for j in range(nkt):
             lo, hi = windows.inverse_tile_box(j, kv_tile, q_tile, glen, rows, kernel, stride,
                                               causal)
