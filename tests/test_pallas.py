@@ -190,6 +190,14 @@ class TestPallasNA:
         assert_close(lse, want_lse.numpy(), 5e-5, 1e-5, "lse")
 
 
+@pytest.mark.skipif(jax.default_backend() != "gpu",
+                    reason="compiled Triton kernels need a GPU (run with JAX_PLATFORMS=cuda)")
+class TestPallasNAGPU(TestPallasNA):
+    """The same grid, compiled for the GPU instead of interpreted."""
+
+    INTERPRET = False
+
+
 # ------------------------------------------------------------------- tiling and block sizes
 
 
@@ -259,3 +267,17 @@ def test_autotune_on_cpu_returns_defaults_and_caches(tmp_path):
     autotune.save(tmp_path / "blocks.json", entry)
     assert autotune.load(tmp_path / "blocks.json") == entry
     assert len(autotune.candidates(q, q, p)) >= 3
+
+
+def test_supports_predicate():
+    """backend="auto" may pick the kernels only on GPU and only for supported arguments."""
+    q = jnp.zeros((2, 16, 16, 4, 64), jnp.bfloat16)
+    p = make_params((16, 16), 64, 5)
+    assert pallas.supports(q, q, q, p, None, "gpu")
+    assert not pallas.supports(q, q, q, p, None, "cpu")
+    big = jnp.zeros((1, 16, 16, 1, 512), jnp.bfloat16)
+    assert not pallas.supports(big, big, big, p, None, "gpu")
+    ints = jax.ShapeDtypeStruct((1, 16, 16, 1, 32), jnp.int8)
+    assert not pallas.supports(ints, ints, ints, p, None, "gpu")
+    with pytest.raises(ValueError, match="head_dim"):
+        kernels.na2d(big, big, big, 5, backend="pallas")
