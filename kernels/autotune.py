@@ -71,12 +71,25 @@ def candidates(query, value, p: NAParams) -> list[pallas.BlockSizes]:
     return unique
 
 
-def _time(fn, *args, repeats: int = 5) -> float:
-    jax.block_until_ready(fn(*args))  # compile + warm up
+def _measure(blocks: pallas.BlockSizes, query, key, value, p: NAParams, rpb,
+             backward: bool, repeats: int = 5) -> float:
+    """Best-of-``repeats`` seconds of one candidate: forward, or forward + every gradient."""
+    def run(q, k, v, r):
+        if not backward:
+            return pallas.na_fused(q, k, v, p, r, block_sizes=blocks)[0]
+
+        def loss(q, k, v, r):
+            return pallas.na_fused(q, k, v, p, r, block_sizes=blocks)[0].astype(
+                jnp.float32).sum()
+
+        return jax.grad(loss, argnums=(0, 1, 2) if r is None else (0, 1, 2, 3))(q, k, v, r)
+
+    fn = jax.jit(run)
+    jax.block_until_ready(fn(query, key, value, rpb))  # compile + warm up
     best = math.inf
     for _ in range(repeats):
         t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
+        jax.block_until_ready(fn(query, key, value, rpb))
         best = min(best, time.perf_counter() - t0)
     return best
 
@@ -107,14 +120,8 @@ def tune(query, key, value, p: NAParams, rpb=None, *, cache_file: str | Path | N
         return cands[0]  # no GPU: nothing meaningful to time
     timings = []
     for blocks in cands:
-        def run(q, k, v, r, blocks=blocks):
-            if not backward:
-                return pallas.na_fused(q, k, v, p, r, block_sizes=blocks)[0]
-            loss = lambda *a: pallas.na_fused(*a, p, block_sizes=blocks)[0].astype(
-                jnp.float32).sum()
-            return jax.grad(loss, argnums=(0, 1, 2))(q, k, v, r)
         try:
-            t = _time(jax.jit(run), query, key, value, rpb)
+            t = _measure(blocks, query, key, value, p, rpb, backward)
         except Exception as err:  # a candidate that fails to compile (e.g. out of SMEM) loses
             if verbose:
                 print(f"autotune: {blocks} failed: {type(err).__name__}: {err}")

@@ -269,6 +269,34 @@ def test_autotune_on_cpu_returns_defaults_and_caches(tmp_path):
     assert len(autotune.candidates(q, q, p)) >= 3
 
 
+def test_autotune_picks_fastest_and_dispatch_uses_it(monkeypatch, tmp_path):
+    """The GPU path of tune() with fake timings: fastest candidate wins, failures are skipped,
+    the choice is cached in memory and in the JSON file, and na_fused picks it up."""
+    q = jnp.zeros((1, 20, 20, 2, 32), jnp.float32)
+    p = make_params((20, 20), 32, 5)
+    cands = autotune.candidates(q, q, p)
+    fake = {b: 1.0 + i for i, b in enumerate(cands)}
+    fake[cands[2]] = 0.5
+
+    def measure(blocks, *args):
+        if blocks == cands[1]:
+            raise RuntimeError("out of shared memory")
+        return fake[blocks]
+
+    monkeypatch.setattr(autotune, "_measure", measure)
+    monkeypatch.setattr(pallas, "default_interpret", lambda: False)
+    autotune.clear()
+    try:
+        assert autotune.tune(q, q, q, p, cache_file=tmp_path / "c.json") == cands[2]
+        assert autotune.cached_block_sizes(q, q, p) == cands[2]
+        assert pallas.block_sizes_for(q, q, p) == cands[2]
+        autotune.clear()
+        monkeypatch.setattr(autotune, "_measure", None)  # must not time again: file hit
+        assert autotune.tune(q, q, q, p, cache_file=tmp_path / "c.json") == cands[2]
+    finally:
+        autotune.clear()
+
+
 def test_supports_predicate():
     """backend="auto" may pick the kernels only on GPU and only for supported arguments."""
     q = jnp.zeros((2, 16, 16, 4, 64), jnp.bfloat16)
@@ -281,3 +309,13 @@ def test_supports_predicate():
     assert not pallas.supports(ints, ints, ints, p, None, "gpu")
     with pytest.raises(ValueError, match="head_dim"):
         kernels.na2d(big, big, big, 5, backend="pallas")
+
+
+@pytest.mark.slow
+def test_autotune_measure_runs(rng):
+    """The timing closure itself (forward + all four gradients), here in interpret mode."""
+    c = na_cases.case((10, 9), 3, heads=1, head_dim=16)
+    (q, k, v, _, _, rpb), _ = make_inputs(rng, c, jnp.float32, True)
+    p = make_params(c["shape"], 16, 3)
+    blocks = small_blocks(c, 16)
+    assert autotune._measure(blocks, q, k, v, p, rpb, True, repeats=1) > 0  # noqa: SLF001
