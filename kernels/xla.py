@@ -13,7 +13,8 @@ Algorithm (per call, all tables static and built once in numpy by :mod:`windows`
 
 Memory is ``O(tokens * halo)``: no ``O(tokens^2)`` term and no ``[tokens, K^2, head_dim]``
 gather of keys and values. When the logits would exceed ``_LOGITS_BUDGET`` bytes the tiles are
-processed in chunks under ``lax.map`` with rematerialization, bounding peak memory further.
+processed in chunks under ``lax.map`` with rematerialization, bounding peak memory further
+(and, on CPU, keeping each chunk's working set in cache).
 Gradients come from autodiff of this code (exact; measured faster than a hand-written
 recomputing VJP on CPU because XLA fuses the masked softmax backward).
 """
@@ -29,8 +30,16 @@ import numpy as np
 from nat_jax.kernels import windows
 from nat_jax.kernels.params import NAParams
 
-# Peak bytes of fp32 logits (and their softmax) per chunk of query tiles.
-_LOGITS_BUDGET = 1 << 30
+# Bytes of fp32 logits (and their softmax) per chunk of query tiles; None picks per platform.
+# On CPU, chunks that stay in cache measured ~2x faster at 112x112 and 224x224 (the unchunked
+# logits of a 224x224 map are ~70 MB per head pair); accelerators prefer few, large chunks.
+_LOGITS_BUDGET: int | None = None
+
+
+def _logits_budget() -> int:
+    if _LOGITS_BUDGET is not None:
+        return _LOGITS_BUDGET
+    return 1 << 24 if jax.default_backend() == "cpu" else 1 << 30
 
 
 def _regroup(x: jax.Array, plans, rows_per_axis) -> jax.Array:
@@ -154,7 +163,7 @@ def na_fused(query: jax.Array, key: jax.Array, value: jax.Array, p: NAParams,
                 lse.reshape(b, *lead, h, tq))
 
     logits_bytes = 4 * b * h * math.prod(dil) * math.prod(nts) * tq * hk
-    chunks = min(nts[0], max(1, -(-2 * logits_bytes // _LOGITS_BUDGET)))
+    chunks = min(nts[0], max(1, -(-2 * logits_bytes // _logits_budget())))
     if chunks == 1:
         out, lse = attend(qg, 0)
     else:
