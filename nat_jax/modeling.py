@@ -55,7 +55,6 @@ __all__ = [
     "NatForImageClassification", "NatModel", "build_model", "count_params",
 ]
 
-_LINEAR_INIT = nnx.initializers.truncated_normal(stddev=0.02)
 _BACKBONE_NORM_EPS = 1e-5  # HF builds these with torch's default eps, not config.layer_norm_eps
 
 
@@ -63,9 +62,15 @@ def _dtypes(config: _BaseConfig) -> dict:
     return dict(dtype=config.compute_dtype, param_dtype=config.parameter_dtype)
 
 
+def _init(config: _BaseConfig):
+    # HF's init: weights ~ N(0, initializer_range); the original's trunc_normal(.02) with its
+    # +-2 absolute bounds is the same distribution in practice.
+    return nnx.initializers.normal(stddev=config.initializer_range)
+
+
 def _linear(config: _BaseConfig, din: int, dout: int, *, rngs: nnx.Rngs,
             use_bias: bool = True) -> nnx.Linear:
-    return nnx.Linear(din, dout, use_bias=use_bias, kernel_init=_LINEAR_INIT, rngs=rngs,
+    return nnx.Linear(din, dout, use_bias=use_bias, kernel_init=_init(config), rngs=rngs,
                       **_dtypes(config))
 
 
@@ -80,7 +85,7 @@ def _conv3x3_s2(config: _BaseConfig, din: int, dout: int, *, rngs: nnx.Rngs,
                 use_bias: bool) -> nnx.Conv:
     # Explicit (1, 1) padding as torch's padding=1; 'SAME' would pad (0, 1) on even inputs.
     return nnx.Conv(din, dout, kernel_size=(3, 3), strides=(2, 2), padding=((1, 1), (1, 1)),
-                    use_bias=use_bias, rngs=rngs, **_dtypes(config))
+                    use_bias=use_bias, kernel_init=_init(config), rngs=rngs, **_dtypes(config))
 
 
 def _dropout(rate: float, *, rngs: nnx.Rngs, broadcast_dims: tuple[int, ...] = ()
@@ -146,8 +151,8 @@ class NeighborhoodAttention(nnx.Module):
         self.backend = config.na_backend
         k = config.kernel_size
         self.qkv = _linear(config, dim, 3 * dim, rngs=rngs, use_bias=config.qkv_bias)
-        self.rpb = nnx.Param(_LINEAR_INIT(rngs.params(), (num_heads, 2 * k - 1, 2 * k - 1),
-                                          config.parameter_dtype))
+        self.rpb = nnx.Param(_init(config)(rngs.params(), (num_heads, 2 * k - 1, 2 * k - 1),
+                                           config.parameter_dtype))
         self.attn_drop = _dropout(config.attention_probs_dropout_prob, rngs=rngs)
         self.proj = _linear(config, dim, dim, rngs=rngs)
         # HF applies attention_probs_dropout_prob after the output projection too.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 
 import jax
@@ -33,6 +34,34 @@ def _tiny_nat(**kw):
 
 def _images(rng, b=2, h=64, w=64):
     return jnp.asarray(rng.standard_normal((b, h, w, 3)), jnp.float32)
+
+
+@functools.cache
+def _jitted(items: tuple):
+    kwargs = dict(items)
+    return nnx.jit(lambda m, x: m(x, **kwargs))
+
+
+def run(model, x, **kwargs):
+    """``model(x, **kwargs)`` through one cached ``nnx.jit`` per keyword set (fast on CPU)."""
+    return _jitted(tuple(sorted(kwargs.items())))(model, x)
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    return nat_jax.build_model(TINY, rngs=nnx.Rngs(0))
+
+
+def _same_weights(model, config):
+    """A model for ``config`` (same structure) holding ``model``'s parameters, cast."""
+    def build():
+        return nat_jax.build_model(config, rngs=nnx.Rngs(0))
+    graphdef, params, _ = nnx.split(nnx.eval_shape(build), nnx.Param, ...)
+    rest = jax.jit(lambda: nnx.split(build(), nnx.Param, ...)[2])()  # dropout RNG state
+    values = jax.tree.map(lambda a, t: a.astype(t.dtype), nnx.to_pure_dict(
+        nnx.state(model, nnx.Param)), nnx.to_pure_dict(params))
+    nnx.replace_by_pure_dict(params, values)
+    return nnx.merge(graphdef, params, rest)
 
 
 # ------------------------------------------------------------------ configs
@@ -106,10 +135,9 @@ def test_backbone_stage_alignment():
 # ------------------------------------------------------------------ modules
 
 
-def test_output_shapes_and_layouts(rng):
-    model = nat_jax.build_model(TINY, rngs=nnx.Rngs(0))
+def test_output_shapes_and_layouts(rng, tiny_model):
     x = _images(rng, 2, 64, 96)
-    out = model(x, output_hidden_states=True, output_attentions=True)
+    out = run(tiny_model, x, output_hidden_states=True, output_attentions=True)
     assert out.logits.shape == (2, 7) and out.logits.dtype == jnp.float32
     sizes = [(16, 24), (8, 12), (4, 6), (2, 3), (2, 3)]
     assert [h.shape for h in out.hidden_states] == [(2, *s, c) for s, c in
@@ -122,46 +150,44 @@ def test_output_shapes_and_layouts(rng):
         (2, 1, 16, 24, 9), (2, 2, 8, 12, 9), (2, 2, 4, 6, 9), (2, 4, 3, 3, 9)]
     for a in out.attentions:
         np.testing.assert_allclose(np.sum(a, -1), 1.0, rtol=1e-5)
-    base = nat_jax.DinatModel(TINY, rngs=nnx.Rngs(0))(x)
+    base = run(tiny_model.dinat, x)
+    np.testing.assert_allclose(base.pooler_output, out.pooler_output, rtol=1e-6, atol=1e-6)
     assert base.last_hidden_state.shape == (2, 2, 3, 128) and base.pooler_output.shape == (2, 128)
 
 
-def test_fused_and_unfused_paths_agree(rng):
+def test_fused_and_unfused_paths_agree(rng, tiny_model):
     """output_attentions switches the last layer of each stage to qk/softmax/av: same numbers."""
-    model = nat_jax.build_model(TINY, rngs=nnx.Rngs(1))
     x = _images(rng)
-    a = model(x).logits
-    b = model(x, output_attentions=True).logits
+    a = run(tiny_model, x).logits
+    b = run(tiny_model, x, output_attentions=True).logits
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
-def test_backends_agree(rng):
+def test_backends_agree(rng, tiny_model):
     x = _images(rng, 1, 48, 48)
-    ref = nat_jax.build_model(dataclasses.replace(TINY, na_backend="reference"),
-                              rngs=nnx.Rngs(2))
-    xla = nat_jax.build_model(dataclasses.replace(TINY, na_backend="xla"), rngs=nnx.Rngs(2))
-    np.testing.assert_allclose(ref(x).logits, xla(x).logits, rtol=1e-5, atol=1e-5)
+    ref = _same_weights(tiny_model, dataclasses.replace(TINY, na_backend="reference"))
+    xla = _same_weights(tiny_model, dataclasses.replace(TINY, na_backend="xla"))
+    assert ref.dinat.encoder.levels[0].layers[0].attention.backend == "reference"
+    np.testing.assert_allclose(run(ref, x).logits, run(xla, x).logits, rtol=1e-5, atol=1e-5)
 
 
-def test_bf16_compute_close_to_fp32(rng):
-    model32 = nat_jax.build_model(TINY, rngs=nnx.Rngs(3))
-    model16 = nat_jax.build_model(dataclasses.replace(TINY, dtype="bfloat16"), rngs=nnx.Rngs(3))
+def test_bf16_compute_close_to_fp32(rng, tiny_model):
+    model16 = _same_weights(tiny_model, dataclasses.replace(TINY, dtype="bfloat16"))
     x = _images(rng)
-    out32 = model32(x, output_hidden_states=True)
-    out16 = model16(x, output_hidden_states=True)
+    out32 = run(tiny_model, x, output_hidden_states=True)
+    out16 = run(model16, x, output_hidden_states=True)
     assert out16.hidden_states[-1].dtype == jnp.bfloat16
-    assert nnx.state(model16, nnx.Param)  # params stay float32
     assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(nnx.state(model16, nnx.Param)))
     scale = float(jnp.abs(out32.logits).max())
     err = float(jnp.abs(out16.logits - out32.logits).max())
     assert err <= 5e-2 * max(scale, 1.0), (err, scale)
 
 
-def test_param_dtype_bf16(rng):
-    model = nat_jax.build_model(dataclasses.replace(TINY, dtype="bfloat16",
-                                                    param_dtype="bfloat16"), rngs=nnx.Rngs(0))
+def test_param_dtype_bf16(rng, tiny_model):
+    model = _same_weights(tiny_model, dataclasses.replace(TINY, dtype="bfloat16",
+                                                          param_dtype="bfloat16"))
     assert all(p.dtype == jnp.bfloat16 for p in jax.tree.leaves(nnx.state(model, nnx.Param)))
-    assert np.isfinite(np.asarray(model(_images(rng)).logits)).all()
+    assert np.isfinite(np.asarray(run(model, _images(rng)).logits)).all()
 
 
 @pytest.mark.parametrize("out_features", [("stem", "stage1", "stage2", "stage3", "stage4"),
@@ -169,7 +195,7 @@ def test_param_dtype_bf16(rng):
 def test_backbone_shapes_and_strides(rng, out_features):
     config = dataclasses.replace(TINY, out_features=out_features)
     model = nat_jax.DinatBackbone(config, rngs=nnx.Rngs(0))
-    out = model(_images(rng, 2, 64, 64))
+    out = run(model, _images(rng, 2, 64, 64))
     stage = {"stem": 0, "stage1": 1, "stage2": 2, "stage3": 3, "stage4": 4}
     want_c = {0: 16, 1: 16, 2: 32, 3: 64, 4: 128}
     want_s = {0: 4, 1: 4, 2: 8, 3: 16, 4: 32}
@@ -181,8 +207,8 @@ def test_backbone_shapes_and_strides(rng, out_features):
     assert set(nnx.state(model, nnx.Param)["hidden_states_norms"]) == set(out_features)
 
 
-def test_jit_does_not_retrace(rng):
-    model = nat_jax.build_model(TINY, rngs=nnx.Rngs(0))
+def test_jit_does_not_retrace(rng, tiny_model):
+    model = tiny_model
     traces = []
 
     @nnx.jit
@@ -200,30 +226,36 @@ def test_jit_does_not_retrace(rng):
     assert not np.allclose(a, b)
 
 
-def test_dropout_and_drop_path_use_rngs(rng):
+def test_dropout_and_drop_path_use_rngs(rng, tiny_model):
     config = dataclasses.replace(TINY, hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1)
-    model = nat_jax.build_model(config, rngs=nnx.Rngs(params=0, dropout=1))
+    model = _same_weights(tiny_model, config)
+    assert jax.tree.leaves(nnx.state(model, nnx.RngState))
     x = _images(rng)
-    eval1, eval2 = model(x).logits, model(x, deterministic=True).logits
+    eval1, eval2 = run(model, x).logits, run(model, x, deterministic=True).logits
     np.testing.assert_array_equal(eval1, eval2)
-    train1 = model(x, deterministic=False).logits
-    train2 = model(x, deterministic=False).logits
+    train1 = run(model, x, deterministic=False).logits
+    train2 = run(model, x, deterministic=False).logits  # the stream advanced inside jit
     assert not np.allclose(train1, eval1) and not np.allclose(train1, train2)
     # Without any dropout rate, deterministic=False changes nothing and holds no RNG state.
-    plain = nat_jax.build_model(_tiny_nat(drop_path_rate=0.0), rngs=nnx.Rngs(0))
+    plain = _same_weights(model, dataclasses.replace(config, hidden_dropout_prob=0.0,
+                                                     attention_probs_dropout_prob=0.0,
+                                                     drop_path_rate=0.0))
     assert not jax.tree.leaves(nnx.state(plain, nnx.RngState))
-    np.testing.assert_array_equal(plain(x).logits, plain(x, deterministic=False).logits)
+    np.testing.assert_array_equal(run(plain, x).logits,
+                                  run(plain, x, deterministic=False).logits)
 
 
-def test_gradients_are_finite(rng):
-    model = nat_jax.build_model(TINY, rngs=nnx.Rngs(0))
+def test_gradients_are_finite(rng, tiny_model):
     x, labels = _images(rng), jnp.array([1, 3])
 
-    def loss_fn(m):
-        logits = m(x, deterministic=False).logits
-        return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], 1))
+    @nnx.jit
+    def grad_fn(m):
+        def loss_fn(m):
+            logits = m(x, deterministic=False).logits
+            return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], 1))
+        return nnx.grad(loss_fn)(m)
 
-    grads = nnx.grad(loss_fn)(model)
+    grads = grad_fn(tiny_model)
     leaves = jax.tree.leaves(grads)
     assert leaves and all(np.isfinite(np.asarray(g)).all() for g in leaves)
     rpb = grads["dinat"]["encoder"]["levels"][0]["layers"][0]["attention"]["rpb"]

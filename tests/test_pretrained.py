@@ -1,0 +1,137 @@
+"""save_pretrained / load_pretrained round trips, preprocessing and the predict helper."""
+
+from __future__ import annotations
+
+import json
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import nat_jax
+from nat_jax import DinatConfig, NatConfig
+from nat_jax.preprocess import IMAGENET_MEAN, IMAGENET_STD
+
+SMALL = DinatConfig(embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 2, 2, 4), kernel_size=3,
+                    dilations=((2,), (1,), (1,), (1,)), mlp_ratio=2.0, num_labels=4,
+                    id2label={0: "cat", 1: "dog", 2: "fish", 3: "bird"},
+                    layer_scale_init_value=1e-2, drop_path_rate=0.1)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return nat_jax.build_model(SMALL, rngs=nnx.Rngs(7))
+
+
+@nnx.jit
+def _forward(m, x):
+    return m(x, output_hidden_states=True)
+
+
+def test_round_trip_identical_outputs(tmp_path, model, rng):
+    path = nat_jax.save_pretrained(model, tmp_path / "ckpt")
+    assert sorted(p.name for p in path.iterdir()) == ["config.json", "params"]
+    meta = json.loads((path / "config.json").read_text())
+    assert meta["architectures"] == ["DinatForImageClassification"]
+    assert meta["id2label"]["1"] == "dog" and meta["model_type"] == "dinat"
+    loaded = nat_jax.load_pretrained(path)
+    assert type(loaded) is type(model) and loaded.config == model.config
+    x = jnp.asarray(rng.standard_normal((2, 32, 48, 3)), jnp.float32)
+    a, b = _forward(model, x), _forward(loaded, x)
+    np.testing.assert_array_equal(a.logits, b.logits)
+    for p, q in zip(a.hidden_states, b.hidden_states):
+        np.testing.assert_array_equal(p, q)
+    # The classifier checkpoint also loads as the bare model.
+    base = nat_jax.load_pretrained(path, head="base")
+    assert isinstance(base, nat_jax.DinatModel)
+    np.testing.assert_array_equal(_forward(base, x).hidden_states[-1], a.hidden_states[-1])
+    # Overrides: bf16 compute keeps float32 parameters.
+    half = nat_jax.load_pretrained(path, dtype="bfloat16", na_backend="reference")
+    assert half.config.dtype == "bfloat16" and half.config.na_backend == "reference"
+    np.testing.assert_allclose(_forward(half, x).logits, a.logits, atol=5e-2, rtol=5e-2)
+
+
+def test_existing_path_and_overwrite(tmp_path, model):
+    path = tmp_path / "ckpt"
+    nat_jax.save_pretrained(model, path)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        nat_jax.save_pretrained(model, path)
+    other = nat_jax.build_model(SMALL, rngs=nnx.Rngs(8))
+    nat_jax.save_pretrained(other, path, overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # no temp dirs left behind
+    loaded = nat_jax.load_pretrained(path)
+    got = nnx.to_pure_dict(nnx.state(loaded, nnx.Param))
+    want = nnx.to_pure_dict(nnx.state(other, nnx.Param))
+    np.testing.assert_array_equal(got["classifier"]["kernel"], want["classifier"]["kernel"])
+
+
+def test_failed_save_leaves_nothing(tmp_path, model, monkeypatch):
+    import orbax.checkpoint as ocp
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("disk full")
+    monkeypatch.setattr(ocp.StandardCheckpointer, "save", boom)
+    with pytest.raises(RuntimeError, match="disk full"):
+        nat_jax.save_pretrained(model, tmp_path / "ckpt")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_mismatched_checkpoint_is_rejected(tmp_path, model):
+    path = nat_jax.save_pretrained(model, tmp_path / "ckpt")
+    meta = json.loads((path / "config.json").read_text())
+    meta["embed_dim"] = 32
+    (path / "config.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="does not match"):
+        nat_jax.load_pretrained(path)
+
+
+# ------------------------------------------------------------------ preprocessing
+
+
+def test_imagenet_labels():
+    labels = nat_jax.imagenet_labels()
+    assert len(labels) == 1000 and len(set(labels)) == 999  # "crane": bird and machine
+    assert labels[0] == "tench, Tinca tinca" and labels[281] == "tabby, tabby cat"
+    assert labels[999] == "toilet tissue, toilet paper, bathroom tissue"
+
+
+def test_preprocess_matches_timm_eval_transform():
+    """Resize 256 (bicubic, PIL) + center crop 224 + normalize, against a direct PIL pipeline."""
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 256, (300, 400, 3), dtype=np.uint8)
+    out = nat_jax.preprocess(img)
+    assert out.shape == (1, 224, 224, 3) and out.dtype == np.float32
+    ref = Image.fromarray(img).resize((341, 256), Image.BICUBIC)  # int(256 * 400 / 300) = 341
+    left, top = int(round((341 - 224) / 2)), 16
+    ref = np.asarray(ref.crop((left, top, left + 224, top + 224)), np.float32) / 255
+    ref = (ref - np.array(IMAGENET_MEAN)) / np.array(IMAGENET_STD)
+    np.testing.assert_allclose(out[0], ref, atol=1e-5)
+    # PIL input, gray input, batches and crop_pct=1.0 (the 384 models).
+    batch = nat_jax.preprocess([Image.fromarray(img), img[..., 0]])
+    assert batch.shape == (2, 224, 224, 3)
+    np.testing.assert_allclose(batch[0], out[0])
+    assert nat_jax.preprocess(np.stack([img, img]), 384, crop_pct=1.0).shape == (2, 384, 384, 3)
+    with pytest.raises(ValueError, match="uint8"):
+        nat_jax.preprocess(img.astype(np.float32))
+
+
+def test_top_k_and_predict(model):
+    logits = jnp.array([[0.0, 3.0, 1.0, 2.0]])
+    top = nat_jax.top_k(logits, 2, ["a", "b", "c", "d"])
+    assert [(i, n) for i, n, _ in top[0]] == [(1, "b"), (3, "d")]
+    assert abs(sum(p for *_, p in nat_jax.top_k(logits, 4)[0]) - 1) < 1e-6
+    img = np.random.default_rng(1).integers(0, 256, (80, 64, 3), dtype=np.uint8)
+    small = nat_jax.preprocess(img, 64, crop_pct=1.0)
+    preds = nat_jax.predict(model, small, k=3)
+    assert len(preds) == 1 and len(preds[0]) == 3
+    assert {name for _, name, _ in preds[0]} <= {"cat", "dog", "fish", "bird"}
+    probs = [p for *_, p in preds[0]]
+    assert probs == sorted(probs, reverse=True)
+
+
+def test_nat_config_labels_default_to_imagenet():
+    config = NatConfig()
+    assert config.label_names()[1] == "goldfish, Carassius auratus"
