@@ -184,6 +184,14 @@ def test_python_api_bfloat16(tmp_path):
         ref = model(torch.from_numpy(pixels().transpose(0, 3, 1, 2))).logits.numpy()
     scale = max(1.0, np.abs(ref).max())
     assert np.abs(np.asarray(out.logits) - ref).max() / scale < 5e-2
+    # a bfloat16 checkpoint exports as float32 (the bf16 values, exactly widened)
+    nat_jax.convert.export(tmp_path / "out", tmp_path / "hf")
+    _, model_cls = torch_natten.import_hf_classes("dinat")
+    back = model_cls.from_pretrained(tmp_path / "hf")
+    for key, value in model.state_dict().items():
+        exported = back.state_dict()[key]
+        assert exported.dtype == torch.float32
+        torch.testing.assert_close(exported, value.to(torch.bfloat16).float(), rtol=0, atol=0)
 
 
 def test_verify_fp32_passes_and_reports(tmp_path, capsys):
@@ -279,3 +287,20 @@ def test_torch_natten_matches_oracle(shape, kernel, dilation, rng):
     np.testing.assert_allclose(heads_last(out), want, atol=1e-12)
     with pytest.raises(ValueError, match="kernel_size"):
         torch_natten.natten2dav(torch.from_numpy(attn), torch.from_numpy(v), shape[0] + 1, 1)
+
+
+def test_hub_style_config_json_maps_to_our_config():
+    """A config.json as published on the hub (extra keys, no image_size) maps to the preset."""
+    preset = nat_jax.configs.get("dinat_large_384")
+    hub = hf_config.config_to_hf(preset)
+    for key in ("image_size", "crop_pct"):
+        hub.pop(key)
+    hub.update(path_norm=True, hidden_size=1536, transformers_version="4.26.0.dev0",
+               stage_names=["stem", "stage1", "stage2", "stage3", "stage4"])
+    config = hf_config.config_from_hf(hub)
+    assert type(config) is nat_jax.DinatConfig
+    assert config.image_size == 384 and config.crop_pct == 1.0  # from the matching preset
+    assert not hf_config.architecture_differences(config, preset)
+    assert config.label_names() == preset.label_names()
+    with pytest.raises(nat_jax.convert.ConversionError, match="wrong model family"):
+        hf_config.config_from_hf({"model_type": "swin"})
