@@ -18,9 +18,11 @@ Layout and tiling (done in XLA around the kernels, see :func:`_to_tiles`):
 Forward (grid ``(query tiles, batch * groups, heads)``): a query tile loads its queries once and
 loops over the key tiles of its neighborhood box (:func:`windows.tile_box`: from the window start
 of its first query to the window end of its last, per axis, with a static trip count from
-:func:`windows.tile_box_extent`), with an online softmax in float32 (exp2 domain). The exact
-per-element window mask comes from :func:`windows.in_window` evaluated on iota arithmetic; the RPB
-is a pointer gather from the bias Ref at the relative offset (in dilated units).
+:func:`windows.tile_box_extent`), with an online softmax in float32 (exp2 domain). Tile pairs
+entirely inside every query's window (:func:`windows.tile_inside_windows`) skip masking; the
+others get the exact per-element window mask, :func:`windows.in_window` evaluated on iota
+arithmetic. The RPB is a pointer gather from the bias Ref at the relative offset (in dilated
+units).
 
 Backward: ``delta = sum(out * dout) - dlse`` in XLA, then
 
@@ -30,9 +32,9 @@ Backward: ``delta = sum(out * dout) - dlse`` in XLA, then
 * dRPB kernel (only with ``rpb``): per query tile, a loop over the relative offsets occurring in
   the tile's windows (``prod(K)`` for interior tiles, up to ``prod(2K-1)`` at borders); each
   offset pairs every query with exactly one key (a row gather), so the reduction needs no
-  atomics. Each (query tile, batch*group, head) writes its own partial sums, which XLA adds up
-  in a fixed order: **every gradient, dRPB included, is deterministic.** Its cost is about one
-  more forward pass, on CUDA cores (row-wise dots, no tensor cores).
+  atomics. Each (query tile, batch*group, head) writes its own partial sums, which an XLA
+  reduce adds up: **no kernel uses atomics; every gradient, dRPB included, is deterministic.**
+  Its cost is about one more forward pass, on CUDA cores (row-wise dots, no tensor cores).
 
 Limits: ``head_dim <= 256`` (q/k and v separately), float32/bfloat16/float16 inputs, RPB with odd
 kernels, stride 1 and no causal axis (as everywhere in nat-jax).
@@ -218,21 +220,13 @@ def _i32(x):
     return lax.convert_element_type(x, jnp.int32)
 
 
-def _unravel(flat, sizes: Sequence[int]) -> list:
-    """Row-major multi-index of non-negative ``flat`` over static ``sizes``."""
+def _unravel(flat, sizes: Sequence) -> list:
+    """Row-major multi-index of non-negative ``flat`` over ``sizes`` (static ints or traced
+    int32 scalars); digits beyond ``sizes`` (e.g. the batch in a grid index) are dropped."""
     flat = _i32(flat)
     out = []
     for s in reversed(sizes):
-        out.append(lax.rem(flat, jnp.int32(s)))
-        flat = lax.div(flat, jnp.int32(s))
-    return out[::-1]
-
-
-def _unravel_dynamic(flat, sizes: Sequence) -> list:
-    """Row-major multi-index of ``flat`` over traced (int32) ``sizes``."""
-    flat = _i32(flat)
-    out = []
-    for s in reversed(sizes):
+        s = _i32(s)
         out.append(lax.rem(flat, s))
         flat = lax.div(flat, s)
     return out[::-1]
@@ -247,7 +241,7 @@ def _ravel(index: Sequence, sizes: Sequence[int]):
 
 def _group_lengths(plan: _Plan, z) -> list:
     """Per-axis length of the dilation group of grid row ``z`` (= batch * groups + group)."""
-    group = _unravel(z % plan.groups, plan.dilation)
+    group = _unravel(z, plan.dilation)
     return [windows.group_length(n, d, g, xp=jnp)
             for n, d, g in zip(plan.lengths, plan.dilation, group)]
 
@@ -460,7 +454,7 @@ def _drpb_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, rpb_ref, out_r
     entries = lax.broadcasted_iota(jnp.int32, bias.shape, 0)
 
     def body(i, acc):
-        offset = [lo_a + j for lo_a, j in zip(lo, _unravel_dynamic(i, count))]
+        offset = [lo_a + j for lo_a, j in zip(lo, _unravel(i, count))]
         b = _ravel([o + k - 1 for o, k in zip(offset, plan.kernel)],
                    [2 * k - 1 for k in plan.kernel])
         kc = [c + o for c, o in zip(qcw, offset)]
@@ -685,8 +679,7 @@ def _backward(query, key, value, rpb, out, lse, dout, dlse, p: NAParams, blocks:
     dv = _from_tiles(dvt, plan, plan.kv_tile, b, feat=value.shape[-1])
     drpb = None
     if rpb is not None:
-        # Deterministic: fixed-order XLA sum over (query tiles, batch * groups) partials.
-        h = rpb.shape[0]
+        # Partials of (query tile, batch * group) summed by an XLA reduce: no atomics.
         drpb = drpb_t.sum(axis=(0, 1))[:, :plan.rpb_size].reshape(rpb.shape).astype(rpb.dtype)
     return dq, dk, dv, drpb, (dqt, dkt, dvt, drpb_t)
 

@@ -48,7 +48,7 @@ def case_id(x):
     return getattr(x, "__name__", str(x))
 
 
-def small_blocks(c, head_dim):
+def small_blocks(c):
     """Tiles of 16 rows (the Triton minimum): more tiles per map, so box arithmetic, clamping
     and padding are exercised even on the small test shapes."""
     rows = [-(-n // d) for n, d in zip(c["shape"], c["dilation"])]
@@ -93,7 +93,7 @@ class TestPallasNA:
             rng, c, dtype, with_rpb)
         p = make_params(c["shape"], c["head_dim"], c["kernel"], c["stride"], c["dilation"],
                         c["causal"])
-        blocks = blocks or small_blocks(c, c["head_dim"])
+        blocks = blocks or small_blocks(c)
         fn = jax.jit(lambda *a: pallas.kernel_outputs(*a[:3], p, a[3], a[4], block_sizes=blocks,
                                                       interpret=self.INTERPRET, poison=True))
         res = fn(q, k, v, rpb, dout)
@@ -185,7 +185,7 @@ class TestPallasNA:
         p = make_params(c["shape"], c["head_dim"], c["kernel"], c["stride"], c["dilation"],
                         c["causal"], scale=0.3)
         out, lse = jax.jit(lambda q, k, v: pallas.na_fused(
-            q, k, v, p, block_sizes=small_blocks(c, 16), interpret=self.INTERPRET))(q, k, v)
+            q, k, v, p, block_sizes=small_blocks(c), interpret=self.INTERPRET))(q, k, v)
         assert_close(out, want.numpy(), 2e-5, 1e-5, "out")
         assert_close(lse, want_lse.numpy(), 5e-5, 1e-5, "lse")
 
@@ -317,5 +317,5 @@ def test_autotune_measure_runs(rng):
     c = na_cases.case((10, 9), 3, heads=1, head_dim=16)
     (q, k, v, _, _, rpb), _ = make_inputs(rng, c, jnp.float32, True)
     p = make_params(c["shape"], 16, 3)
-    blocks = small_blocks(c, 16)
+    blocks = small_blocks(c)
     assert autotune._measure(blocks, q, k, v, p, rpb, True, repeats=1) > 0  # noqa: SLF001
