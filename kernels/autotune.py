@@ -50,7 +50,8 @@ def cached_block_sizes(query, value, p: NAParams, has_rpb: bool | None = None
 
 
 def candidates(query, value, p: NAParams) -> list[pallas.BlockSizes]:
-    """The default plus a few alternatives (larger / smaller query and key tiles)."""
+    """The default plus a few alternatives (larger / smaller query and key tiles; the backward
+    tiles stay at the default size)."""
     spatial = query.shape[1:1 + p.rank]
     rows = [-(-n // d) for n, d in zip(spatial, p.dilation)]
     head_dim = max(query.shape[-1], value.shape[-1])
@@ -58,7 +59,9 @@ def candidates(query, value, p: NAParams) -> list[pallas.BlockSizes]:
     out = [pallas.BlockSizes.get_default(spatial, p.kernel_size, p.dilation, head_dim,
                                          query.dtype)]
     bwd = 32 if head_dim <= 128 else 16
-    for q_rows, kv_rows in ((128, 64), (64, 32), (32, 32), (128, 128)):
+    # Small key tiles (16 rows, e.g. 4x4) waste less of the box on small windows; large ones
+    # amortize loop overhead on large windows.
+    for q_rows, kv_rows in ((128, 64), (64, 32), (64, 16), (128, 16), (32, 32), (128, 128)):
         if head_dim > 128 and q_rows * kv_rows > 64 * 32:
             continue
         out.append(pallas.BlockSizes(q=grow(rows, q_rows), kv=grow(rows, kv_rows),
