@@ -319,3 +319,21 @@ def test_autotune_measure_runs(rng):
     p = make_params(c["shape"], 16, 3)
     blocks = small_blocks(c)
     assert autotune._measure(blocks, q, k, v, p, rpb, True, repeats=1) > 0  # noqa: SLF001
+
+
+def test_poison_detects_unwritten_outputs(rng, monkeypatch):
+    """The NaN poisoning is not vacuous: rows a kernel never writes stay NaN."""
+
+    def lazy_kernel(*refs, plan):
+        o_ref, lse_ref = refs[-2:]
+        o_ref[...] = jnp.zeros(o_ref.shape, o_ref.dtype)
+        lse_ref[:8] = jnp.zeros((8,), jnp.float32)  # the other rows are never written
+
+    monkeypatch.setattr(pallas, "_fwd_kernel", lazy_kernel)
+    c = na_cases.case((10,), 3, heads=1)
+    (q, k, v, *_), _ = make_inputs(rng, c, jnp.float32, False)
+    p = make_params(c["shape"], 16, 3)
+    _, _, (out_t, lse_t) = pallas._forward(q, k, v, None, p, small_blocks(c), True,  # noqa: SLF001
+                                           poison=True)
+    assert not np.isnan(np.asarray(out_t)).any()
+    assert np.isnan(np.asarray(lse_t)).any() and not np.isnan(np.asarray(lse_t)[..., :8]).any()
