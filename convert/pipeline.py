@@ -12,11 +12,13 @@ temporary sibling renamed into place, so OUT appears complete or not at all).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import shutil
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -237,6 +239,17 @@ def verify_against_torch(model: Any, config: configs._BaseConfig, head: str,
 # Public API
 
 
+@contextlib.contextmanager
+def _phase(message: str, enabled: bool) -> Iterator[None]:
+    """A transient spinner on stderr while a slow step runs (building, verifying, writing)."""
+    if not enabled:
+        yield
+        return
+    from rich.console import Console
+    with Console(stderr=True).status(message):
+        yield
+
+
 def _check_out(out: Path, overwrite: bool, flag: str = "--overwrite") -> None:
     if out.exists() and not overwrite:
         raise ConversionError(f"{out} already exists; pass {flag} to replace it")
@@ -261,7 +274,7 @@ def convert(src: str | Path, out: str | Path, arch: str | None = None, dtype: st
       verify: run the HF PyTorch model on a random image and compare outputs; a difference above
         ``tolerance * max(1, max |PyTorch output|)`` raises ConversionError (nothing written).
       overwrite: replace an existing ``out``.
-      progress: progress bar on stderr for large files.
+      progress: progress bar for large files and a spinner for slow steps, on stderr.
       verify_size: image side for ``verify`` (default: the config's ``image_size``).
       tolerance: for ``verify`` (default :data:`DEFAULT_TOLERANCE` per dtype).
 
@@ -286,9 +299,10 @@ def convert(src: str | Path, out: str | Path, arch: str | None = None, dtype: st
     head = source.head
     rows = keymap.key_table(keymap.Structure.from_config(config, head))
     name = _arch_name(config)
-    params = keymap.to_ours(ckpt.tensors, rows, source.scheme,
-                            expected_shapes(config, head), f"{name} ({head})")
-    model = build_with_params(config, head, params)
+    with _phase(f"mapping {len(ckpt.tensors)} tensors to {name}", progress):
+        params = keymap.to_ours(ckpt.tensors, rows, source.scheme,
+                                expected_shapes(config, head), f"{name} ({head})")
+        model = build_with_params(config, head, params)
     result = Result(out=out, config=config, head=head, arch=name,
                     source_format="HF" if source.scheme == "hf" else "original (SHI-Labs)",
                     num_params=int(sum(v.size for v in params.values())), dtype=dtype,
@@ -298,7 +312,8 @@ def convert(src: str | Path, out: str | Path, arch: str | None = None, dtype: st
             keymap.translate(ckpt.tensors, rows, "original", "hf")
         size = verify_size or config.image_size
         tol = DEFAULT_TOLERANCE[dtype] if tolerance is None else tolerance
-        diff, scale = verify_against_torch(model, config, head, hf_state, size)
+        with _phase(f"verifying against transformers at {size}x{size}", progress):
+            diff, scale = verify_against_torch(model, config, head, hf_state, size)
         result.verify_diff, result.verify_tolerance = diff / scale, tol
         if diff > tol * scale:
             raise ConversionError(f"--verify failed: max |ours - PyTorch| = {diff:.3g} "
@@ -306,7 +321,8 @@ def convert(src: str | Path, out: str | Path, arch: str | None = None, dtype: st
                                   f"nothing written to {out}")
     from nat_jax.pretrained import save_pretrained
     try:
-        save_pretrained(model, out, overwrite=overwrite)
+        with _phase(f"writing {out}", progress):
+            save_pretrained(model, out, overwrite=overwrite)
     except FileExistsError:
         raise ConversionError(f"{out} already exists; pass --overwrite to replace it") from None
     result.seconds = time.perf_counter() - start

@@ -231,3 +231,22 @@ def test_wrappers_and_ddp_prefix_are_unwrapped(nat_hf, tmp_path, capsys):
     np.testing.assert_array_equal(
         np.asarray(ours.nat.encoder.levels[0].layers[0].attention.rpb),
         model.state_dict()["nat.encoder.levels.0.layers.0.attention.self.rpb"].numpy())
+
+
+def test_sharded_legacy_and_progress(nat_hf, tmp_path, monkeypatch, capsys):
+    """Sharded HF weights (index.json), legacy (non-zip) torch pickles, and the progress bar."""
+    import nat_jax
+    from nat_jax.convert import loading
+    root, model = nat_hf
+    model.save_pretrained(tmp_path / "sharded", max_shard_size="100KB")
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
+    monkeypatch.setattr(loading, "PROGRESS_MIN_BYTES", 0)  # draw bars even for tiny files
+    result = nat_jax.convert.convert(tmp_path / "sharded", tmp_path / "out", progress=True)
+    assert result.num_params == sum(p.numel() for p in model.parameters())
+    torch.save(model.state_dict(), tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)
+    (tmp_path / "config.json").write_text(json.dumps(hf_config.config_to_hf(NAT_SMALL)))
+    assert run_cli("convert", tmp_path / "legacy.pt", tmp_path / "out2", "--config",
+                   tmp_path / "config.json", "--quiet") == 0
+    a = nat_jax.load_pretrained(tmp_path / "out")
+    b = nat_jax.load_pretrained(tmp_path / "out2")
+    np.testing.assert_array_equal(np.asarray(a.classifier.kernel), np.asarray(b.classifier.kernel))
