@@ -362,6 +362,11 @@ def detect_source(keys: set[str] | Mapping[str, Any], where: str) -> Source:
     if _PATCH_CONV0 in keys:
         head = "base" if "layernorm.weight" in keys else "backbone"
         return Source("hf", None, head)
+    if "patch_embed.proj.weight" in keys:  # one patch conv: DiNAT_s or isotropic NAT/DiNAT
+        raise ConversionError(
+            f"{where} looks like an original DiNAT_s or isotropic NAT/DiNAT checkpoint (a single "
+            "patch-embedding conv); only the NAT/DiNAT models with the two-conv stem are "
+            "supported")
     sample = ", ".join(sorted(keys)[:4])
     raise ConversionError(
         f"{where} is not a NAT/DiNAT checkpoint (wrong model family?): it has none of the keys "

@@ -120,6 +120,10 @@ def test_wrong_model_family(nat_hf, tmp_path, capsys):
                tmp_path / "other.pth")
     assert_clean_failure(capsys, ["convert", tmp_path / "other.pth", out, "--arch", "nat_mini"],
                          out, "not a NAT/DiNAT checkpoint")
+    # DiNAT_s / isotropic variants of the original repository (single patch conv)
+    torch.save({"patch_embed.proj.weight": torch.zeros(96, 3, 4, 4)}, tmp_path / "dinats.pth")
+    assert_clean_failure(capsys, ["convert", tmp_path / "dinats.pth", out, "--arch",
+                                  "dinat_tiny"], out, "DiNAT_s or isotropic")
     # an HF config of another family
     (tmp_path / "swin").mkdir()
     (tmp_path / "swin" / "model.safetensors").write_bytes(
