@@ -67,10 +67,9 @@ def _preset(name: str) -> configs._BaseConfig:
 
 
 def _config_arch(config: configs._BaseConfig) -> dict[str, Any]:
-    return dict(num_channels=config.num_channels, embed_dim=config.embed_dim,
-                depths=tuple(config.depths), num_heads=tuple(config.num_heads),
-                kernel_size=config.kernel_size, mlp_ratio=float(config.mlp_ratio),
-                layer_scale=config.layer_scale_init_value > 0, qkv_bias=config.qkv_bias)
+    """The part of ``config``'s architecture that the weights' shapes also tell."""
+    arch = hf_config.architecture_of(config)
+    return {field: arch[field] for field in _INFERRED_FIELDS}
 
 
 def _presets_matching_weights(inferred: dict[str, Any]) -> list[str]:
