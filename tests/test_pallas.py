@@ -337,3 +337,23 @@ def test_poison_detects_unwritten_outputs(rng, monkeypatch):
                                            poison=True)
     assert not np.isnan(np.asarray(out_t)).any()
     assert np.isnan(np.asarray(lse_t)).any() and not np.isnan(np.asarray(lse_t)[..., :8]).any()
+
+
+@pytest.mark.slow
+def test_value_head_dim_differs(rng):
+    """head_dim_v != head_dim (padded separately): against the reference backend's autodiff
+    (the float64 oracle assumes one head_dim)."""
+    from nat_jax.kernels import reference
+
+    q, k = (jnp.asarray(rng.standard_normal((2, 9, 7, 2, 24)), jnp.float32) for _ in range(2))
+    v, dout = (jnp.asarray(rng.standard_normal((2, 9, 7, 2, 40)), jnp.float32) for _ in range(2))
+    rpb = jnp.asarray(rng.standard_normal((2, 5, 5)), jnp.float32)
+    p = make_params((9, 7), 24, 3, dilation=(2, 1))
+    res = pallas.kernel_outputs(q, k, v, p, rpb, dout, block_sizes=small_blocks(
+        na_cases.case((9, 7), 3, dilation=(2, 1))))
+    (out, lse), vjp = jax.vjp(lambda *a: reference.na_fused(*a[:3], p, a[3]), q, k, v, rpb)
+    assert_close(res["out"], np.asarray(out, np.float64), *FWD_TOL[jnp.float32], "out")
+    assert_close(res["lse"], np.asarray(lse, np.float64), 1e-4, 1e-5, "lse")
+    for name, w in zip(("dq", "dk", "dv", "drpb"), vjp((dout, jnp.zeros_like(lse)))):
+        assert not np.isnan(np.asarray(res["raw_" + name])).any()
+        assert_grad_close(res[name], np.asarray(w, np.float64), jnp.float32, name)
