@@ -41,6 +41,8 @@ SLOW = ([(c, False) for c in na_cases.QUICK if all(c is not q for q, _ in QUICK)
 
 
 def case_id(x):
+    if isinstance(x, pallas.BlockSizes):
+        return "q{}-kv{}".format(*("x".join(map(str, t)) for t in (x.q, x.kv)))
     if isinstance(x, dict):
         return na_cases.case_id(x)
     if isinstance(x, bool):
@@ -121,6 +123,17 @@ class TestPallasNA:
     @pytest.mark.parametrize("c,with_rpb", [QUICK[0], QUICK[3]], ids=case_id)
     def test_bf16(self, rng, c, with_rpb):
         self.check_case(rng, c, jnp.bfloat16, with_rpb)
+
+    @pytest.mark.parametrize("c,with_rpb,blocks", [
+        (na_cases.RPB[2], True, pallas.BlockSizes(q=(4, 8), kv=(8, 2), q_bwd=(2, 8),
+                                                  kv_bwd=(8, 4))),
+        pytest.param(na_cases.QUICK[7], False,
+                     pallas.BlockSizes(q=(2, 4, 4), kv=(4, 2, 2), q_bwd=(4, 2, 2),
+                                       kv_bwd=(1, 4, 8)), marks=pytest.mark.slow),
+    ], ids=case_id)
+    def test_unequal_tiles(self, rng, c, with_rpb, blocks):
+        """Query and key tiles of different shapes, forward tiles unlike backward tiles."""
+        self.check_case(rng, c, jnp.float32, with_rpb, blocks)
 
     @pytest.mark.slow
     @pytest.mark.parametrize("c,with_rpb", SLOW, ids=case_id)
