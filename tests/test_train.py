@@ -1,0 +1,220 @@
+"""Training loop tests on 8 virtual CPU devices: configs, optimizer, sharding, mock ImageNet.
+
+The resume / preemption tests live in test_train_resume.py.
+"""
+
+import json
+import math
+import os
+
+import jax
+import ml_collections
+import numpy as np
+import pytest
+
+from nat_jax.train import configs, sharding, trainer
+from nat_jax.train.configs import get_config
+
+tfds = pytest.importorskip("tensorflow_datasets")
+
+
+def tiny_config(name: str = "nat_mini", **updates) -> ml_collections.ConfigDict:
+    """A real config with its model shrunk to two 1-layer stages and a 4-step schedule."""
+    c = get_config(name)
+    c.model_overrides = ml_collections.ConfigDict(dict(
+        embed_dim=16, depths=(1, 1), num_heads=(1, 2), kernel_size=3, drop_path_rate=0.1))
+    if name.startswith("dinat"):
+        c.model_overrides.dilations = ((2,), (1,))
+    c.compute_dtype = "float32"
+    c.image_size = 32
+    c.global_batch_size = 16
+    c.num_workers = 0
+    c.num_epochs, c.num_train_steps = -1, 4
+    c.warmup_epochs, c.warmup_steps = -1, 1
+    c.cooldown_epochs, c.cooldown_steps = -1, 0
+    c.eval_every_steps = 4
+    c.checkpoint_every_steps = 2
+    c.log_every_steps = 1
+    c.progress_bar = False
+    c.update(updates)
+    return c
+
+
+def fixed_batch(rng, batch=16, size=32, num_classes=10):
+    return {"image": rng.integers(0, 256, (batch, size, size, 3), dtype=np.uint8),
+            "label": rng.integers(0, num_classes, batch).astype(np.int32),
+            "erase": np.zeros((batch, 4), np.int32)}
+
+
+def no_aug(c):
+    c.aug.update(mixup_alpha=0.0, cutmix_alpha=0.0, label_smoothing=0.0, random_erasing=0.0)
+    return c
+
+
+# ------------------------------------------------------------------ configs and optimizer
+
+def test_every_config_resolves_to_a_model():
+    for name in configs.CONFIGS:
+        c = get_config(name)
+        model_cfg = trainer.model_config(c, c.num_classes)  # validates the overrides
+        assert model_cfg.num_labels == c.num_classes and model_cfg.image_size == c.image_size
+        assert c.model == name or name == "digits"
+        doc = __import__(configs.CONFIGS[name], fromlist=["x"]).__doc__
+        assert "nat-jax train --config " + name in doc, f"{name}: docstring lacks the command"
+        assert "Expected result" in doc, name
+    with pytest.raises(ValueError, match="config name="):
+        get_config("nat_huge")
+
+
+def test_overrides_coerce_types_and_reject_unknown_fields():
+    c = get_config("nat_mini")
+    configs.apply_overrides(c, {"learning_rate": "5e-4", "global_batch_size": "256",
+                                "aug.hflip": "0", "aug.crop_scale": "(0.5, 1.0)",
+                                "progress_bar": "false", "data_dir": "/data",
+                                "model_overrides.drop_path_rate": "0.05"})
+    assert c.learning_rate == 5e-4 and c.global_batch_size == 256 and c.aug.hflip == 0.0
+    assert c.aug.crop_scale == (0.5, 1.0) and c.progress_bar is False and c.data_dir == "/data"
+    assert c.model_overrides.drop_path_rate == 0.05
+    with pytest.raises(ValueError, match="no field 'learning_rat'"):
+        configs.apply_overrides(c, {"learning_rat": "1"})
+    with pytest.raises(ValueError, match="global_batch_size"):
+        configs.apply_overrides(c, {"global_batch_size": "many"})
+
+
+def test_cli_parses_config_overrides():
+    from nat_jax.cli import build_parser
+
+    argv = ["train", "--config", "digits", "--workdir", "w", "--config.learning_rate=5e-4",
+            "--config.aug.hflip", "0.5"]
+    args = build_parser(argv).parse_args(argv)
+    assert args.config == "digits" and args.workdir == "w"
+    assert args.config_overrides == {"learning_rate": "5e-4", "aug.hflip": "0.5"}
+
+
+def test_durations_steps_or_epochs():
+    c = get_config("nat_mini")
+    total, warmup, cooldown = trainer.resolve_durations(c, steps_per_epoch=1251)
+    assert (total, warmup, cooldown) == (310 * 1251, 20 * 1251, 10 * 1251)
+    c.num_train_steps = 100
+    with pytest.raises(ValueError, match="exactly one of num_train_steps"):
+        trainer.resolve_durations(c, 10)
+
+
+def test_schedule_follows_the_recipe():
+    c = get_config("nat_mini")
+    schedule = trainer.make_schedule(c, total_steps=1000, warmup_steps=100, cooldown_steps=50)
+    np.testing.assert_allclose(float(schedule(0)), 1e-6, rtol=1e-5)
+    np.testing.assert_allclose(float(schedule(100)), 1e-3, rtol=1e-5)
+    np.testing.assert_allclose(float(schedule(950)), 5e-6, rtol=1e-4)
+    np.testing.assert_allclose(float(schedule(999)), 5e-6, rtol=1e-4)
+    mid = float(schedule(525))  # half way through the cosine part
+    np.testing.assert_allclose(mid, 5e-6 + (1e-3 - 5e-6) / 2, rtol=1e-3)
+
+
+def test_weight_decay_mask_skips_vectors_and_rpb():
+    c = tiny_config()
+    _, params, _ = trainer.abstract_model(trainer.model_config(c, 10), seed=0)
+    mask = trainer.decay_mask(params)
+    flat = jax.tree_util.tree_leaves_with_path(mask)
+    names = {jax.tree_util.keystr(p): m for p, m in flat}
+    assert any("rpb" in k for k in names) and not any(m for k, m in names.items() if "rpb" in k)
+    assert not any(m for k, m in names.items() if k.endswith("['bias']"))
+    assert not any(m for k, m in names.items() if k.endswith("['scale']"))
+    assert any(m for k, m in names.items() if k.endswith("['kernel']"))
+
+
+def test_param_sharding_rule():
+    mesh = sharding.make_mesh(fsdp=4)
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 4}
+    assert sharding.param_spec((512, 1000), 4, 0) == jax.sharding.PartitionSpec(None, "fsdp")
+    assert sharding.param_spec((64,), 4, 2 ** 18) == jax.sharding.PartitionSpec()
+    assert sharding.param_spec((3, 5), 4, 0) == jax.sharding.PartitionSpec()
+    with pytest.raises(ValueError, match="fsdp=3"):
+        sharding.make_mesh(fsdp=3)
+
+
+# ------------------------------------------------------------------ train steps
+
+def _setup(c, mesh, num_classes=10, total=10):
+    return trainer.setup_training(c, mesh, num_classes, total_steps=total, warmup_steps=0)
+
+
+def test_sharded_steps_match_single_device_and_loss_decreases(rng):
+    """Same init, same fixed batch: the 8-device steps (data parallel, and data x fsdp with
+    parameters and optimizer state split over 4 devices) equal the 1-device steps, and the
+    loss keeps going down over a few more steps."""
+    c = no_aug(tiny_config(fsdp_min_size=0, learning_rate=5e-3))
+    c.aug.random_erasing = 0.25  # on-device erasing of one box, same on every mesh
+    batch = fixed_batch(rng)
+    batch["erase"][0] = (2, 3, 5, 6)
+    meshes = {"single": sharding.make_mesh(fsdp=1, devices=jax.devices()[:1]),
+              "data": sharding.make_mesh(fsdp=1), "fsdp": sharding.make_mesh(fsdp=4)}
+    results = {}
+    for name, mesh in meshes.items():
+        run = _setup(c, mesh, total=100)
+        state, losses = run.state, []
+        steps = 10 if name == "single" else 2
+        for i in range(steps):
+            state, metrics = run.step_fn(state, trainer.put_batch(batch, mesh), run.rest)
+            losses.append(float(metrics["loss"]))
+            if i == 1:
+                results[name] = (jax.device_get(state.params), losses,
+                                 jax.device_get(state.opt_state), float(metrics["grad_norm"]))
+        if name == "fsdp":
+            specs = [tuple(s.spec) for s in jax.tree.leaves(run.state_sh.params)]
+            assert any("fsdp" in sp for sp in specs), "nothing was FSDP-sharded"
+            sharded = [x for x in jax.tree.leaves(state.params) if "fsdp" in tuple(x.sharding.spec)]
+            assert sharded and all(x.addressable_shards[0].data.size * 4 == x.size
+                                   for x in sharded)
+        if name == "single":
+            assert all(math.isfinite(x) for x in losses)
+            assert losses[-1] < 0.75 * losses[0], losses
+            assert sum(b < a for a, b in zip(losses, losses[1:])) >= 7, losses
+    p1, l1, o1, g1 = results["single"]
+    for name in ("data", "fsdp"):
+        p8, l8, o8, g8 = results[name]
+        np.testing.assert_allclose(l8, l1[:2], rtol=1e-5, err_msg=name)
+        np.testing.assert_allclose(g8, g1, rtol=1e-5, err_msg=name)
+        # Adam divides by sqrt(v): for the few entries whose gradient is ~0 the summation
+        # order changes the step by up to ~lr, hence an absolute tolerance of 1% of lr.
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=5e-5), p8, p1)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7), o8, o1)
+
+
+# ------------------------------------------------------------------ end to end on mock ImageNet
+
+@pytest.mark.parametrize("name,fsdp", [("nat_mini", 1), ("dinat_mini", 8)])
+def test_imagenet_config_on_mock_data(tmp_path, name, fsdp):
+    c = tiny_config(name, fsdp=fsdp, fsdp_min_size=0, ema_decay=0.9 if fsdp > 1 else 0.0)
+    with tfds.testing.mock_data(num_examples=40):
+        metrics = trainer.train_and_evaluate(c, str(tmp_path))
+    assert metrics["step"] == 4 and metrics["resumed_from"] == 0
+    assert metrics["eval_count"] == 40 and 0 <= metrics["eval_top1"] <= metrics["eval_top5"]
+    assert math.isfinite(metrics["train_loss"])
+    rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert [r["step"] for r in rows if "train_loss" in r] == [1, 2, 3, 4]
+    assert any("eval_top1" in r for r in rows) and any("images_per_second" in r for r in rows)
+    assert (tmp_path / "training_curve.png").stat().st_size > 1000
+    assert os.listdir(tmp_path / "tensorboard")
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2", "4"]
+
+
+def test_non_finite_loss_stops_with_the_step(tmp_path):
+    c = tiny_config(dataset="digits", num_classes=10)
+    c.num_train_steps = 6
+    c.aug.std = (0.0, 0.0, 0.0)  # division by zero: the first loss is NaN
+    with pytest.raises(trainer.NonFiniteLossError, match="non-finite loss nan at step 1"):
+        trainer.train_and_evaluate(c, str(tmp_path))
+    assert not os.path.exists(tmp_path / "checkpoints" / "2")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["nat_mini", "dinat_mini"])
+def test_full_preset_architecture_one_step(tmp_path, name):
+    """The real preset model (not shrunk) runs a step on mock data at a small image size."""
+    c = tiny_config(name, image_size=64, global_batch_size=8)
+    c.model_overrides = ml_collections.ConfigDict()
+    c.num_train_steps, c.eval_every_steps, c.checkpoint_every_steps = 1, 1, 1
+    with tfds.testing.mock_data(num_examples=8):
+        metrics = trainer.train_and_evaluate(c, str(tmp_path))
+    assert metrics["step"] == 1 and math.isfinite(metrics["train_loss"])

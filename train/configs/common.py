@@ -1,0 +1,95 @@
+"""Shared pieces of the training configs.
+
+Every config file calls :func:`imagenet_config` (the original ImageNet-1k recipe, see
+``shared/reference/training-recipe.md``) or builds on :func:`base_config`, then changes only
+what differs. Field names are part of the user-facing contract (command-line overrides such as
+``--config.learning_rate=5e-4`` use them), so rename nothing here.
+
+Durations: exactly one of ``num_train_steps`` / ``num_epochs`` is positive (the other is -1);
+the same for ``warmup_steps`` / ``warmup_epochs`` and ``cooldown_steps`` / ``cooldown_epochs``.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def augment_config() -> ml_collections.ConfigDict:
+    """The recipe's augmentation: RandomResizedCrop, flip, RandAugment, erasing, mixup/cutmix."""
+    aug = ml_collections.ConfigDict()
+    aug.crop_scale = (0.08, 1.0)          # RandomResizedCrop area range
+    aug.crop_ratio = (3 / 4, 4 / 3)       # RandomResizedCrop aspect-ratio range
+    aug.hflip = 0.5                       # probability of a horizontal flip
+    aug.randaugment = "rand-m9-mstd0.5-inc1"  # timm-style spec; "" turns it off
+    aug.random_erasing = 0.25             # probability (pixel mode, on device)
+    aug.mixup_alpha = 0.8                 # 0 turns mixup off
+    aug.cutmix_alpha = 1.0                # 0 turns cutmix off
+    aug.mix_prob = 1.0                    # probability to mix a batch at all
+    aug.switch_prob = 0.5                 # probability of cutmix instead of mixup
+    aug.label_smoothing = 0.1
+    aug.mean = IMAGENET_MEAN
+    aug.std = IMAGENET_STD
+    aug.eval_crop_pct = 0.875             # eval: resize to image_size / crop_pct, center crop
+    return aug
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """Every field the trainer reads, with the ImageNet recipe's values."""
+    c = ml_collections.ConfigDict()
+    # Model: a preset name of nat_jax.configs plus overrides of its dataclass fields.
+    c.model = "nat_mini"
+    c.model_overrides = ml_collections.ConfigDict()
+    c.compute_dtype = "bfloat16"   # activations; parameters stay float32
+    c.param_dtype = "float32"
+    # Data.
+    c.dataset = "imagenet2012"     # a tfds name, "digits", or "image_folder"
+    c.data_dir = ml_collections.config_dict.placeholder(str)  # tfds data_dir / folder root
+    c.train_split = "train"
+    c.eval_split = "validation"
+    c.num_classes = 1000           # -1: take it from the dataset (image folders)
+    c.image_size = 224
+    c.num_workers = 8              # grain worker processes per host (0: in the main process)
+    c.prefetch_buffer = 2          # batches buffered per worker
+    c.aug = augment_config()
+    # Schedule (per step). Exactly one of each steps/epochs pair is positive.
+    c.global_batch_size = 1024
+    c.num_train_steps = -1
+    c.num_epochs = 300
+    c.warmup_steps = -1
+    c.warmup_epochs = 20
+    c.cooldown_steps = -1
+    c.cooldown_epochs = 10
+    # Optimizer: AdamW, lr not scaled with the batch.
+    c.learning_rate = 1e-3
+    c.warmup_init_lr = 1e-6
+    c.min_lr = 5e-6
+    c.weight_decay = 0.05
+    c.b1 = 0.9
+    c.b2 = 0.999
+    c.eps = 1e-8
+    c.grad_clip_norm = 5.0
+    c.ema_decay = 0.0              # 0 disables the parameter EMA
+    # Sharding: the mesh is (data, fsdp); fsdp > 1 shards large parameters over that axis.
+    c.fsdp = 1                     # devices per fsdp group; -1: all devices
+    c.fsdp_min_size = 2 ** 18      # parameters smaller than this stay replicated
+    # Loop, reporting and checkpoints.
+    c.eval_every_steps = 5000
+    c.checkpoint_every_steps = 2500
+    c.log_every_steps = 100
+    c.keep_checkpoints = 3         # latest N, plus the best by eval top-1
+    c.progress_bar = True
+    c.predict_after_training = 0   # print predictions for this many held-out images at the end
+    c.seed = 0
+    c.distributed = False          # call jax.distributed.initialize() (multi-host launches)
+    return c
+
+
+def imagenet_config(model: str, *, ema_decay: float = 0.0) -> ml_collections.ConfigDict:
+    """The original ImageNet-1k recipe for one model preset (drop path comes with the preset)."""
+    c = base_config()
+    c.model = model
+    c.ema_decay = ema_decay
+    return c

@@ -1,0 +1,260 @@
+"""Input pipeline: random-access sources -> grain (worker processes) -> per-host numpy batches.
+
+Sources (all random access, records ``{"image": ..., "label": int}``):
+  * ``tfds.data_source(name, split=..., data_dir=...)``: prepared ArrayRecord files (ImageNet:
+    ``imagenet2012``); decoded by tfds, TensorFlow is not imported.
+  * :class:`ImageFolderSource`: ``root/<split>/<class>/*.jpg`` (classes = sorted folder names).
+  * :class:`DigitsSource`: scikit-learn's bundled 8x8 digits, upsampled (the demo).
+
+Every host reads a disjoint slice of the source (``[process_index::process_count]``) and yields
+batches of ``global_batch_size / process_count`` images; the trainer assembles the global batch
+with ``jax.make_array_from_process_local_data``. Train batches are uint8 images ``[b, S, S, 3]``,
+int32 labels ``[b]`` and int32 erasing boxes ``[b, 4]``; normalization, erasing and mixup run on
+device. Unreadable images are skipped with a counted warning; grayscale, palette, alpha and
+CMYK images are converted to RGB.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import grain
+import numpy as np
+from PIL import Image
+
+from nat_jax.train import augment
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm")
+
+
+# ---------------------------------------------------------------------------------------------
+# Sources
+# ---------------------------------------------------------------------------------------------
+
+class ImageFolderSource:
+    """``root/<split>/<class_name>/<image>`` as a grain random-access source.
+
+    Records hold the raw file bytes (decoded later, in the workers) and the class index.
+    """
+
+    def __init__(self, root: str, split: str):
+        split_dir = os.path.join(os.path.expanduser(root), split)
+        if not os.path.isdir(split_dir):
+            raise ValueError(f"image folder split={split!r}: {split_dir} is not a directory")
+        self.class_names = sorted(d for d in os.listdir(split_dir)
+                                  if os.path.isdir(os.path.join(split_dir, d)))
+        if not self.class_names:
+            raise ValueError(f"image folder {split_dir} has no class sub-folders")
+        self.paths: list[str] = []
+        self.labels: list[int] = []
+        for label, name in enumerate(self.class_names):
+            class_dir = os.path.join(split_dir, name)
+            for file in sorted(os.listdir(class_dir)):
+                if file.lower().endswith(IMAGE_EXTENSIONS):
+                    self.paths.append(os.path.join(class_dir, file))
+                    self.labels.append(label)
+        if not self.paths:
+            raise ValueError(f"image folder {split_dir} has no images ({IMAGE_EXTENSIONS})")
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        with open(self.paths[index], "rb") as f:
+            data = f.read()
+        return {"image": data, "label": self.labels[index], "name": self.paths[index]}
+
+
+class DigitsSource:
+    """scikit-learn's 1797 handwritten digits (8x8, 17 gray levels) as uint8 RGB images.
+
+    A fixed stratified 80/20 split gives ``train`` (1437) and ``validation`` (360). Images are
+    upsampled with bilinear interpolation to ``image_size`` x ``image_size``.
+    """
+
+    def __init__(self, split: str, image_size: int = 32):
+        from sklearn.datasets import load_digits
+        from sklearn.model_selection import train_test_split
+
+        if split not in ("train", "validation"):
+            raise ValueError(f"digits split={split!r} must be 'train' or 'validation'")
+        digits = load_digits()
+        indices = np.arange(len(digits.target))
+        train_idx, val_idx = train_test_split(indices, test_size=0.2, random_state=0,
+                                              stratify=digits.target)
+        chosen = np.sort(train_idx if split == "train" else val_idx)
+        small = (digits.images[chosen] * (255.0 / 16.0)).round().astype(np.uint8)
+        self.images = np.stack([
+            np.asarray(Image.fromarray(im).resize((image_size, image_size), Image.BILINEAR))
+            for im in small])[..., None].repeat(3, axis=-1)
+        self.labels = digits.target[chosen].astype(np.int32)
+        self.class_names = [str(i) for i in range(10)]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return {"image": self.images[index], "label": int(self.labels[index])}
+
+
+def make_source(config, split: str):
+    """The random-access source named by ``config.dataset`` for ``split``."""
+    if config.dataset == "digits":
+        return DigitsSource(split, image_size=config.image_size)
+    if config.dataset == "image_folder":
+        if not config.data_dir:
+            raise ValueError("dataset='image_folder' needs config.data_dir (the folder root)")
+        return ImageFolderSource(config.data_dir, split)
+    import tensorflow_datasets as tfds  # lazy: heavy import, only for tfds datasets
+
+    return tfds.data_source(config.dataset, split=split, data_dir=config.data_dir)
+
+
+def num_classes_of(source) -> int | None:
+    """Number of classes a source knows about (None when it does not say)."""
+    names = getattr(source, "class_names", None)
+    if names is not None:
+        return len(names)
+    info = getattr(source, "dataset_info", None)
+    try:
+        return int(info.features["label"].num_classes)
+    except (AttributeError, KeyError, TypeError):
+        return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-record transforms (module-level classes so grain can pickle them into worker processes)
+# ---------------------------------------------------------------------------------------------
+
+_skipped = 0
+
+
+def decode(record: dict[str, Any]) -> dict[str, Any] | None:
+    """Raw record -> ``{"image": uint8 [H, W, 3], "label": int}``; None (skipped) if unreadable."""
+    global _skipped
+    image = record["image"]
+    try:
+        if isinstance(image, (bytes, bytearray)):
+            with Image.open(io.BytesIO(image)) as pil:
+                pil.load()
+                image = augment.to_rgb(pil)
+        else:
+            image = augment.to_rgb(image)
+        if image.shape[0] < 1 or image.shape[1] < 1:
+            raise ValueError(f"empty image of shape {image.shape}")
+    except Exception as e:  # noqa: BLE001 - any decoder failure means "skip this image"
+        _skipped += 1
+        if _skipped > 10 and _skipped & (_skipped - 1):
+            return None  # after the first 10, warn at powers of two only
+        log.warning("skipping unreadable image %s (%s: %s); %d skipped so far in this process",
+                    record.get("name", "?"), type(e).__name__, e, _skipped)
+        return None
+    return {"image": image, "label": int(record["label"])}
+
+
+@dataclass(frozen=True)
+class TrainTransform:
+    """RandomResizedCrop -> flip -> RandAugment, and an erasing box (filled on device)."""
+
+    image_size: int
+    crop_scale: tuple[float, float]
+    crop_ratio: tuple[float, float]
+    hflip: float
+    randaugment: str
+    erasing: float
+
+    def __call__(self, example: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
+        image = augment.random_resized_crop(example["image"], rng, self.image_size,
+                                            self.crop_scale, self.crop_ratio)
+        image = augment.hflip(image, rng, self.hflip)
+        if self.randaugment:
+            image = augment.RandAugment.from_spec(self.randaugment)(image, rng)
+        return {"image": image, "label": np.int32(example["label"]),
+                "erase": augment.erasing_box(rng, self.image_size, self.erasing)}
+
+
+@dataclass(frozen=True)
+class EvalTransform:
+    """Resize shorter side to ``image_size / crop_pct`` (bicubic), center crop ``image_size``."""
+
+    image_size: int
+    crop_pct: float
+
+    def __call__(self, example: dict[str, Any]) -> dict[str, Any]:
+        return {"image": augment.center_crop(example["image"], self.image_size, self.crop_pct),
+                "label": np.int32(example["label"])}
+
+
+# ---------------------------------------------------------------------------------------------
+# Datasets
+# ---------------------------------------------------------------------------------------------
+
+def per_host_batch_size(global_batch_size: int, process_count: int) -> int:
+    if global_batch_size % process_count:
+        raise ValueError(f"{global_batch_size=} must be divisible by the number of hosts "
+                         f"({process_count})")
+    return global_batch_size // process_count
+
+
+def train_dataset(config, source, *, process_index: int = 0, process_count: int = 1
+                  ) -> grain.IterDataset:
+    """Infinite, shuffled (reshuffled every epoch), augmented per-host batches.
+
+    Deterministic given ``config.seed``: the same seed gives the same batches, and the
+    iterator's state (``get_state``/``set_state``, saved in checkpoints) resumes exactly.
+    """
+    aug = config.aug
+    transform = TrainTransform(
+        image_size=config.image_size, crop_scale=tuple(aug.crop_scale),
+        crop_ratio=tuple(aug.crop_ratio), hflip=aug.hflip, randaugment=aug.randaugment,
+        erasing=aug.random_erasing)
+    batch = per_host_batch_size(config.global_batch_size, process_count)
+    ds = (grain.MapDataset.source(source)[process_index::process_count]
+          .shuffle(seed=config.seed)
+          .repeat(None)
+          .map(decode)                      # None = skipped; dropped by to_iter_dataset
+          .random_map(transform, seed=config.seed + 1)
+          .to_iter_dataset()
+          .batch(batch, drop_remainder=True))
+    if config.num_workers > 0:
+        ds = ds.mp_prefetch(grain.MultiprocessingOptions(
+            num_workers=config.num_workers, per_worker_buffer_size=config.prefetch_buffer))
+    return ds
+
+
+def eval_batches(config, source, *, process_index: int = 0, process_count: int = 1
+                 ) -> Iterator[dict[str, np.ndarray]]:
+    """One pass over ``source``: padded per-host batches with a ``mask`` (1 = real example).
+
+    Every host yields the same number of batches (padding with empty ones), as the sharded
+    eval step needs. Unreadable images are dropped (and counted in the warning).
+    """
+    batch = per_host_batch_size(config.global_batch_size, process_count)
+    per_host = -(-len(source) // process_count)
+    num_batches = -(-per_host // batch)
+    transform = EvalTransform(config.image_size, config.aug.eval_crop_pct)
+    ds = (grain.MapDataset.source(source)[process_index::process_count]
+          .map(decode)
+          .map(transform)
+          .to_iter_dataset())
+    if config.num_workers > 0:
+        ds = ds.mp_prefetch(grain.MultiprocessingOptions(
+            num_workers=config.num_workers, per_worker_buffer_size=config.prefetch_buffer))
+    it = iter(ds)
+    shape = (config.image_size, config.image_size, 3)
+    for _ in range(num_batches):
+        images = np.zeros((batch, *shape), np.uint8)
+        labels = np.zeros((batch,), np.int32)
+        mask = np.zeros((batch,), np.bool_)
+        for i in range(batch):
+            example = next(it, None)
+            if example is None:
+                break
+            images[i], labels[i], mask[i] = example["image"], example["label"], True
+        yield {"image": images, "label": labels, "mask": mask}

@@ -1,0 +1,63 @@
+"""Sharding rules, all in one place.
+
+The mesh has two axes, ``("data", "fsdp")``. The batch is split over both (every device holds
+``global_batch / num_devices`` examples). Parameters, optimizer moments and EMA copies are
+replicated, except that with ``fsdp > 1`` every array of at least ``fsdp_min_size`` elements is
+split over the ``fsdp`` axis along its largest dimension divisible by the axis size (ZeRO-3 /
+FSDP style: XLA all-gathers it for the forward pass and reduce-scatters its gradient). The rule
+depends only on an array's shape, so an optimizer moment gets the same sharding as its parameter.
+"""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+DATA_AXES = ("data", "fsdp")  # the batch dimension is split over both mesh axes
+
+
+def make_mesh(fsdp: int = 1, devices=None) -> Mesh:
+    """A ``(data, fsdp)`` mesh over ``devices`` (default: all devices of all hosts).
+
+    fsdp: size of the parameter-sharding axis; 1 = pure data parallel, -1 = all devices.
+    """
+    devices = jax.devices() if devices is None else list(devices)
+    count = len(devices)
+    fsdp = count if fsdp == -1 else fsdp
+    if fsdp < 1 or count % fsdp:
+        raise ValueError(f"{fsdp=} must be -1 or a positive divisor of the device count {count}")
+    grid = np.asarray(devices).reshape(count // fsdp, fsdp)
+    return Mesh(grid, ("data", "fsdp"))
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Leading (batch) dimension split over every device."""
+    return NamedSharding(mesh, P(DATA_AXES))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def param_spec(shape: tuple[int, ...], fsdp_size: int, min_size: int) -> P:
+    """PartitionSpec of one parameter-like array (see the module docstring for the rule)."""
+    if fsdp_size == 1 or int(np.prod(shape, dtype=np.int64)) < min_size:
+        return P()
+    for dim in sorted(range(len(shape)), key=lambda d: -shape[d]):
+        if shape[dim] % fsdp_size == 0:
+            spec = [None] * len(shape)
+            spec[dim] = "fsdp"
+            return P(*spec)
+    return P()
+
+
+def state_shardings(abstract_tree, mesh: Mesh, min_size: int):
+    """NamedShardings for a pytree of arrays / ShapeDtypeStructs (train state, params, ...)."""
+    fsdp_size = mesh.shape["fsdp"]
+
+    def one(leaf):
+        shape = tuple(getattr(leaf, "shape", ()))
+        return NamedSharding(mesh, param_spec(shape, fsdp_size, min_size))
+
+    return jax.tree.map(one, abstract_tree)

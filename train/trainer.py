@@ -1,0 +1,666 @@
+"""The training loop: one jitted, sharded train step; Orbax checkpoints; exact resume.
+
+Read top to bottom: durations and schedule, optimizer, train state, loss and the module-level
+:func:`train_step` / :func:`eval_step`, state creation (``eval_shape`` first, then a jitted init
+with ``out_shardings``), checkpointing, reporting, and :func:`train_and_evaluate`.
+
+Determinism: every random draw of step ``s`` (dropout / drop path, erasing noise, mixup) comes
+from ``fold_in(state.rng, s)``, and the data iterator's position is saved with each
+checkpoint, so a run restarted from a checkpoint reproduces the uninterrupted run exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import math
+import os
+import signal
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from flax import nnx, struct
+from orbax.checkpoint import checkpoint_managers as ocp_managers
+
+import nat_jax
+from nat_jax.train import augment, input_pipeline, sharding
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN/inf; the run stops and the last good checkpoint is kept."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Durations, schedule, optimizer
+# ---------------------------------------------------------------------------------------------
+
+def _one_of(config, steps_name: str, epochs_name: str, steps_per_epoch: int) -> int:
+    steps, epochs = config[steps_name], config[epochs_name]
+    if (steps >= 0) == (epochs >= 0):
+        raise ValueError(f"exactly one of {steps_name}={steps} and {epochs_name}={epochs} must "
+                         "be set (>= 0); set the other to -1")
+    return int(steps) if steps >= 0 else int(round(epochs * steps_per_epoch))
+
+
+def resolve_durations(config, steps_per_epoch: int) -> tuple[int, int, int]:
+    """(total steps, warmup steps, cooldown steps) from the steps-or-epochs config fields.
+
+    ``num_*`` counts the main schedule; cooldown steps at ``min_lr`` come on top of it.
+    """
+    total = _one_of(config, "num_train_steps", "num_epochs", steps_per_epoch)
+    warmup = _one_of(config, "warmup_steps", "warmup_epochs", steps_per_epoch)
+    cooldown = _one_of(config, "cooldown_steps", "cooldown_epochs", steps_per_epoch)
+    if total < 1 or warmup > total:
+        raise ValueError(f"need 1 <= num_train_steps ({total}) and warmup ({warmup}) <= it")
+    return total + cooldown, warmup, cooldown
+
+
+def make_schedule(config, total_steps: int, warmup_steps: int, cooldown_steps: int
+                  ) -> optax.Schedule:
+    """Linear warmup from ``warmup_init_lr``, cosine to ``min_lr``, then ``min_lr`` (cooldown)."""
+    cosine_steps = max(total_steps - warmup_steps - cooldown_steps, 1)
+    return optax.join_schedules(
+        [optax.linear_schedule(config.warmup_init_lr, config.learning_rate, max(warmup_steps, 1)),
+         optax.cosine_decay_schedule(config.learning_rate, cosine_steps,
+                                     alpha=config.min_lr / config.learning_rate),
+         optax.constant_schedule(config.min_lr)],
+        boundaries=[warmup_steps, warmup_steps + cosine_steps])
+
+
+def decay_mask(params) -> Any:
+    """True where weight decay applies: >= 2-D weights, except relative position biases."""
+    def rule(path, leaf):
+        names = [str(getattr(p, "key", getattr(p, "name", p))) for p in path]
+        return leaf.ndim >= 2 and "rpb" not in names
+    return jax.tree_util.tree_map_with_path(rule, params)
+
+
+def make_optimizer(config, schedule: optax.Schedule) -> optax.GradientTransformation:
+    """Clip by global norm, then AdamW (decay masked off 1-D params, biases and RPB)."""
+    parts = []
+    if config.grad_clip_norm > 0:
+        parts.append(optax.clip_by_global_norm(config.grad_clip_norm))
+    parts.append(optax.adamw(schedule, b1=config.b1, b2=config.b2, eps=config.eps,
+                             weight_decay=config.weight_decay, mask=decay_mask))
+    return optax.chain(*parts)
+
+
+# ---------------------------------------------------------------------------------------------
+# Model and train state
+# ---------------------------------------------------------------------------------------------
+
+def model_config(config, num_classes: int):
+    """The model dataclass: preset ``config.model`` + ``config.model_overrides`` + data fields."""
+    overrides = {k: (tuple(tuple(x) if isinstance(x, (list, tuple)) else x for x in v)
+                     if isinstance(v, (list, tuple)) else v)
+                 for k, v in dict(config.model_overrides).items()}
+    overrides.update(num_labels=num_classes, image_size=config.image_size,
+                     dtype=config.compute_dtype, param_dtype=config.param_dtype)
+    return nat_jax.configs.get(config.model, **overrides)
+
+
+@struct.dataclass
+class TrainState:
+    """Everything a checkpoint holds besides the data iterator (pure pytrees of arrays)."""
+
+    step: jax.Array        # int32 []
+    params: Any            # nested dict of float32 arrays (nnx pure dict)
+    opt_state: Any
+    ema_params: Any        # same tree as params, or None when EMA is off
+    rng: jax.Array         # uint32 [2]: raw key; step s uses fold_in(rng, s)
+
+
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+    """Static (hashable) settings of the train step."""
+
+    num_classes: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    compute_dtype: str
+    mixup_alpha: float
+    cutmix_alpha: float
+    mix_prob: float
+    switch_prob: float
+    label_smoothing: float
+    random_erasing: bool
+    ema_decay: float
+
+    @classmethod
+    def from_config(cls, config, num_classes: int) -> "StepConfig":
+        a = config.aug
+        return cls(num_classes=num_classes, mean=tuple(a.mean), std=tuple(a.std),
+                   compute_dtype=config.compute_dtype, mixup_alpha=a.mixup_alpha,
+                   cutmix_alpha=a.cutmix_alpha, mix_prob=a.mix_prob, switch_prob=a.switch_prob,
+                   label_smoothing=a.label_smoothing, random_erasing=a.random_erasing > 0,
+                   ema_decay=config.ema_decay)
+
+
+def _step_key(state: TrainState) -> jax.Array:
+    return jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+
+
+def train_step(state: TrainState, batch: dict[str, jax.Array], model_rest: Any, *,
+               graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
+               schedule: optax.Schedule, cfg: StepConfig) -> tuple[TrainState, dict]:
+    """One optimizer step on a global batch.
+
+    batch: ``image`` uint8 ``[B, S, S, 3]``, ``label`` int32 ``[B]``, ``erase`` int32 ``[B, 4]``.
+    model_rest: the model's non-parameter state (RNG streams), reseeded here every step.
+    Returns the new state and scalar metrics (loss, grad_norm, lr).
+    """
+    k_erase, k_mix, k_drop = jax.random.split(_step_key(state), 3)
+    images = augment.normalize(batch["image"], cfg.mean, cfg.std, jnp.dtype(cfg.compute_dtype))
+    if cfg.random_erasing:
+        images = augment.random_erase(images, batch["erase"], k_erase)
+    images, targets = augment.mixup_cutmix(
+        images, batch["label"], k_mix, num_classes=cfg.num_classes,
+        mixup_alpha=cfg.mixup_alpha, cutmix_alpha=cfg.cutmix_alpha, mix_prob=cfg.mix_prob,
+        switch_prob=cfg.switch_prob, label_smoothing=cfg.label_smoothing)
+
+    # The step's key reseeds the dropout / drop-path streams: every step is reproducible.
+    model = nnx.merge(graphdef, state.params, model_rest)
+    nnx.reseed(model, dropout=k_drop)
+
+    def loss_fn(model):
+        logits = model(images, deterministic=False).logits.astype(jnp.float32)
+        return optax.softmax_cross_entropy(logits, targets).mean()
+
+    loss, grads = nnx.value_and_grad(loss_fn)(model)  # grads: nnx.State of the Params
+    grads = nnx.to_pure_dict(grads)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    ema = state.ema_params
+    if ema is not None:
+        d = cfg.ema_decay
+        ema = jax.tree.map(lambda e, p: d * e + (1.0 - d) * p, ema, params)
+    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                              ema_params=ema)
+    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads),
+               "lr": schedule(state.step)}
+    return new_state, metrics
+
+
+def eval_step(params: Any, batch: dict[str, jax.Array], model_rest: Any, *,
+              graphdef: nnx.GraphDef, cfg: StepConfig) -> dict[str, jax.Array]:
+    """Sums over a padded eval batch (``mask`` marks real examples): loss, top-1, top-5, count."""
+    model = nnx.merge(graphdef, params, model_rest)
+    images = augment.normalize(batch["image"], cfg.mean, cfg.std, jnp.dtype(cfg.compute_dtype))
+    logits = model(images, deterministic=True).logits.astype(jnp.float32)
+    labels, mask = batch["label"], batch["mask"].astype(jnp.float32)
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    k = min(5, cfg.num_classes)
+    top_k = jax.lax.top_k(logits, k)[1]
+    hit_k = jnp.any(top_k == labels[:, None], axis=-1)
+    return {"loss": jnp.sum(loss * mask), "top1": jnp.sum((top_k[:, 0] == labels) * mask),
+            "top5": jnp.sum(hit_k * mask), "count": jnp.sum(mask)}
+
+
+def abstract_model(model_cfg, seed: int):
+    """(graphdef, abstract params, abstract rest) without allocating anything."""
+    model = nnx.eval_shape(lambda: nat_jax.build_model(
+        model_cfg, rngs=nnx.Rngs(params=seed, dropout=seed + 1)))
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    return graphdef, nnx.to_pure_dict(params), rest
+
+
+def create_train_state(model_cfg, tx: optax.GradientTransformation, mesh, config
+                       ) -> tuple[nnx.GraphDef, TrainState, Any, Any]:
+    """Initializes the model and optimizer directly into their shardings.
+
+    Returns (graphdef, state, state_shardings, model_rest).
+    """
+    seed, use_ema = config.seed, config.ema_decay > 0
+
+    def init():
+        model = nat_jax.build_model(model_cfg, rngs=nnx.Rngs(params=seed, dropout=seed + 1))
+        _, params, rest = nnx.split(model, nnx.Param, ...)
+        params = nnx.to_pure_dict(params)
+        rng = jax.random.key_data(jax.random.key(seed + 2))
+        state = TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                           opt_state=tx.init(params),
+                           ema_params=jax.tree.map(jnp.copy, params) if use_ema else None,
+                           rng=rng)
+        return state, rest
+
+    # Shapes first (one abstract trace of the model), then init straight into the shardings.
+    graphdef, abstract_params, abstract_rest = abstract_model(model_cfg, seed)
+    abstract_state = TrainState(
+        step=jax.ShapeDtypeStruct((), jnp.int32), params=abstract_params,
+        opt_state=jax.eval_shape(tx.init, abstract_params),
+        ema_params=abstract_params if use_ema else None,
+        rng=jax.ShapeDtypeStruct((2,), jnp.uint32))
+    state_sh = sharding.state_shardings(abstract_state, mesh, config.fsdp_min_size)
+    rest_sh = jax.tree.map(lambda _: sharding.replicated(mesh), abstract_rest)
+    state, rest = jax.jit(init, out_shardings=(state_sh, rest_sh))()
+    return graphdef, state, state_sh, rest
+
+
+def put_batch(batch: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:
+    """Per-host numpy batch -> global jax arrays split over all devices along the batch."""
+    shard = sharding.batch_sharding(mesh)
+    count = jax.process_count()
+    return {k: jax.make_array_from_process_local_data(
+                shard, v, (v.shape[0] * count, *v.shape[1:]))
+            for k, v in batch.items()}
+
+
+@dataclasses.dataclass
+class Training:
+    """What :func:`setup_training` builds: the sharded state and the compiled steps."""
+
+    model_cfg: Any
+    graphdef: nnx.GraphDef
+    state: TrainState
+    state_sh: Any          # NamedShardings of the state (same tree)
+    rest: Any              # the model's non-parameter state (RNG streams), replicated
+    step_fn: Any           # (state, batch, rest) -> (state, metrics); state is donated
+    eval_fn: Any           # (params, batch, rest) -> summed eval metrics
+    schedule: optax.Schedule
+    mesh: Any
+
+
+def setup_training(config, mesh, num_classes: int, total_steps: int, warmup_steps: int,
+                   cooldown_steps: int = 0) -> Training:
+    """Builds the optimizer, the sharded initial state and the jitted train / eval steps."""
+    if config.global_batch_size % mesh.size:
+        raise ValueError(f"global_batch_size={config.global_batch_size} must be divisible by "
+                         f"the number of devices ({mesh.size})")
+    schedule = make_schedule(config, total_steps, warmup_steps, cooldown_steps)
+    tx = make_optimizer(config, schedule)
+    model_cfg = model_config(config, num_classes)
+    graphdef, state, state_sh, rest = create_train_state(model_cfg, tx, mesh, config)
+    cfg = StepConfig.from_config(config, num_classes)
+    batch_sh = sharding.batch_sharding(mesh)
+    rest_sh = jax.tree.map(lambda _: sharding.replicated(mesh), rest)
+    step_fn = jax.jit(
+        functools.partial(train_step, graphdef=graphdef, tx=tx, schedule=schedule, cfg=cfg),
+        in_shardings=(state_sh, batch_sh, rest_sh),
+        out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=0)
+    eval_fn = jax.jit(functools.partial(eval_step, graphdef=graphdef, cfg=cfg),
+                      in_shardings=(state_sh.params, batch_sh, rest_sh),
+                      out_shardings=sharding.replicated(mesh))
+    return Training(model_cfg, graphdef, state, state_sh, rest, step_fn, eval_fn, schedule,
+                    mesh)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints
+# ---------------------------------------------------------------------------------------------
+
+def make_checkpoint_manager(workdir: str, keep: int) -> ocp.CheckpointManager:
+    """Async manager in ``workdir/checkpoints``: the latest ``keep`` plus the best eval top-1."""
+    policy = ocp_managers.AnyPreservationPolicy([
+        ocp_managers.LatestN(n=keep),
+        ocp_managers.BestN(get_metric_fn=lambda m: m["eval_top1"], n=1,
+                           keep_checkpoints_without_metrics=False),
+    ])
+    options = ocp.CheckpointManagerOptions(preservation_policy=policy,
+                                           enable_async_checkpointing=True, create=True)
+    return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"),
+                                 options=options)
+
+
+def _abstract_with_shardings(tree, shardings):
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                        tree, shardings)
+
+
+def save_checkpoint(manager: ocp.CheckpointManager, state: TrainState, data_iter,
+                    metrics: dict | None = None) -> None:
+    import grain
+
+    step = int(jax.device_get(state.step))
+    items = {"state": ocp.args.StandardSave(state)}
+    if data_iter is not None:
+        items["data"] = grain.checkpoint.CheckpointSave(data_iter)
+    manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=True)
+
+
+def restore_checkpoint(manager: ocp.CheckpointManager, step: int, state: TrainState,
+                       state_sh, data_iter=None) -> TrainState:
+    """Restores ``state`` (into its shardings) and, if given, the data iterator's position."""
+    import grain
+
+    items = {"state": ocp.args.StandardRestore(_abstract_with_shardings(state, state_sh))}
+    if data_iter is not None:
+        items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
+    return manager.restore(step, args=ocp.args.Composite(**items))["state"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Reporting (host 0 only)
+# ---------------------------------------------------------------------------------------------
+
+class Reporter:
+    """JSONL + TensorBoard metrics, a tqdm progress bar, and the curve PNG at the end."""
+
+    def __init__(self, workdir: str, total_steps: int, start_step: int, global_batch: int,
+                 enabled: bool, progress_bar: bool):
+        self.enabled = enabled
+        self.global_batch = global_batch
+        self.path = os.path.join(workdir, "metrics.jsonl")
+        self.writer = self.bar = None
+        if not enabled:
+            return
+        from tensorboardX import SummaryWriter
+        self.writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
+        if progress_bar:
+            from tqdm.auto import tqdm
+            self.bar = tqdm(total=total_steps, initial=start_step, unit="step",
+                            dynamic_ncols=True, desc="train")
+
+    def write(self, step: int, metrics: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"step": step, **metrics}) + "\n")
+        for name, value in metrics.items():
+            self.writer.add_scalar(name, value, step)
+
+    def progress(self, step: int, postfix: dict[str, str]) -> None:
+        if self.bar is not None:
+            self.bar.n = step
+            self.bar.set_postfix(postfix, refresh=False)
+            self.bar.refresh()
+
+    def message(self, text: str) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.write(text)
+        else:
+            print(text, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.writer is not None:
+            self.writer.close()
+
+    def plot(self) -> str | None:
+        """Training loss and eval top-1 against the step, from the JSONL file."""
+        if not self.enabled or not os.path.exists(self.path):
+            return None
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        rows = [json.loads(line) for line in open(self.path)]
+        train = [(r["step"], r["train_loss"]) for r in rows if "train_loss" in r]
+        evals = [(r["step"], r["eval_top1"]) for r in rows if "eval_top1" in r]
+        fig, ax = plt.subplots(1, 2, figsize=(10, 3.6))
+        if train:
+            ax[0].plot(*zip(*train))
+        ax[0].set(xlabel="step", ylabel="train loss", title="training loss")
+        if evals:
+            ax[1].plot(*zip(*evals), marker="o")
+        ax[1].set(xlabel="step", ylabel="top-1", title="validation top-1")
+        fig.tight_layout()
+        out = os.path.join(os.path.dirname(self.path), "training_curve.png")
+        fig.savefig(out, dpi=100)
+        plt.close(fig)
+        return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop
+# ---------------------------------------------------------------------------------------------
+
+def evaluate(eval_fn, params, rest, config, source, mesh) -> dict[str, float]:
+    """Top-1 / top-5 (in %) and mean loss over the whole eval split."""
+    totals = None
+    for batch in input_pipeline.eval_batches(config, source,
+                                             process_index=jax.process_index(),
+                                             process_count=jax.process_count()):
+        sums = eval_fn(params, put_batch(batch, mesh), rest)
+        totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+    totals = jax.device_get(totals)
+    count = max(float(totals["count"]), 1.0)
+    return {"eval_top1": 100.0 * float(totals["top1"]) / count,
+            "eval_top5": 100.0 * float(totals["top5"]) / count,
+            "eval_loss": float(totals["loss"]) / count, "eval_count": int(totals["count"])}
+
+
+class _Preemption:
+    """Turns SIGTERM into a flag the loop checks (final save, then a clean exit)."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self):
+        try:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread: no handler, no preemption support
+            self._previous = None
+        return self
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+def maybe_initialize_distributed(config) -> None:
+    """``jax.distributed.initialize()`` when asked (config.distributed or NAT_JAX_DISTRIBUTED=1).
+
+    Coordinator address, process count and id come from the environment (JAX reads
+    ``JAX_COORDINATOR_ADDRESS``/``JAX_NUM_PROCESSES``/``JAX_PROCESS_ID``, or SLURM / TPU pod
+    metadata automatically).
+    """
+    wanted = config.distributed or os.environ.get("NAT_JAX_DISTRIBUTED", "") in ("1", "true")
+    if wanted and not jax.distributed.is_initialized():
+        jax.distributed.initialize()
+
+
+def train_and_evaluate(config, workdir: str) -> dict[str, float]:
+    """Trains ``config`` in ``workdir`` (resuming from its latest checkpoint) and evaluates.
+
+    Returns the final metrics: ``eval_top1``, ``eval_top5``, ``eval_loss``, ``train_loss``,
+    ``step``, ``train_seconds`` and ``resumed_from`` (the restored step, or 0).
+    Raises NonFiniteLossError if the loss becomes NaN/inf (the last good checkpoint stays).
+    """
+    import grain
+
+    maybe_initialize_distributed(config)
+    workdir = os.path.abspath(os.path.expanduser(workdir))
+    os.makedirs(workdir, exist_ok=True)
+    is_host0 = jax.process_index() == 0
+    if is_host0:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json_best_effort(indent=2))
+
+    # Data.
+    train_source = input_pipeline.make_source(config, config.train_split)
+    eval_source = input_pipeline.make_source(config, config.eval_split)
+    num_classes = config.num_classes
+    if num_classes < 1:
+        num_classes = input_pipeline.num_classes_of(train_source)
+        if num_classes is None:
+            raise ValueError("config.num_classes=-1 but the dataset does not name its classes")
+    steps_per_epoch = max(len(train_source) // config.global_batch_size, 1)
+    total_steps, warmup_steps, cooldown_steps = resolve_durations(config, steps_per_epoch)
+    train_ds = input_pipeline.train_dataset(config, train_source,
+                                            process_index=jax.process_index(),
+                                            process_count=jax.process_count())
+    train_iter = iter(train_ds)
+
+    # Model, optimizer, sharded state, compiled steps.
+    mesh = sharding.make_mesh(config.fsdp)
+    run = setup_training(config, mesh, num_classes, total_steps, warmup_steps, cooldown_steps)
+    model_cfg, state, state_sh, rest = run.model_cfg, run.state, run.state_sh, run.rest
+    step_fn, eval_fn = run.step_fn, run.eval_fn
+
+    # Resume.
+    manager = make_checkpoint_manager(workdir, config.keep_checkpoints)
+    resumed_from = 0
+    latest = manager.latest_step()
+    if latest is not None:
+        state = restore_checkpoint(manager, latest, state, state_sh, train_iter)
+        resumed_from = latest
+    start = int(jax.device_get(state.step))
+
+    reporter = Reporter(workdir, total_steps, start, config.global_batch_size,
+                        enabled=is_host0, progress_bar=config.progress_bar)
+    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
+    if resumed_from:
+        reporter.message(f"Resuming from the checkpoint at step {resumed_from} in {workdir} "
+                         f"(data iterator and RNG restored); {total_steps - start} steps left.")
+    else:
+        reporter.message(f"Starting a new run in {workdir}: {config.model} ({n_params:,} "
+                         f"params), {total_steps} steps of {config.global_batch_size} images, "
+                         f"mesh {dict(mesh.shape)}.")
+
+    metrics_buffer: list[tuple[int, dict]] = []
+    last_saved = resumed_from or None
+    last_eval: dict[str, float] = {}
+    train_loss = float("nan")
+    timer_step, timer_time, compile_done = start, None, False
+    train_seconds = 0.0
+
+    def flush() -> None:
+        """Fetches buffered step metrics; stops on a non-finite loss; logs the mean."""
+        nonlocal train_loss
+        if not metrics_buffer:
+            return
+        fetched = jax.device_get([m for _, m in metrics_buffer])
+        steps = [s for s, _ in metrics_buffer]
+        metrics_buffer.clear()
+        for s, m in zip(steps, fetched):
+            if not math.isfinite(float(m["loss"])):
+                manager.wait_until_finished()
+                raise NonFiniteLossError(
+                    f"non-finite loss {float(m['loss'])} at step {s}; stopping. The last good "
+                    f"checkpoint is step {manager.latest_step()} in {workdir}/checkpoints.")
+        train_loss = float(np.mean([float(m["loss"]) for m in fetched]))
+        row = {"train_loss": train_loss,
+               "grad_norm": float(np.mean([float(m["grad_norm"]) for m in fetched])),
+               "lr": float(fetched[-1]["lr"])}
+        reporter.write(steps[-1], row)
+
+    final_metrics: dict[str, float] = {}
+    with _Preemption() as preemption:
+        step = start
+        while step < total_steps:
+            batch = put_batch(next(train_iter), mesh)
+            state, metrics = step_fn(state, batch, rest)
+            step += 1
+            metrics_buffer.append((step, metrics))
+            if not compile_done:  # timings exclude the first (compiling) step
+                jax.block_until_ready(metrics)
+                compile_done, timer_step, timer_time = True, step, time.perf_counter()
+
+            is_last = step == total_steps
+            if step % config.log_every_steps == 0 or is_last:
+                flush()
+                now = time.perf_counter()
+                rate = (step - timer_step) * config.global_batch_size / max(now - timer_time,
+                                                                           1e-9)
+                train_seconds += now - timer_time
+                timer_step, timer_time = step, now
+                reporter.write(step, {"images_per_second": rate})
+                reporter.progress(step, {"loss": f"{train_loss:.4f}",
+                                         "lr": f"{float(jax.device_get(metrics['lr'])):.2e}",
+                                         "img/s": f"{rate:.0f}"})
+            evaluated = False
+            if step % config.eval_every_steps == 0 or is_last:
+                flush()
+                eval_params = state.ema_params if state.ema_params is not None else state.params
+                last_eval = evaluate(eval_fn, eval_params, rest, config, eval_source, mesh)
+                evaluated = True
+                reporter.write(step, last_eval)
+                reporter.message(f"step {step}: eval top-1 {last_eval['eval_top1']:.2f}% "
+                                 f"top-5 {last_eval['eval_top5']:.2f}% "
+                                 f"loss {last_eval['eval_loss']:.4f}")
+                timer_time = time.perf_counter()  # eval time is not training time
+            if step % config.checkpoint_every_steps == 0 or is_last or preemption.requested:
+                flush()
+                save_checkpoint(manager, state, train_iter,
+                                {"eval_top1": last_eval["eval_top1"]} if evaluated else None)
+                last_saved = step
+            if preemption.requested:
+                manager.wait_until_finished()
+                reporter.message(f"SIGTERM: saved the checkpoint at step {step}; exiting. "
+                                 "Run the same command again to resume.")
+                final_metrics["preempted"] = True
+                break
+        manager.wait_until_finished()
+
+    reporter.close()
+    curve = reporter.plot()
+    final_metrics.update(last_eval)
+    final_metrics.update(step=int(jax.device_get(state.step)), train_loss=train_loss,
+                         train_seconds=train_seconds, resumed_from=resumed_from,
+                         last_checkpoint=last_saved or 0)
+    if curve and is_host0:
+        print(f"Training curve: {curve}", flush=True)
+    if config.predict_after_training > 0 and not final_metrics.get("preempted"):
+        predict_from_checkpoint(config, workdir, eval_source, model_cfg,
+                                count=config.predict_after_training)
+    manager.close()
+    return final_metrics
+
+
+def load_trained_model(workdir: str, model_cfg, step: int | None = None, use_ema: bool = False):
+    """An NNX model with the params of checkpoint ``step`` (default: latest) in ``workdir``."""
+    manager = ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"),
+                                    options=ocp.CheckpointManagerOptions(create=False))
+    step = manager.latest_step() if step is None else step
+    if step is None:
+        raise ValueError(f"no checkpoint in {workdir}/checkpoints")
+    restored = manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore()))["state"]
+    manager.close()
+    params = restored["ema_params"] if use_ema and restored.get("ema_params") else \
+        restored["params"]
+    model = nat_jax.build_model(model_cfg, rngs=nnx.Rngs(params=0, dropout=1))
+    graphdef, param_state, rest = nnx.split(model, nnx.Param, ...)
+    # Restoring without a target turns integer keys (layer indices) into strings;
+    # replace_by_pure_dict maps them back onto the model's own tree.
+    nnx.replace_by_pure_dict(param_state, params)
+    return nnx.merge(graphdef, param_state, rest), step
+
+
+def predict_from_checkpoint(config, workdir: str, source, model_cfg, count: int = 8) -> list:
+    """Reloads the latest checkpoint and prints jit-compiled predictions for ``count`` images."""
+    if jax.process_index() != 0:
+        return []
+    model, step = load_trained_model(workdir, model_cfg)
+    aug = config.aug
+    transform = input_pipeline.EvalTransform(config.image_size, aug.eval_crop_pct)
+    picks = np.linspace(0, len(source) - 1, count).astype(int)
+    examples = [input_pipeline.decode(source[int(i)]) for i in picks]
+    examples = [transform(e) for e in examples if e is not None]
+    images = np.stack([e["image"] for e in examples])
+    labels = [int(e["label"]) for e in examples]
+
+    @nnx.jit
+    def predict(model, images_u8):
+        x = augment.normalize(images_u8, aug.mean, aug.std)
+        return jax.nn.softmax(model(x, deterministic=True).logits, axis=-1)
+
+    probs = np.asarray(predict(model, jnp.asarray(images)))
+    names = getattr(source, "class_names", None)
+    print(f"Predictions of the checkpoint at step {step} (reloaded from {workdir}) on "
+          f"{len(labels)} held-out images:", flush=True)
+    rows = []
+    for i, (p, y) in enumerate(zip(probs, labels)):
+        guess = int(np.argmax(p))
+        show = (lambda c: names[c]) if names else str
+        mark = "ok" if guess == y else "WRONG"
+        print(f"  image {int(picks[i]):4d}: true {show(y):>6}  predicted {show(guess):>6}  "
+              f"(p={p[guess]:.3f})  {mark}", flush=True)
+        rows.append((int(picks[i]), y, guess, float(p[guess])))
+    return rows
