@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import jax.numpy as jnp
@@ -258,21 +258,21 @@ _BASE = dict(embed_dim=128, depths=(3, 4, 18, 5), num_heads=(4, 8, 16, 32), mlp_
 _LARGE = dict(embed_dim=192, depths=(3, 4, 18, 5), num_heads=(6, 12, 24, 48), mlp_ratio=2.0,
               drop_path_rate=0.35)
 
-PRESETS: dict[str, Callable[[], _BaseConfig]] = {
-    "nat_mini": lambda: NatConfig(**_MINI),
-    "nat_tiny": lambda: NatConfig(**_TINY),
-    "nat_small": lambda: NatConfig(**_SMALL, layer_scale_init_value=1e-5),
-    "nat_base": lambda: NatConfig(**_BASE),
-    "dinat_mini": lambda: DinatConfig(**_MINI, dilations=((1, 8, 1), (1, 4, 1, 4),
-                                                          (1, 2) * 3, (1,) * 5)),
-    "dinat_tiny": lambda: DinatConfig(**_TINY, dilations=_D224),
-    "dinat_small": lambda: DinatConfig(**_SMALL, dilations=_D224),
-    "dinat_base": lambda: DinatConfig(**_BASE, dilations=_D224),
-    "dinat_large": lambda: DinatConfig(**_LARGE, dilations=_D224),
-    "dinat_large_384": lambda: DinatConfig(**_LARGE, dilations=_D384, image_size=384,
-                                           crop_pct=1.0),
-    "dinat_large_384_k11": lambda: DinatConfig(**_LARGE, dilations=_D224, kernel_size=11,
-                                               image_size=384, crop_pct=1.0),
+# name -> config (configs are frozen, so the registry's instances can be shared).
+PRESETS: dict[str, NatConfig | DinatConfig] = {
+    "nat_mini": NatConfig(**_MINI),
+    "nat_tiny": NatConfig(**_TINY),
+    "nat_small": NatConfig(**_SMALL, layer_scale_init_value=1e-5),
+    "nat_base": NatConfig(**_BASE),
+    "dinat_mini": DinatConfig(**_MINI, dilations=((1, 8, 1), (1, 4, 1, 4), (1, 2) * 3,
+                                                  (1,) * 5)),
+    "dinat_tiny": DinatConfig(**_TINY, dilations=_D224),
+    "dinat_small": DinatConfig(**_SMALL, dilations=_D224),
+    "dinat_base": DinatConfig(**_BASE, dilations=_D224),
+    "dinat_large": DinatConfig(**_LARGE, dilations=_D224),
+    "dinat_large_384": DinatConfig(**_LARGE, dilations=_D384, image_size=384, crop_pct=1.0),
+    "dinat_large_384_k11": DinatConfig(**_LARGE, dilations=_D224, kernel_size=11,
+                                       image_size=384, crop_pct=1.0),
 }
 
 # Where the published weights live (for the converter and the README); nothing downloads here.
@@ -304,7 +304,7 @@ def get(name: str, **overrides) -> NatConfig | DinatConfig:
     """
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; available presets: {', '.join(PRESETS)}")
-    config = PRESETS[name]()
+    config = PRESETS[name]
     return dataclasses.replace(config, **overrides) if overrides else config
 
 
