@@ -6,34 +6,44 @@ LayerNorm; stages of pre-norm layers ``x += drop_path(g1 * proj(NA(norm1(x))))``
 LayerNorm between stages; final LayerNorm, mean pool, linear head. DiNAT only changes the
 per-layer dilation. Everything is channels-last (NHWC) inside.
 
-Parameter tree (classifier; ``nat`` becomes ``dinat`` for DiNAT; ``i`` stage, ``j`` layer).
-Flax Linear kernels are ``[in, out]`` (torch ``weight.T``), conv kernels ``[kh, kw, in, out]``
-(torch ``weight.transpose(2, 3, 1, 0)``), LayerNorm ``scale``/``bias`` = torch ``weight``/``bias``.
+Parameter tree (classifier; ``nat`` becomes ``dinat`` for DiNAT). Abbreviations: ``L`` =
+``nat.encoder.levels.i.layers.j`` (ours and HF), ``B`` = ``levels.i.blocks.j`` (original),
+``E`` = ``nat.embeddings``, ``P`` = ``E.patch_embeddings.projection``. Flax Linear kernels are
+``[in, out]`` (torch ``weight.T``), conv kernels ``[kh, kw, in, out]`` (torch
+``weight.transpose(2, 3, 1, 0)``), LayerNorm ``scale``/``bias`` = torch ``weight``/``bias``.
 
-=======================================================  ===========================================================  ===================================
-our path (``nnx.state(model, nnx.Param)``)                HF key                                                        original (SHI-Labs) key
-=======================================================  ===========================================================  ===================================
-nat.embeddings.patch_embeddings.projection.0.kernel/bias  nat.embeddings.patch_embeddings.projection.0.weight/bias      patch_embed.proj.0.weight/bias
-nat.embeddings.patch_embeddings.projection.1.kernel/bias  nat.embeddings.patch_embeddings.projection.1.weight/bias      patch_embed.proj.1.weight/bias
-nat.embeddings.norm.scale/bias                            nat.embeddings.norm.weight/bias                               patch_embed.norm.weight/bias
-nat.encoder.levels.i.layers.j.layernorm_before.*          nat.encoder.levels.i.layers.j.layernorm_before.*              levels.i.blocks.j.norm1.*
-nat.encoder.levels.i.layers.j.attention.qkv.kernel        concat(...attention.self.{query,key,value}.weight).T [C,3C]   levels.i.blocks.j.attn.qkv.weight.T
-nat.encoder.levels.i.layers.j.attention.qkv.bias          concat(...attention.self.{query,key,value}.bias) [3C]         levels.i.blocks.j.attn.qkv.bias
-nat.encoder.levels.i.layers.j.attention.rpb               ...attention.self.rpb [heads, 2K-1, 2K-1] (as is)             levels.i.blocks.j.attn.rpb
-nat.encoder.levels.i.layers.j.attention.proj.kernel/bias  ...attention.output.dense.weight.T/bias                       levels.i.blocks.j.attn.proj.*
-nat.encoder.levels.i.layers.j.layernorm_after.*           ...layernorm_after.*                                          levels.i.blocks.j.norm2.*
-nat.encoder.levels.i.layers.j.mlp.fc1.kernel/bias         ...intermediate.dense.weight.T/bias                           levels.i.blocks.j.mlp.fc1.*
-nat.encoder.levels.i.layers.j.mlp.fc2.kernel/bias         ...output.dense.weight.T/bias                                 levels.i.blocks.j.mlp.fc2.*
-nat.encoder.levels.i.layers.j.layer_scale_parameters      ...layer_scale_parameters [2, C] (only if layer scale)        stack(gamma1, gamma2)
-nat.encoder.levels.i.downsample.reduction.kernel          nat.encoder.levels.i.downsample.reduction.weight (no bias)    levels.i.downsample.reduction.weight
-nat.encoder.levels.i.downsample.norm.*                    nat.encoder.levels.i.downsample.norm.*                        levels.i.downsample.norm.*
-nat.layernorm.scale/bias                                  nat.layernorm.weight/bias                                     norm.weight/bias
-classifier.kernel/bias                                    classifier.weight.T/bias                                      head.weight.T/bias
-=======================================================  ===========================================================  ===================================
+==========================================  ============================================
+our path (``nnx.state(model, nnx.Param)``)  HF key
+==========================================  ============================================
+P.0.kernel, P.0.bias                        P.0.weight, P.0.bias
+P.1.kernel, P.1.bias                        P.1.weight, P.1.bias
+E.norm.scale/bias                           E.norm.weight/bias
+L.layernorm_before.scale/bias               L.layernorm_before.weight/bias
+L.attention.qkv.kernel [C, 3C]              concat(L.attention.self.{query,key,value}
+                                            .weight, axis=0).T
+L.attention.qkv.bias [3C]                   concat(L.attention.self.{query,key,value}.bias)
+L.attention.rpb [heads, 2K-1, 2K-1]         L.attention.self.rpb (as is)
+L.attention.proj.kernel/bias                L.attention.output.dense.weight.T/bias
+L.layernorm_after.scale/bias                L.layernorm_after.weight/bias
+L.mlp.fc1.kernel/bias                       L.intermediate.dense.weight.T/bias
+L.mlp.fc2.kernel/bias                       L.output.dense.weight.T/bias
+L.layer_scale_parameters [2, C]             L.layer_scale_parameters (only with layer scale)
+nat.encoder.levels.i.downsample.reduction.  nat.encoder.levels.i.downsample.reduction.
+kernel (no bias)                            weight
+nat.encoder.levels.i.downsample.norm.*      nat.encoder.levels.i.downsample.norm.*
+nat.layernorm.scale/bias                    nat.layernorm.weight/bias
+classifier.kernel/bias                      classifier.weight.T/bias
+==========================================  ============================================
+
+Original (SHI-Labs) keys for the same tensors: ``patch_embed.proj.{0,1}``, ``patch_embed.norm``,
+``B.norm1``, ``B.attn.qkv`` (already fused, same row order), ``B.attn.rpb``, ``B.attn.proj``,
+``B.norm2``, ``B.mlp.fc1``, ``B.mlp.fc2``, ``B.gamma1``/``B.gamma2`` (stack to
+``layer_scale_parameters``), ``levels.i.downsample.{reduction,norm}``, ``norm``, ``head``.
 
 ``NatModel`` / ``DinatModel`` have the same tree without the ``nat.`` prefix and without the
-classifier. Backbones have ``embeddings``, ``encoder`` and ``hidden_states_norms.stage{k}.*``
-(HF ``hidden_states_norms.stage{k}.weight/bias``); there is no final ``layernorm``.
+classifier. Backbones have ``embeddings``, ``encoder`` and ``hidden_states_norms.<name>.*``
+(``<name>`` from ``out_features``: ``stem``, ``stage1``...; HF ``hidden_states_norms.<name>.*``);
+there is no final ``layernorm``.
 The qkv kernel's output columns are ``[q | k | v]``, each head-major (head h uses columns
 ``h*d:(h+1)*d`` of its block), matching HF's ``transpose_for_scores`` and the original reshape.
 Dropout modules (present only for non-zero rates) hold ``nnx.RngState``, not parameters.

@@ -57,7 +57,8 @@ def natten2dqkrpb(query: torch.Tensor, key: torch.Tensor, rpb: torch.Tensor | No
     if rpb is not None:
         _, rh = axis_windows(height, kernel_size, dilation)
         _, rw = axis_windows(width, kernel_size, dilation)
-        bias = rpb[:, torch.from_numpy(rh)[:, None, :, None], torch.from_numpy(rw)[None, :, None, :]]
+        rows, cols = torch.from_numpy(rh), torch.from_numpy(rw)
+        bias = rpb[:, rows[:, None, :, None], cols[None, :, None, :]]
         logits = logits + bias[None]
     return logits.reshape(b, h, height, width, kernel_size * kernel_size)
 

@@ -232,4 +232,3 @@ def test_copy_map_covers_layer_scale_and_qkv_layout():
     prefix = "nat.encoder.levels.0.layers.0.attention.self."
     np.testing.assert_array_equal(kernel[:, c:2 * c], sd[prefix + "key.weight"].numpy().T)
     assert layer.layer_scale_parameters[...].shape == (2, c)
-    jax.block_until_ready(kernel)
