@@ -20,8 +20,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-torch = pytest.importorskip("torch")
-pytest.importorskip("transformers")
+# torch and transformers come with the test extra: a missing one must fail, not skip.
+import torch  # noqa: E402
+import transformers  # noqa: E402,F401
 
 import nat_jax  # noqa: E402
 from nat_jax.cli import main  # noqa: E402
