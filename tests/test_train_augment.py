@@ -165,6 +165,25 @@ def test_train_dataset_is_deterministic_and_resumable():
         np.testing.assert_array_equal(got[key], expected[key])
 
 
+def test_worker_processes_resume():
+    """With grain worker processes the iterator state still resumes exactly."""
+    config = get_config("digits")
+    config.update(global_batch_size=8, num_workers=2)
+    source = input_pipeline.DigitsSource("train", image_size=config.image_size)
+    first = iter(input_pipeline.train_dataset(config, source))
+    batches = [next(first) for _ in range(3)]
+    state = first.get_state()
+    expected = next(first)
+    first.close()
+    again = iter(input_pipeline.train_dataset(config, source))
+    again.set_state(state)
+    got = next(again)
+    again.close()
+    assert all(b["image"].shape == (8, 32, 32, 3) for b in batches)
+    np.testing.assert_array_equal(got["image"], expected["image"])
+    np.testing.assert_array_equal(got["label"], expected["label"])
+
+
 def test_digits_source():
     train = input_pipeline.DigitsSource("train", image_size=32)
     val = input_pipeline.DigitsSource("validation", image_size=32)

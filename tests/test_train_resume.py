@@ -88,7 +88,19 @@ def run_child(workdir, mode, kill_at=0, wait=True):
 
 
 @pytest.fixture(scope="module")
-def reference_run(tmp_path_factory):
+def compilation_cache(tmp_path_factory):
+    """A persistent XLA cache shared with the children: the three runs compile one program."""
+    path = str(tmp_path_factory.mktemp("xla_cache"))
+    previous = jax.config.jax_compilation_cache_dir
+    jax.config.update("jax_compilation_cache_dir", path)
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = path
+    yield path
+    os.environ.pop("JAX_COMPILATION_CACHE_DIR", None)
+    jax.config.update("jax_compilation_cache_dir", previous)
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory, compilation_cache):
     workdir = str(tmp_path_factory.mktemp("uninterrupted"))
     trainer.train_and_evaluate(resume_config(), workdir)
     return final_state(workdir)

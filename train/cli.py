@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 
 
@@ -83,5 +84,7 @@ def run(args: argparse.Namespace) -> int:
     except trainer.NonFiniteLossError as e:
         print(f"nat-jax train: {e}", file=sys.stderr)
         return 1
-    print("Final metrics: " + json.dumps(metrics, sort_keys=True), flush=True)
+    shown = {k: None if isinstance(v, float) and not math.isfinite(v) else v
+             for k, v in metrics.items()}
+    print("Final metrics: " + json.dumps(shown, sort_keys=True), flush=True)
     return 0

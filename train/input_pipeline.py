@@ -195,6 +195,17 @@ class EvalTransform:
 # Datasets
 # ---------------------------------------------------------------------------------------------
 
+def _in_worker_processes(ds: grain.IterDataset, config) -> grain.IterDataset:
+    """Runs everything upstream of ``ds`` in ``config.num_workers`` grain worker processes."""
+    from absl import flags
+
+    # grain reads absl flags when it starts workers; without absl.app nobody parsed them.
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+    return ds.mp_prefetch(grain.MultiprocessingOptions(
+        num_workers=config.num_workers, per_worker_buffer_size=config.prefetch_buffer))
+
+
 def per_host_batch_size(global_batch_size: int, process_count: int) -> int:
     if global_batch_size % process_count:
         raise ValueError(f"{global_batch_size=} must be divisible by the number of hosts "
@@ -223,8 +234,7 @@ def train_dataset(config, source, *, process_index: int = 0, process_count: int 
           .to_iter_dataset()
           .batch(batch, drop_remainder=True))
     if config.num_workers > 0:
-        ds = ds.mp_prefetch(grain.MultiprocessingOptions(
-            num_workers=config.num_workers, per_worker_buffer_size=config.prefetch_buffer))
+        ds = _in_worker_processes(ds, config)
     return ds
 
 
@@ -244,8 +254,7 @@ def eval_batches(config, source, *, process_index: int = 0, process_count: int =
           .map(transform)
           .to_iter_dataset())
     if config.num_workers > 0:
-        ds = ds.mp_prefetch(grain.MultiprocessingOptions(
-            num_workers=config.num_workers, per_worker_buffer_size=config.prefetch_buffer))
+        ds = _in_worker_processes(ds, config)
     it = iter(ds)
     shape = (config.image_size, config.image_size, 3)
     for _ in range(num_batches):

@@ -431,6 +431,11 @@ def evaluate(eval_fn, params, rest, config, source, mesh) -> dict[str, float]:
             "eval_loss": float(totals["loss"]) / count, "eval_count": int(totals["count"])}
 
 
+def _eval_line(step: int, m: dict[str, float]) -> str:
+    return (f"step {step}: eval top-1 {m['eval_top1']:.2f}% top-5 {m['eval_top5']:.2f}% "
+            f"loss {m['eval_loss']:.4f}")
+
+
 class _Preemption:
     """Turns SIGTERM into a flag the loop checks (final save, then a clean exit)."""
 
@@ -581,9 +586,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
                 last_eval = evaluate(eval_fn, eval_params, rest, config, eval_source, mesh)
                 evaluated = True
                 reporter.write(step, last_eval)
-                reporter.message(f"step {step}: eval top-1 {last_eval['eval_top1']:.2f}% "
-                                 f"top-5 {last_eval['eval_top5']:.2f}% "
-                                 f"loss {last_eval['eval_loss']:.4f}")
+                reporter.message(_eval_line(step, last_eval))
                 timer_time = time.perf_counter()  # eval time is not training time
             if step % config.checkpoint_every_steps == 0 or is_last or preemption.requested:
                 flush()
@@ -598,7 +601,13 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
                 break
         manager.wait_until_finished()
 
+    if not last_eval and not final_metrics.get("preempted"):  # resumed a finished run
+        eval_params = state.ema_params if state.ema_params is not None else state.params
+        last_eval = evaluate(eval_fn, eval_params, rest, config, eval_source, mesh)
+        reporter.message(_eval_line(start, last_eval) + " (the run had already finished)")
     reporter.close()
+    if hasattr(train_iter, "close"):
+        train_iter.close()  # stops grain worker processes now, not at interpreter exit
     curve = reporter.plot()
     final_metrics.update(last_eval)
     final_metrics.update(step=int(jax.device_get(state.step)), train_loss=train_loss,
