@@ -199,13 +199,23 @@ def test_imagenet_config_on_mock_data(tmp_path, name, fsdp):
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2", "4"]
 
 
-def test_non_finite_loss_stops_with_the_step(tmp_path):
-    c = tiny_config(dataset="digits", num_classes=10)
-    c.num_train_steps = 6
-    c.aug.std = (0.0, 0.0, 0.0)  # division by zero: the first loss is NaN
-    with pytest.raises(trainer.NonFiniteLossError, match="non-finite loss nan at step 1"):
-        trainer.train_and_evaluate(c, str(tmp_path))
-    assert not os.path.exists(tmp_path / "checkpoints" / "2")
+def test_non_finite_loss_stops_with_the_step(tmp_path, capsys):
+    """Through the CLI (overrides of every kind): a NaN loss exits 1 naming the step."""
+    from nat_jax.cli import main
+
+    workdir = str(tmp_path / "w")
+    code = main(["train", "--config", "digits", "--workdir", workdir,
+                 "--config.num_epochs=-1", "--config.num_train_steps=6",
+                 "--config.warmup_epochs", "-1", "--config.warmup_steps=1",
+                 "--config.model_overrides.embed_dim=16", "--config.model_overrides.depths=(1,1)",
+                 "--config.model_overrides.num_heads=(1, 2)",
+                 "--config.model_overrides.dilations=((2,), (1,))",
+                 "--config.progress_bar=false", "--config.log_every_steps=1",
+                 "--config.aug.std=(0, 0, 0)"])  # division by zero: the first loss is NaN
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "non-finite loss nan at step 1" in err and "last good checkpoint" in err
+    assert not os.path.exists(os.path.join(workdir, "checkpoints", "2"))
 
 
 @pytest.mark.slow
