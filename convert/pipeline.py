@@ -15,9 +15,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import shutil
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -28,6 +26,7 @@ from nat_jax import configs
 from nat_jax.convert import hf_config, keymap
 from nat_jax.convert.loading import (Checkpoint, ConversionError, load_checkpoint,
                                      read_hf_config)
+from nat_jax.pretrained import atomic_directory
 
 DTYPES = ("float32", "bfloat16")
 # Max |ours - PyTorch| allowed by --verify, relative to max(1, max |PyTorch output|).
@@ -368,24 +367,11 @@ def export(ckpt: str | Path, out_dir: str | Path, format: str = "hf",
     rows = keymap.key_table(keymap.Structure.from_config(config, head))
     state = keymap.from_ours(params, rows, "hf")
     out_dir = out_dir.absolute()
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
+    with atomic_directory(out_dir) as tmp:
         (tmp / "config.json").write_text(json.dumps(hf_config.config_to_hf(config, head),
                                                     indent=2))
         # transformers refuses safetensors files without the "format" metadata entry.
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        old = None
-        if out_dir.exists():
-            old = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
-            out_dir.rename(old)
-        tmp.rename(out_dir)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return Result(out=out_dir, config=config, head=head, arch=_arch_name(config),
                   source_format="nat-jax", num_params=int(sum(v.size for v in params.values())),
                   dtype="float32", seconds=time.perf_counter() - start)

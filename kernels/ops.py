@@ -10,7 +10,6 @@ import functools
 from collections.abc import Callable
 
 import jax
-import jax.numpy as jnp
 
 from nat_jax.kernels import reference, xla
 from nat_jax.kernels.params import (BoolOrTuple, IntOrTuple, NAParams, check_qkv, check_rpb,

@@ -14,10 +14,12 @@ place at the end, so a crash never leaves a half-written ``path``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import jax
@@ -58,15 +60,26 @@ def save_pretrained(model: nnx.Module, path: str | os.PathLike, *, overwrite: bo
     meta["architectures"] = [type(model).__name__]
     meta["format"] = FORMAT
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
+    with atomic_directory(path) as tmp:
         (tmp / "config.json").write_text(json.dumps(meta, indent=2))
         params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
         with ocp.StandardCheckpointer() as ckpt:
             ckpt.save(tmp / "params", params)
             ckpt.wait_until_finished()
+    return path
+
+
+@contextlib.contextmanager
+def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a hidden temporary sibling of ``path`` to fill; on success it replaces ``path`` by
+    rename (an existing ``path`` is moved aside first and deleted after), on any failure it is
+    removed and ``path`` is left as it was."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        yield tmp
         old = None
         if path.exists():
             old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
@@ -77,7 +90,6 @@ def save_pretrained(model: nnx.Module, path: str | os.PathLike, *, overwrite: bo
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return path
 
 
 def load_config(path: str | os.PathLike) -> tuple[_BaseConfig, str]:
