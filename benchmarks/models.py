@@ -16,10 +16,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
-import json
 import os
-import platform
 import sys
 import time
 
@@ -32,15 +29,7 @@ from rich.table import Table
 
 import nat_jax
 from nat_jax import configs, kernels
-
-
-def _median_seconds(fn, args, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
+from nat_jax.timing import environment, median_seconds, write_json
 
 
 def _params(config):
@@ -65,7 +54,7 @@ def bench_one(config, params, batch: int, repeats: int) -> dict:
     start = time.perf_counter()
     jax.block_until_ready(forward(params, x))
     compile_s = time.perf_counter() - start
-    seconds = _median_seconds(forward, (params, x), repeats)
+    seconds = median_seconds(forward, params, x, repeats=repeats)
     return dict(images_per_s=batch / seconds, ms_per_batch=1e3 * seconds, compile_s=compile_s)
 
 
@@ -87,12 +76,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     device = jax.devices()[0]
-    meta = dict(device=device.device_kind, platform=platform_name, jax=jax.__version__,
-                host=platform.node(), cpu_count=os.cpu_count(),
-                load_average=os.getloadavg() if hasattr(os, "getloadavg") else None,
-                date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                command=" ".join([os.path.basename(sys.argv[0])] + (argv or sys.argv[1:])),
-                image_size=args.image_size, repeats=args.repeats)
+    meta = environment(
+        command=" ".join([os.path.basename(sys.argv[0])] + (argv or sys.argv[1:])),
+        image_size=args.image_size, repeats=args.repeats)
     console = Console(width=max(Console().width, 110))
     rows = []
     for name in args.presets:
@@ -114,9 +100,7 @@ def main(argv: list[str] | None = None) -> int:
 
     out = args.out or os.path.join(os.path.dirname(__file__), "results",
                                    f"models_{platform_name}.json")
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump(dict(meta=meta, results=rows), f, indent=1)
+    write_json(out, dict(meta=meta, results=rows))
 
     table = Table(title=f"NAT/DiNAT inference on {device.device_kind} ({platform_name}), "
                         f"jax {jax.__version__}, {args.image_size}x{args.image_size}")

@@ -16,12 +16,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
-import json
 import os
-import platform
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -30,6 +26,7 @@ from rich.console import Console
 from rich.table import Table
 
 from nat_jax import kernels
+from nat_jax.timing import environment, median_seconds, write_json
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,16 +75,6 @@ def gpu_suite() -> list[Shape]:
     return out
 
 
-def _median_seconds(fn, args, repeats: int) -> float:
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
-
-
 def bench_one(s: Shape, backend: str, repeats: int) -> dict:
     rank = len(s.spatial)
     dtype = jnp.dtype(s.dtype)
@@ -108,10 +95,10 @@ def bench_one(s: Shape, backend: str, repeats: int) -> dict:
 
     flops = kernels.na_flops(s.batch, s.heads, s.spatial, (s.kernel,) * rank, s.head_dim)
     row = dict(dataclasses.asdict(s), backend=backend, flops_fwd=flops)
-    t = _median_seconds(jax.jit(fwd), (q, k, v, rpb), repeats)
+    t = median_seconds(jax.jit(fwd), q, k, v, rpb, repeats=repeats)
     row.update(fwd_ms=t * 1e3, fwd_tflops=flops / t / 1e12)
     if s.backward:
-        t = _median_seconds(jax.jit(fwd_bwd), (q, k, v, rpb), repeats)
+        t = median_seconds(jax.jit(fwd_bwd), q, k, v, rpb, repeats=repeats)
         row.update(fwd_bwd_ms=t * 1e3, fwd_bwd_tflops=3.5 * flops / t / 1e12)
     return row
 
@@ -157,22 +144,10 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append(bench_one(s, backend, args.repeats))
 
     device = jax.devices()[0]
-    meta = dict(device=device.device_kind, platform=platform_name, jax=jax.__version__,
-                jaxlib=jax.lib.__version__ if hasattr(jax.lib, "__version__") else None,
-                python=sys.version.split()[0], cpu_count=os.cpu_count(), host=platform.machine(),
-                date=datetime.date.today().isoformat(), repeats=args.repeats)
-    try:
-        import jaxlib
-        meta["jaxlib"] = jaxlib.__version__
-    except ImportError:
-        pass
     out = args.out or os.path.join(os.path.dirname(__file__), "results",
                                    f"na_ops_{platform_name}.json")
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    tmp = out + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(dict(meta=meta, results=rows), f, indent=1)
-    os.replace(tmp, out)
+    write_json(out, dict(meta=environment(repeats=args.repeats, suite=args.suite),
+                         results=rows))
 
     table = Table(title=f"NA ops on {device.device_kind} ({platform_name}), jax {jax.__version__}")
     for col in ("shape", "dtype", "backend", "fwd ms", "fwd TFLOP/s", "fwd+bwd ms",

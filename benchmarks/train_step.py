@@ -21,11 +21,8 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import datetime
 import io
-import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -35,6 +32,7 @@ import numpy as np
 from PIL import Image
 
 from nat_jax import configs as model_configs
+from nat_jax.timing import environment, write_json
 from nat_jax.train import configs, input_pipeline, sharding, trainer
 
 
@@ -120,15 +118,9 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     device = jax.devices()[0]
-    result = {
-        "device": getattr(device, "device_kind", str(device)), "platform": device.platform,
-        "device_count": jax.device_count(), "jax_version": jax.__version__,
-        "host": platform.node(), "cpu_count": os.cpu_count(),
-        "load_average_at_start": list(os.getloadavg()),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join(["python", "benchmarks/train_step.py", *sys.argv[1:]]),
-        "train_step": [], "input_pipeline": [],
-    }
+    result = environment(command=" ".join(["python", "benchmarks/train_step.py",
+                                           *sys.argv[1:]]))
+    result.update(train_step=[], input_pipeline=[])
     if not args.skip_train:
         batch = args.batch or 64 * jax.device_count()
         for preset in args.presets:
@@ -149,9 +141,7 @@ def main(argv=None) -> int:
 
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                    f"train_step_{device.platform}.json")
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump(result, f, indent=2)
+    write_json(out, result)
     print(f"wrote {out}")
     return 0
 

@@ -8,15 +8,14 @@ backend. Example: ``nat-jax demo --batch 2``.
 from __future__ import annotations
 
 import argparse
-import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from rich.console import Console
 from rich.table import Table
 
 from nat_jax import kernels
+from nat_jax.timing import median_seconds
 
 CASES = [
     # name, spatial, kernel, dilation, heads, head_dim, with rpb
@@ -32,16 +31,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per row (default 5)")
     parser.add_argument("--backends", default=None,
                         help="comma-separated backends (default: all available)")
-
-
-def _time(fn, *args, repeats: int) -> float:
-    jax.block_until_ready(fn(*args))  # compile
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -65,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
         for backend in ["reference"] + [b for b in backends if b != "reference"]:
             fn = jax.jit(lambda q, k, v, r, b=backend: kernels.neighborhood_attention(
                 q, k, v, kernel, dilation=dilation, is_causal=causal, rpb=r, backend=b))
-            seconds = _time(fn, q, k, v, rpb, repeats=args.repeats)
+            seconds = median_seconds(fn, q, k, v, rpb, repeats=args.repeats)
             out = fn(q, k, v, rpb)
             if ref is None:
                 ref = out
