@@ -183,7 +183,15 @@ def test_sharded_steps_match_single_device_and_loss_decreases(rng):
 
 # ------------------------------------------------------------------ end to end on mock ImageNet
 
-@pytest.mark.parametrize("name,fsdp", [("nat_mini", 1), ("dinat_mini", 8)])
+IMAGENET_CONFIGS = [n for n in configs.CONFIGS if n != "digits"]
+
+
+@pytest.mark.parametrize("name,fsdp", [
+    # Every ImageNet config (recipe, schedule, augmentation) end to end with a shrunk model,
+    # NAT data parallel and DiNAT FSDP (+EMA) over 8 devices; the two minis in every run, the
+    # others in the sampled slow tier.
+    pytest.param(n, f, marks=() if n in ("nat_mini", "dinat_mini") else pytest.mark.slow)
+    for n, f in [(n, 8 if n.startswith("dinat") else 1) for n in IMAGENET_CONFIGS]])
 def test_imagenet_config_on_mock_data(tmp_path, name, fsdp):
     c = tiny_config(name, fsdp=fsdp, fsdp_min_size=0, ema_decay=0.9 if fsdp > 1 else 0.0)
     with tfds.testing.mock_data(num_examples=40):
