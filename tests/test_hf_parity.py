@@ -20,8 +20,8 @@ import natten_shim
 import oracle
 
 natten_shim.install()
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+import torch  # noqa: E402  (test extra: a missing one must fail, not skip)
+import transformers  # noqa: E402
 
 import nat_jax  # noqa: E402
 from nat_jax import DinatConfig, NatConfig  # noqa: E402

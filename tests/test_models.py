@@ -113,7 +113,7 @@ def test_config_api():
 
 def test_config_reads_hf_config_dict():
     """A HuggingFace config.json dict (extra keys, list values, str id2label keys) loads."""
-    transformers = pytest.importorskip("transformers")
+    import transformers
     hf = transformers.DinatConfig(embed_dim=32, depths=[1, 1, 1, 1], num_heads=[1, 2, 4, 8],
                                   dilations=[[2], [1], [1], [1]], num_labels=3,
                                   out_features=["stage2"]).to_dict()

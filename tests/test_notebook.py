@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-nbformat = pytest.importorskip("nbformat")
-nbclient = pytest.importorskip("nbclient")
-pytest.importorskip("ipykernel")
+import ipykernel  # noqa: E402,F401  (test extra: a missing one must fail, not skip)
+import nbclient  # noqa: E402
+import nbformat  # noqa: E402
 
 NOTEBOOK = Path(__file__).resolve().parents[1] / "examples" / "inference.ipynb"
 KERNEL = "nat-jax-test"
