@@ -123,9 +123,10 @@ def test_gradients_rpb(rng, c, backend):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("c", na_cases.NATTEN_GRID[1:8], ids=na_cases.case_id)
-def test_gradients_natten_grid(rng, c):
-    check_gradients(rng, c, "xla")
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("c", na_cases.NATTEN_GRID, ids=na_cases.case_id)
+def test_gradients_natten_grid(rng, c, backend):
+    check_gradients(rng, c, backend)
 
 
 # ---------------------------------------------------------------------------- dtypes
@@ -155,11 +156,13 @@ def natten_flex(c, q, k, v):
     return out.numpy(), lse.numpy()
 
 
-@pytest.mark.parametrize("c", na_cases.QUICK + na_cases.NATTEN_GRID[3:7], ids=na_cases.case_id)
-def test_xla_matches_natten_flex(rng, c):
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("c", na_cases.QUICK + [
+    pytest.param(c, marks=pytest.mark.slow) for c in na_cases.NATTEN_GRID], ids=na_cases.case_id)
+def test_matches_natten_flex(rng, c, backend):
     (q, k, v, _), _ = make_inputs(rng, c)
     want, want_lse = natten_flex(c, q, k, v)
-    out, lse = call(c, q, k, v, backend="xla", return_lse=True)
+    out, lse = call(c, q, k, v, backend=backend, return_lse=True)
     assert_close(out, want, 2e-5, 1e-5, "out")
     assert_close(lse, want_lse, 5e-5, 1e-5, "lse")
 
