@@ -15,8 +15,9 @@ Memory is ``O(tokens * halo)``: no ``O(tokens^2)`` term and no ``[tokens, K^2, h
 gather of keys and values. When the logits would exceed ``_LOGITS_BUDGET`` bytes the tiles are
 processed in chunks under ``lax.map`` with rematerialization, bounding peak memory further
 (and, on CPU, keeping each chunk's working set in cache).
-Gradients come from autodiff of this code (exact; measured faster than a hand-written
-recomputing VJP on CPU because XLA fuses the masked softmax backward).
+Gradients come from autodiff of this code (exact). Within a chunk the softmax is kept for the
+backward pass; chunked runs rematerialize it. A hand-written VJP that recomputes from the
+logsumexp (as the Pallas kernels do) has not been benchmarked against this yet.
 """
 
 from __future__ import annotations
