@@ -15,9 +15,13 @@ Memory is ``O(tokens * halo)``: no ``O(tokens^2)`` term and no ``[tokens, K^2, h
 gather of keys and values. When the logits would exceed ``_LOGITS_BUDGET`` bytes the tiles are
 processed in chunks under ``lax.map`` with rematerialization, bounding peak memory further
 (and, on CPU, keeping each chunk's working set in cache).
-Gradients come from autodiff of this code (exact). Within a chunk the softmax is kept for the
-backward pass; chunked runs rematerialize it. A hand-written VJP that recomputes from the
-logsumexp (as the Pallas kernels do) has not been benchmarked against this yet.
+
+Gradients come from autodiff of this code (exact; chunked runs rematerialize each chunk).
+A flash-style ``custom_vjp`` that saves only the output and logsumexp and recomputes the
+probabilities was measured against it (2026-11-21, shared 2-core CPU, NAT/DiNAT stage shapes,
+forward+backward): 0.64x-1.44x per shape, equal within the machine's noise, and its compiled
+temporary memory was not lower (a six-layer 56x56 stack: 242 MB vs 209 MB for autodiff), so the
+simpler autodiff path stays.
 """
 
 from __future__ import annotations
