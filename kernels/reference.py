@@ -26,10 +26,8 @@ def _window_index(spatial: tuple[int, ...], p: NAParams):
     for a in range(n):
         ia, va = windows.neighbor_indices(spatial[a], p.kernel_size[a], p.stride[a],
                                           p.dilation[a], p.is_causal[a])
-        shape = [1] * (2 * n)
-        shape[a], shape[n + a] = spatial[a], p.kernel_size[a]
-        idx.append(ia.reshape(shape))
-        valid = valid & va.reshape(shape)
+        idx.append(windows.interleave_axis(ia, a, n, 2))
+        valid = valid & windows.interleave_axis(va, a, n, 2)
     valid = np.broadcast_to(valid, spatial + p.kernel_size)
     return tuple(idx), valid.reshape(math.prod(spatial), -1)
 
@@ -40,9 +38,7 @@ def _rpb_bias(rpb: jax.Array, spatial: tuple[int, ...], p: NAParams) -> jax.Arra
     flat = np.zeros((), np.int64)
     for a in range(n):
         rel = windows.rpb_indices(spatial[a], p.kernel_size[a], p.dilation[a])
-        shape = [1] * (2 * n)
-        shape[a], shape[n + a] = spatial[a], p.kernel_size[a]
-        flat = flat * (2 * p.kernel_size[a] - 1) + rel.reshape(shape)
+        flat = flat * (2 * p.kernel_size[a] - 1) + windows.interleave_axis(rel, a, n, 2)
     flat = np.broadcast_to(flat, spatial + p.kernel_size).reshape(math.prod(spatial), -1)
     return rpb.astype(jnp.float32).reshape(rpb.shape[0], -1)[:, flat]
 

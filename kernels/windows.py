@@ -66,6 +66,16 @@ def _axis_tables(length: int, kernel: int, stride: int, dilation: int, causal: b
     return g, ic, start, end
 
 
+def interleave_axis(arr: Any, axis: int, rank: int, slots: int) -> Any:
+    """Reshape a per-axis table so its dims land at positions ``axis, axis + rank, ...`` of a
+    ``slots * rank``-dim layout (e.g. ``[d1..dn, nt1..ntn, T1..Tn, H1..Hn]``), size 1 elsewhere,
+    ready to broadcast against the other axes' tables."""
+    shape = [1] * (slots * rank)
+    for k in range(arr.ndim):
+        shape[axis + k * rank] = arr.shape[k]
+    return arr.reshape(shape)
+
+
 @functools.lru_cache(maxsize=512)
 def neighbor_indices(length: int, kernel: int, stride: int, dilation: int, causal: bool):
     """Original key indices of every query's window along one axis.

@@ -73,11 +73,8 @@ def _tables(plans, tile0, count):
         if a == 0:
             m_a = jax.lax.dynamic_slice_in_dim(m_a, tile0, count, axis=1)
             r_a = jax.lax.dynamic_slice_in_dim(r_a, tile0, count, axis=1)
-        shape = [1] * (4 * n)
-        for k in range(4):
-            shape[a + k * n] = m_a.shape[k]
-        mask = mask & m_a.reshape(shape)
-        rel = rel * (2 * pl.kernel - 1) + r_a.reshape(shape)
+        mask = mask & windows.interleave_axis(m_a, a, n, 4)
+        rel = rel * (2 * pl.kernel - 1) + windows.interleave_axis(r_a, a, n, 4)
     lead = mask.shape[:2 * n]
     full = lead + tuple(pl.tile for pl in plans) + tuple(pl.halo for pl in plans)
     tq = math.prod(pl.tile for pl in plans)
@@ -139,11 +136,8 @@ def na_fused(query: jax.Array, key: jax.Array, value: jax.Array, p: NAParams,
             if a == 0:
                 hs = jax.lax.dynamic_slice_in_dim(hs, tile0, c, axis=1)
             rows = hs[..., None] + jnp.arange(halos[a])  # [d_a, nt_a(c), H_a]
-            shape = [1] * (3 * n)
-            shape[a], shape[n + a], shape[2 * n + a] = rows.shape
-            index.append(rows.reshape(shape))
-        groups = [np.arange(d).reshape([d if i == a else 1 for i in range(3 * n)])
-                  for a, d in enumerate(dil)]
+            index.append(windows.interleave_axis(rows, a, n, 3))
+        groups = [windows.interleave_axis(np.arange(d), a, n, 3) for a, d in enumerate(dil)]
         k_c = kg[(slice(None), *groups, *index)]  # [B, *dil, *nt, *H, h, d]
         v_c = vg[(slice(None), *groups, *index)]
         lead = k_c.shape[1:1 + 2 * n]
