@@ -26,7 +26,7 @@ from nat_jax import configs
 from nat_jax.convert import hf_config, keymap
 from nat_jax.convert.loading import (Checkpoint, ConversionError, load_checkpoint,
                                      read_hf_config)
-from nat_jax.pretrained import atomic_directory
+from nat_jax.pretrained import abstract_model, atomic_directory
 
 DTYPES = ("float32", "bfloat16")
 # Max |ours - PyTorch| allowed by --verify, relative to max(1, max |PyTorch output|).
@@ -139,16 +139,10 @@ def resolve_config(ckpt: Checkpoint, source: keymap.Source, arch: str | None,
 
 def build_with_params(config: configs._BaseConfig, head: str, params: dict[keymap.Path, Any]):
     """Our module with exactly ``params`` (flat, our layout), without random initialization."""
-    import jax
     import jax.numpy as jnp
     from flax import nnx
 
-    cls = configs.model_class_for(config, head)
-    build = lambda: cls(config, rngs=nnx.Rngs(0))  # noqa: E731
-    graphdef, abstract, _ = nnx.split(nnx.eval_shape(build), nnx.Param, ...)
-    # Non-parameter state (dropout RNG streams) built for real under jit, where XLA drops the
-    # parameter initializers it does not need.
-    rest = jax.jit(lambda: nnx.split(build(), nnx.Param, ...)[2])()
+    graphdef, abstract, rest = abstract_model(config, head)
     dtype = config.parameter_dtype
     nnx.replace_by_pure_dict(abstract, keymap.unflatten(
         {path: jnp.asarray(value, dtype) for path, value in params.items()}))

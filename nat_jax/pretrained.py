@@ -128,16 +128,7 @@ def load_pretrained(path: str | os.PathLike, *, head: str | None = None, dtype: 
                                        na_backend=na_backend).items() if v is not None}
     config = dataclasses.replace(config, **overrides)
     head = head or saved_head
-    cls = model_class_for(config, head)
-
-    def build():
-        return cls(config, rngs=nnx.Rngs(seed))
-
-    abstract = nnx.eval_shape(build)
-    graphdef, abstract_params, _ = nnx.split(abstract, nnx.Param, ...)
-    # Non-parameter state (dropout RNG keys/counts) is cheap: build it for real under jit, where
-    # XLA drops the unused parameter initializers.
-    rest = jax.jit(lambda: nnx.split(build(), nnx.Param, ...)[2])()
+    graphdef, abstract_params, rest = abstract_model(config, head, seed)
 
     with ocp.StandardCheckpointer() as ckpt:
         stored = _tree_meta(ckpt.metadata(path / "params"))
@@ -150,6 +141,24 @@ def load_pretrained(path: str | os.PathLike, *, head: str | None = None, dtype: 
     values = jax.tree.map(lambda t, v: jnp.asarray(v, t.dtype), want, _like(want, values))
     nnx.replace_by_pure_dict(abstract_params, values)
     return nnx.merge(graphdef, abstract_params, rest)
+
+
+def abstract_model(config: _BaseConfig, head: str = "classification", seed: int = 0):
+    """``(graphdef, abstract_params, rest)`` of a model without allocating its parameters.
+
+    ``abstract_params`` is the ``nnx.Param`` state as shapes (from ``nnx.eval_shape``), to be
+    filled with ``nnx.replace_by_pure_dict`` and joined with ``nnx.merge(graphdef, params,
+    rest)``. ``rest`` is the non-parameter state (dropout RNG keys/counts), cheap enough to build
+    for real under jit, where XLA drops the unused parameter initializers.
+    """
+    cls = model_class_for(config, head)
+
+    def build():
+        return cls(config, rngs=nnx.Rngs(seed))
+
+    graphdef, abstract_params, _ = nnx.split(nnx.eval_shape(build), nnx.Param, ...)
+    rest = jax.jit(lambda: nnx.split(build(), nnx.Param, ...)[2])()
+    return graphdef, abstract_params, rest
 
 
 def _tree_meta(meta):
