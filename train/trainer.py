@@ -30,6 +30,7 @@ from flax import nnx, struct
 from orbax.checkpoint import checkpoint_managers as ocp_managers
 
 import nat_jax
+from nat_jax import pretrained
 from nat_jax.train import augment, input_pipeline, sharding
 
 log = logging.getLogger(__name__)
@@ -634,8 +635,7 @@ def load_trained_model(workdir: str, model_cfg, step: int | None = None, use_ema
     manager.close()
     params = restored["ema_params"] if use_ema and restored.get("ema_params") else \
         restored["params"]
-    model = nat_jax.build_model(model_cfg, rngs=nnx.Rngs(params=0, dropout=1))
-    graphdef, param_state, rest = nnx.split(model, nnx.Param, ...)
+    graphdef, param_state, rest = pretrained.abstract_model(model_cfg)
     # Restoring without a target turns integer keys (layer indices) into strings;
     # replace_by_pure_dict maps them back onto the model's own tree.
     nnx.replace_by_pure_dict(param_state, params)
