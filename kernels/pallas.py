@@ -215,9 +215,9 @@ def _make_plan(p: NAParams, lengths, q_tile, kv_tile, has_rpb: bool) -> _Plan:
 
 
 def _i32(x):
-    """Strongly typed int32: Triton's lowering mishandles remainders of weak-typed scalars
-    (e.g. a ``fori_loop`` index), so in-kernel index math never stays weakly typed."""
-    return lax.convert_element_type(x, jnp.int32)
+    """Strongly typed int32 (:func:`windows.index`): in-kernel index math is never weakly typed,
+    e.g. a ``fori_loop`` index, whose remainders Triton's lowering also mishandles."""
+    return windows.index(x, jnp)
 
 
 def _unravel(flat, sizes: Sequence) -> list:

@@ -24,9 +24,20 @@ from typing import Any
 import numpy as np
 
 
+def index(x: Any, xp: Any = np) -> Any:
+    """``x`` as a strongly typed int32 index (scalar or array).
+
+    Index math evaluated inside a kernel must never be weakly typed: Pallas's Triton lowering
+    gives a weakly typed literal in a select the *predicate's* type (``arith.select`` with an
+    ``i1`` operand and an ``i32`` result), a module XLA's Triton then refuses to parse. Every
+    function below keeps its results int32 as long as its traced inputs are, and the one place
+    a weak integer is born (a bool used as a count) goes through here."""
+    return xp.asarray(x, dtype=xp.int32)
+
+
 def group_length(length: int, dilation: int, group: Any, xp: Any = np) -> Any:
     """Number of tokens in dilation group(s) ``group`` of an axis of ``length`` tokens."""
-    return length // dilation + (group < length % dilation) * 1
+    return length // dilation + index(group < length % dilation, xp)
 
 
 def window_bounds(ic: Any, group_len: Any, kernel: int, stride: int, causal: bool, xp: Any = np):
@@ -237,8 +248,8 @@ def tile_box(tile: Any, q_tile: int, kv_tile: int, group_len: Any, kernel: int, 
 def _first_true(pred, size: Any, max_size: int, xp: Any):
     """Smallest ``i`` in ``[0, size)`` with monotone ``pred(i)`` true, else ``size``: bisection
     with a static step count, so it unrolls into plain scalar arithmetic inside a kernel."""
-    lo = xp.zeros_like(size)
-    hi = size
+    hi = index(size, xp)
+    lo = xp.zeros_like(hi)
     for _ in range(max(1, int(max_size).bit_length() + 1)):
         mid = (lo + hi) // 2
         ok = pred(xp.minimum(mid, size - 1)) & (mid < hi)

@@ -255,6 +255,36 @@ def test_tile_boxes_cover_every_window(length, kernel, stride, dilation, causal,
                 assert need.min() >= lo and need.max() < lo + iext
 
 
+def test_window_index_math_stays_int32():
+    """The window arithmetic the kernels evaluate on traced int32 scalars never produces a
+    weakly typed integer. Pallas's Triton lowering types a weak literal in a select from the
+    predicate (``arith.select (i1, i1, i32)``), which XLA's Triton refuses to parse: every
+    dK/dV kernel failed to compile that way."""
+    def index_math(tile, group):
+        glen = windows.group_length(37, 3, group, xp=jnp)
+        return (*windows.tile_box(tile, 4, 8, glen, 7, 2, False, xp=jnp),
+                *windows.inverse_tile_box(tile, 8, 4, glen, 13, 6, 3, True, xp=jnp),
+                *windows.query_span(tile, tile + 3, glen, 13, 5, 1, False, xp=jnp),
+                *windows.offset_range(tile, tile + 3, glen, 7, False, xp=jnp),
+                windows.tile_inside_windows(tile, tile + 3, tile, tile + 8, glen, 7, 1, False,
+                                            xp=jnp),
+                windows.clamp_box(tile, 3, 5, xp=jnp))
+
+    def weak_ints(jaxpr):
+        """Weak integers a primitive produces, or a select takes (literals included)."""
+        for e in jaxpr.eqns:
+            operands = e.invars if e.primitive.name == "select_n" else []
+            for v in (*operands, *e.outvars):
+                if jnp.issubdtype(v.aval.dtype, jnp.integer) and v.aval.weak_type:
+                    yield e.primitive.name, v.aval
+            for param in e.params.values():  # jnp functions trace to nested jit calls
+                if hasattr(param, "eqns") or hasattr(param, "jaxpr"):
+                    yield from weak_ints(getattr(param, "jaxpr", param))
+
+    closed = jax.make_jaxpr(index_math)(jnp.int32(1), jnp.int32(2))
+    assert not list(weak_ints(closed.jaxpr))
+
+
 def test_block_sizes_validation_and_defaults():
     b = pallas.BlockSizes.get_default((56, 56), (7, 7), (1, 1), 64)
     assert b.q == (8, 8) and b.rank == 2 and hash(b) == hash(pallas.BlockSizes(**{
