@@ -214,12 +214,8 @@ def abstract_model(model_cfg, seed: int):
     return graphdef, nnx.to_pure_dict(params), rest
 
 
-def create_train_state(model_cfg, tx: optax.GradientTransformation, mesh, config
-                       ) -> tuple[nnx.GraphDef, TrainState, Any, Any]:
-    """Initializes the model and optimizer directly into their shardings.
-
-    Returns (graphdef, state, state_shardings, model_rest).
-    """
+def _init_fn(model_cfg, tx: optax.GradientTransformation, config):
+    """The allocating initializer of the train state (and the model's non-parameter state)."""
     seed, use_ema = config.seed, config.ema_decay > 0
 
     def init():
@@ -233,17 +229,24 @@ def create_train_state(model_cfg, tx: optax.GradientTransformation, mesh, config
                            rng=rng)
         return state, rest
 
-    # Shapes first (one abstract trace of the model), then init straight into the shardings.
-    graphdef, abstract_params, abstract_rest = abstract_model(model_cfg, seed)
+    return init
+
+
+def abstract_train_state(model_cfg, tx: optax.GradientTransformation, mesh, config
+                         ) -> tuple[nnx.GraphDef, TrainState, Any, Any, Any]:
+    """Shapes and shardings of the train state, without allocating anything.
+
+    Returns (graphdef, abstract state, state shardings, abstract model rest, rest shardings).
+    """
+    graphdef, abstract_params, abstract_rest = abstract_model(model_cfg, config.seed)
     abstract_state = TrainState(
         step=jax.ShapeDtypeStruct((), jnp.int32), params=abstract_params,
         opt_state=jax.eval_shape(tx.init, abstract_params),
-        ema_params=abstract_params if use_ema else None,
+        ema_params=abstract_params if config.ema_decay > 0 else None,
         rng=jax.ShapeDtypeStruct((2,), jnp.uint32))
     state_sh = sharding.state_shardings(abstract_state, mesh, config.fsdp_min_size)
     rest_sh = jax.tree.map(lambda _: sharding.replicated(mesh), abstract_rest)
-    state, rest = jax.jit(init, out_shardings=(state_sh, rest_sh))()
-    return graphdef, state, state_sh, rest
+    return graphdef, abstract_state, state_sh, abstract_rest, rest_sh
 
 
 def put_batch(batch: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:
@@ -270,28 +273,74 @@ class Training:
     mesh: Any
 
 
-def setup_training(config, mesh, num_classes: int, total_steps: int, warmup_steps: int,
-                   cooldown_steps: int = 0) -> Training:
-    """Builds the optimizer, the sharded initial state and the jitted train / eval steps."""
+def _under_mesh(mesh, fn):
+    """``fn`` traced with ``mesh`` as the context mesh, so kernels XLA cannot partition (the
+    Pallas NA backend) run under ``shard_map`` over it (:mod:`nat_jax.kernels.sharding`)."""
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return fn(*args, **kwargs)
+
+    return wrapped
+
+
+@dataclasses.dataclass
+class Steps:
+    """The jitted train / eval steps of a config on a mesh, and their abstract arguments."""
+
+    model_cfg: Any
+    graphdef: nnx.GraphDef
+    tx: optax.GradientTransformation
+    schedule: optax.Schedule
+    state: TrainState     # ShapeDtypeStructs carrying their shardings
+    state_sh: Any
+    rest: Any             # the model's non-parameter state (ShapeDtypeStructs), replicated
+    rest_sh: Any
+    batch: dict           # one global train batch (ShapeDtypeStructs)
+    step_fn: Any          # (state, batch, rest) -> (state, metrics); state is donated
+    eval_fn: Any          # (params, batch, rest) -> summed eval metrics
+    mesh: Any
+
+
+def build_steps(config, mesh, num_classes: int, total_steps: int, warmup_steps: int,
+                cooldown_steps: int = 0) -> Steps:
+    """The optimizer and the jitted, sharded steps; allocates nothing, so the steps can also be
+    compiled ahead of time for devices that are not here (:mod:`nat_jax.train.deviceless`)."""
     if config.global_batch_size % mesh.size:
         raise ValueError(f"global_batch_size={config.global_batch_size} must be divisible by "
                          f"the number of devices ({mesh.size})")
     schedule = make_schedule(config, total_steps, warmup_steps, cooldown_steps)
     tx = make_optimizer(config, schedule)
     model_cfg = model_config(config, num_classes)
-    graphdef, state, state_sh, rest = create_train_state(model_cfg, tx, mesh, config)
+    graphdef, state, state_sh, rest, rest_sh = abstract_train_state(model_cfg, tx, mesh, config)
     cfg = StepConfig.from_config(config, num_classes)
     batch_sh = sharding.batch_sharding(mesh)
-    rest_sh = jax.tree.map(lambda _: sharding.replicated(mesh), rest)
     step_fn = jax.jit(
-        functools.partial(train_step, graphdef=graphdef, tx=tx, schedule=schedule, cfg=cfg),
+        _under_mesh(mesh, functools.partial(train_step, graphdef=graphdef, tx=tx,
+                                            schedule=schedule, cfg=cfg)),
         in_shardings=(state_sh, batch_sh, rest_sh),
         out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=0)
-    eval_fn = jax.jit(functools.partial(eval_step, graphdef=graphdef, cfg=cfg),
+    eval_fn = jax.jit(_under_mesh(mesh, functools.partial(eval_step, graphdef=graphdef,
+                                                          cfg=cfg)),
                       in_shardings=(state_sh.params, batch_sh, rest_sh),
                       out_shardings=sharding.replicated(mesh))
-    return Training(model_cfg, graphdef, state, state_sh, rest, step_fn, eval_fn, schedule,
-                    mesh)
+    b, s = config.global_batch_size, config.image_size
+    batch = {"image": jax.ShapeDtypeStruct((b, s, s, 3), jnp.uint8, sharding=batch_sh),
+             "label": jax.ShapeDtypeStruct((b,), jnp.int32, sharding=batch_sh),
+             "erase": jax.ShapeDtypeStruct((b, 4), jnp.int32, sharding=batch_sh)}
+    return Steps(model_cfg, graphdef, tx, schedule, _abstract_with_shardings(state, state_sh),
+                 state_sh, _abstract_with_shardings(rest, rest_sh), rest_sh, batch, step_fn,
+                 eval_fn, mesh)
+
+
+def setup_training(config, mesh, num_classes: int, total_steps: int, warmup_steps: int,
+                   cooldown_steps: int = 0) -> Training:
+    """Builds the optimizer, the sharded initial state and the jitted train / eval steps."""
+    steps = build_steps(config, mesh, num_classes, total_steps, warmup_steps, cooldown_steps)
+    state, rest = jax.jit(_init_fn(steps.model_cfg, steps.tx, config),
+                          out_shardings=(steps.state_sh, steps.rest_sh))()
+    return Training(steps.model_cfg, steps.graphdef, state, steps.state_sh, rest,
+                    steps.step_fn, steps.eval_fn, steps.schedule, mesh)
 
 
 # ---------------------------------------------------------------------------------------------
