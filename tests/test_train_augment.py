@@ -2,6 +2,7 @@
 
 import io
 import logging
+import os
 
 import jax
 import jax.numpy as jnp
@@ -147,6 +148,40 @@ def test_image_folder_pipeline_skips_corrupt_images(rng, tmp_path, caplog):
         assert b["erase"].shape == (4, 4)
     assert sum(int(b["mask"].sum()) for b in evals) == 10  # 12 files, 2 corrupt
     assert any("skipping unreadable image" in r.message for r in caplog.records)
+
+
+def _image_folder(root, rng, layout: dict[str, list[str]], per_class: int = 2):
+    """``root/<split>/<class>/<i>.png`` for each split's class list."""
+    for split, classes in layout.items():
+        for cls in classes:
+            d = root / split / cls
+            d.mkdir(parents=True)
+            for i in range(per_class):
+                (d / f"{i}.png").write_bytes(_encode(_image(rng, 8, 8), "PNG"))
+
+
+def test_image_folder_labels_come_from_the_training_split(rng, tmp_path):
+    """A validation split lacking a class keeps the training labels; an unknown class is an
+    error; an explicit class list in the config fixes the order."""
+    _image_folder(tmp_path, rng, {"train": ["cat", "dog", "fish"], "val": ["dog", "fish"],
+                                  "test": ["cat", "bird"]})
+    config = get_config("nat_mini")
+    config.update(dataset="image_folder", data_dir=str(tmp_path), eval_split="val")
+    train = input_pipeline.make_source(config, "train")
+    val = input_pipeline.make_source(config, "val")
+    assert train.class_names == val.class_names == ["cat", "dog", "fish"]
+    assert sorted(set(train.labels)) == [0, 1, 2]
+    labels = {path.split(os.sep)[-2]: label for path, label in zip(val.paths, val.labels)}
+    assert labels == {"dog": 1, "fish": 2}
+    with pytest.raises(ValueError, match="bird are not among the 3 training classes"):
+        input_pipeline.make_source(config, "test")
+
+    config.class_names = ("fish", "dog", "cat", "bird")
+    val = input_pipeline.make_source(config, "val")
+    labels = {path.split(os.sep)[-2]: label for path, label in zip(val.paths, val.labels)}
+    assert labels == {"dog": 1, "fish": 0}
+    test = input_pipeline.make_source(config, "test")
+    assert sorted(set(test.labels)) == [2, 3]
 
 
 def test_train_dataset_is_deterministic_and_resumable():

@@ -3,7 +3,9 @@
 Sources (all random access, records ``{"image": ..., "label": int}``):
   * ``tfds.data_source(name, split=..., data_dir=...)``: prepared ArrayRecord files (ImageNet:
     ``imagenet2012``); decoded by tfds, TensorFlow is not imported.
-  * :class:`ImageFolderSource`: ``root/<split>/<class>/*.jpg`` (classes = sorted folder names).
+  * :class:`ImageFolderSource`: ``root/<split>/<class>/*.jpg``. The class list comes from the
+    training split's folders (or ``config.class_names``) and every split is mapped through it,
+    so a validation split that lacks a class keeps the training labels.
   * :class:`DigitsSource`: scikit-learn's bundled 8x8 digits, upsampled (the demo).
 
 Every host reads a disjoint slice of the source (``[process_index::process_count]``) and yields
@@ -20,7 +22,8 @@ import io
 import logging
 import os
 from dataclasses import dataclass
-from typing import Any, Iterator
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import grain
 import numpy as np
@@ -37,24 +40,43 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".
 # Sources
 # ---------------------------------------------------------------------------------------------
 
+def image_folder_classes(root: str, split: str) -> list[str]:
+    """Sorted class-folder names of ``root/<split>``."""
+    split_dir = os.path.join(os.path.expanduser(root), split)
+    if not os.path.isdir(split_dir):
+        raise ValueError(f"image folder split={split!r}: {split_dir} is not a directory")
+    names = sorted(d for d in os.listdir(split_dir) if os.path.isdir(os.path.join(split_dir, d)))
+    if not names:
+        raise ValueError(f"image folder {split_dir} has no class sub-folders")
+    return names
+
+
 class ImageFolderSource:
     """``root/<split>/<class_name>/<image>`` as a grain random-access source.
 
+    ``class_names`` fixes the label of every class (its index in the list; default: this split's
+    own sorted folders). Pass the training split's list for every split, so a split that lacks
+    a class still labels the others as training did; a folder not in the list is an error.
     Records hold the raw file bytes (decoded later, in the workers) and the class index.
     """
 
-    def __init__(self, root: str, split: str):
+    def __init__(self, root: str, split: str, class_names: Sequence[str] | None = None):
         split_dir = os.path.join(os.path.expanduser(root), split)
-        if not os.path.isdir(split_dir):
-            raise ValueError(f"image folder split={split!r}: {split_dir} is not a directory")
-        self.class_names = sorted(d for d in os.listdir(split_dir)
-                                  if os.path.isdir(os.path.join(split_dir, d)))
-        if not self.class_names:
-            raise ValueError(f"image folder {split_dir} has no class sub-folders")
+        folders = image_folder_classes(root, split)
+        self.class_names = list(folders if class_names is None else class_names)
+        if len(set(self.class_names)) != len(self.class_names):
+            raise ValueError(f"class_names={self.class_names} has duplicates")
+        unknown = sorted(set(folders) - set(self.class_names))
+        if unknown:
+            raise ValueError(f"image folder {split_dir}: class folder(s) {', '.join(unknown)} "
+                             f"are not among the {len(self.class_names)} training classes "
+                             f"({', '.join(self.class_names[:10])}"
+                             f"{', ...' if len(self.class_names) > 10 else ''})")
         self.paths: list[str] = []
         self.labels: list[int] = []
-        for label, name in enumerate(self.class_names):
+        for name in folders:
             class_dir = os.path.join(split_dir, name)
+            label = self.class_names.index(name)
             for file in sorted(os.listdir(class_dir)):
                 if file.lower().endswith(IMAGE_EXTENSIONS):
                     self.paths.append(os.path.join(class_dir, file))
@@ -110,7 +132,9 @@ def make_source(config, split: str):
     if config.dataset == "image_folder":
         if not config.data_dir:
             raise ValueError("dataset='image_folder' needs config.data_dir (the folder root)")
-        return ImageFolderSource(config.data_dir, split)
+        classes = list(config.class_names) or image_folder_classes(config.data_dir,
+                                                                   config.train_split)
+        return ImageFolderSource(config.data_dir, split, classes)
     import tensorflow_datasets as tfds  # lazy: heavy import, only for tfds datasets
 
     return tfds.data_source(config.dataset, split=split, data_dir=config.data_dir)

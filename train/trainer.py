@@ -662,12 +662,15 @@ def predict_from_checkpoint(config, workdir: str, source, model_cfg, count: int 
 
     probs = np.asarray(predict(model, jnp.asarray(images)))
     names = getattr(source, "class_names", None)
+
+    def show(c: int) -> str:  # a label beyond the named classes prints as its index
+        return names[c] if names and c < len(names) else str(c)
+
     print(f"Predictions of the checkpoint at step {step} (reloaded from {workdir}) on "
           f"{len(labels)} held-out images:", flush=True)
     rows = []
     for i, (p, y) in enumerate(zip(probs, labels)):
         guess = int(np.argmax(p))
-        show = (lambda c: names[c]) if names else str
         mark = "ok" if guess == y else "WRONG"
         print(f"  image {int(picks[i]):4d}: true {show(y):>6}  predicted {show(guess):>6}  "
               f"(p={p[guess]:.3f})  {mark}", flush=True)

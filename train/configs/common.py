@@ -50,6 +50,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.train_split = "train"
     c.eval_split = "validation"
     c.num_classes = 1000           # -1: take it from the dataset (image folders)
+    # image_folder: class names in label order; () = the training split's sorted folder names.
+    # Every split is labelled through this list (a validation folder may lack classes).
+    c.class_names = ()
     c.image_size = 224
     c.num_workers = 8              # grain worker processes per host (0: in the main process)
     c.prefetch_buffer = 2          # batches buffered per worker
