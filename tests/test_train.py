@@ -4,6 +4,7 @@ The resume / preemption tests live in test_train_resume.py.
 """
 
 import json
+import logging
 import math
 import os
 
@@ -242,6 +243,35 @@ def test_non_finite_loss_stops_with_the_step(tmp_path, capsys):
     assert code == 1
     assert "non-finite loss nan at step 1" in err and "last good checkpoint" in err
     assert not os.path.exists(os.path.join(workdir, "checkpoints", "2"))
+
+
+@pytest.mark.slow
+def test_image_folder_run_with_unreadable_files_and_a_missing_val_class(tmp_path, capsys,
+                                                                       caplog):
+    """Training on an image folder whose train split holds a broken symlink and a corrupt file
+    and whose val split lacks a class: the run finishes, each bad file is warned about once,
+    the eval counts the readable images and predictions name the training classes."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, classes in {"train": ["cat", "dog", "fish"], "val": ["dog", "fish"]}.items():
+        for cls in classes:
+            (tmp_path / "data" / split / cls).mkdir(parents=True)
+            for i in range(4):
+                Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(
+                    tmp_path / "data" / split / cls / f"{i}.png")
+    (tmp_path / "data" / "train" / "cat" / "gone.jpg").symlink_to(tmp_path / "nowhere.jpg")
+    (tmp_path / "data" / "train" / "fish" / "bad.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    c = tiny_config(dataset="image_folder", data_dir=str(tmp_path / "data"), num_classes=-1,
+                    eval_split="val", global_batch_size=8, predict_after_training=3,
+                    checkpoint_every_steps=4)  # 32 examples: over 2 epochs of 14 files
+    with caplog.at_level(logging.WARNING, logger="nat_jax.train.input_pipeline"):
+        metrics = trainer.train_and_evaluate(c, str(tmp_path / "run"))
+    assert metrics["step"] == 4 and metrics["eval_count"] == 8
+    warned = [r.getMessage() for r in caplog.records if "unreadable image" in r.getMessage()]
+    assert len(warned) == 2 and any("gone.jpg" in w for w in warned), warned
+    printed = capsys.readouterr().out
+    assert printed.count("true    dog") + printed.count("true   fish") == 3, printed
 
 
 @pytest.mark.slow

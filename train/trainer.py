@@ -417,12 +417,17 @@ class Reporter:
 # The loop
 # ---------------------------------------------------------------------------------------------
 
-def evaluate(eval_fn, params, rest, config, source, mesh) -> dict[str, float]:
-    """Top-1 / top-5 (in %) and mean loss over the whole eval split."""
+def evaluate(eval_fn, params, rest, config, source, mesh,
+             unreadable: input_pipeline.UnreadableFiles | None = None) -> dict[str, float]:
+    """Top-1 / top-5 (in %) and mean loss over the whole eval split.
+
+    ``unreadable`` collects (and warns once about) files that cannot be read.
+    """
     totals = None
     for batch in input_pipeline.eval_batches(config, source,
                                              process_index=jax.process_index(),
-                                             process_count=jax.process_count()):
+                                             process_count=jax.process_count(),
+                                             unreadable=unreadable):
         sums = eval_fn(params, put_batch(batch, mesh), rest)
         totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
     totals = jax.device_get(totals)
@@ -502,6 +507,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
                                             process_index=jax.process_index(),
                                             process_count=jax.process_count())
     train_iter = iter(train_ds)
+    unreadable = input_pipeline.UnreadableFiles()  # warns once per unreadable file
 
     # Model, optimizer, sharded state, compiled steps.
     mesh = sharding.make_mesh(config.fsdp)
@@ -560,7 +566,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     with _Preemption() as preemption:
         step = start
         while step < total_steps:
-            batch = put_batch(next(train_iter), mesh)
+            batch = put_batch(unreadable.take(next(train_iter)), mesh)
             state, metrics = step_fn(state, batch, rest)
             step += 1
             metrics_buffer.append((step, metrics))
@@ -584,7 +590,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
             if step % config.eval_every_steps == 0 or is_last:
                 flush()
                 eval_params = state.ema_params if state.ema_params is not None else state.params
-                last_eval = evaluate(eval_fn, eval_params, rest, config, eval_source, mesh)
+                last_eval = evaluate(eval_fn, eval_params, rest, config, eval_source, mesh,
+                                 unreadable)
                 evaluated = True
                 reporter.write(step, last_eval)
                 reporter.message(_eval_line(step, last_eval))
@@ -604,7 +611,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
 
     if not last_eval and not final_metrics.get("preempted"):  # resumed a finished run
         eval_params = state.ema_params if state.ema_params is not None else state.params
-        last_eval = evaluate(eval_fn, eval_params, rest, config, eval_source, mesh)
+        last_eval = evaluate(eval_fn, eval_params, rest, config, eval_source, mesh,
+                                 unreadable)
         reporter.message(_eval_line(start, last_eval) + " (the run had already finished)")
     reporter.close()
     if hasattr(train_iter, "close"):
@@ -649,9 +657,15 @@ def predict_from_checkpoint(config, workdir: str, source, model_cfg, count: int 
     model, step = load_trained_model(workdir, model_cfg)
     aug = config.aug
     transform = input_pipeline.EvalTransform(config.image_size, aug.eval_crop_pct)
-    picks = np.linspace(0, len(source) - 1, count).astype(int)
-    examples = [input_pipeline.decode(source[int(i)]) for i in picks]
-    examples = [transform(e) for e in examples if e is not None]
+    picks, examples = [], []
+    for i in np.linspace(0, len(source) - 1, count).astype(int):
+        try:
+            examples.append(transform(input_pipeline.decode(source[int(i)])))
+            picks.append(int(i))
+        except input_pipeline.UnreadableImageError:
+            continue  # already reported during evaluation
+    if not examples:
+        return []
     images = np.stack([e["image"] for e in examples])
     labels = [int(e["label"]) for e in examples]
 
@@ -672,7 +686,7 @@ def predict_from_checkpoint(config, workdir: str, source, model_cfg, count: int 
     for i, (p, y) in enumerate(zip(probs, labels)):
         guess = int(np.argmax(p))
         mark = "ok" if guess == y else "WRONG"
-        print(f"  image {int(picks[i]):4d}: true {show(y):>6}  predicted {show(guess):>6}  "
+        print(f"  image {picks[i]:4d}: true {show(y):>6}  predicted {show(guess):>6}  "
               f"(p={p[guess]:.3f})  {mark}", flush=True)
-        rows.append((int(picks[i]), y, guess, float(p[guess])))
+        rows.append((picks[i], y, guess, float(p[guess])))
     return rows
