@@ -17,6 +17,7 @@ import pytest
 
 from nat_jax.train import configs, sharding, trainer
 from nat_jax.train.configs import get_config
+from nat_jax.train.errors import UserInputError
 
 import tensorflow_datasets as tfds  # noqa: E402  (train extra: fail, never skip)
 
@@ -94,12 +95,27 @@ def test_cli_parses_config_overrides():
     assert args.config_overrides == {"learning_rate": "5e-4", "aug.hflip": "0.5"}
 
 
-def test_durations_steps_or_epochs():
+def test_durations_steps_or_epochs(caplog):
     c = get_config("nat_mini")
     total, warmup, cooldown = trainer.resolve_durations(c, steps_per_epoch=1251)
     assert (total, warmup, cooldown) == (310 * 1251, 20 * 1251, 10 * 1251)
-    c.num_train_steps = 100
-    with pytest.raises(ValueError, match="exactly one of num_train_steps"):
+    # A step count given alone wins over the recipe's epochs (logged); the 20-epoch warmup and
+    # the 10-epoch cooldown are longer than the 6-step run: clamped, with a warning each.
+    c.num_train_steps = 6
+    with caplog.at_level(logging.INFO, logger="nat_jax.train.trainer"):
+        assert trainer.resolve_durations(c, steps_per_epoch=4) == (12, 6, 6)
+    text = "\n".join(r.getMessage() for r in caplog.records)
+    assert "num_train_steps=6 takes precedence over num_epochs=300 (1200 steps" in text
+    assert "warmup of 80 steps is longer than the run (6 steps): clamped to 6" in text
+    assert "cooldown of 40 steps is longer than the run (6 steps): clamped to 6" in text
+    assert [r.levelname for r in caplog.records if "clamped" in r.getMessage()] == ["WARNING"] * 2
+    c.warmup_steps, c.cooldown_steps = 2, 0
+    assert trainer.resolve_durations(c, steps_per_epoch=4) == (6, 2, 0)
+    c.num_train_steps = c.num_epochs = -1
+    with pytest.raises(UserInputError, match="num_train_steps and num_epochs are both -1"):
+        trainer.resolve_durations(c, 10)
+    c.num_train_steps = 0
+    with pytest.raises(UserInputError, match="the run has 0 steps"):
         trainer.resolve_durations(c, 10)
 
 

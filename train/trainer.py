@@ -32,6 +32,7 @@ from orbax.checkpoint import checkpoint_managers as ocp_managers
 import nat_jax
 from nat_jax import pretrained
 from nat_jax.train import augment, input_pipeline, sharding
+from nat_jax.train.errors import UserInputError
 
 log = logging.getLogger(__name__)
 
@@ -44,25 +45,43 @@ class NonFiniteLossError(RuntimeError):
 # Durations, schedule, optimizer
 # ---------------------------------------------------------------------------------------------
 
-def _one_of(config, steps_name: str, epochs_name: str, steps_per_epoch: int) -> int:
+def _steps(config, steps_name: str, epochs_name: str, steps_per_epoch: int) -> int:
+    """A step count given (>= 0) wins over the epoch count; else epochs * steps_per_epoch."""
     steps, epochs = config[steps_name], config[epochs_name]
-    if (steps >= 0) == (epochs >= 0):
-        raise ValueError(f"exactly one of {steps_name}={steps} and {epochs_name}={epochs} must "
-                         "be set (>= 0); set the other to -1")
-    return int(steps) if steps >= 0 else int(round(epochs * steps_per_epoch))
+    if steps >= 0:
+        if epochs >= 0:
+            log.info("%s=%d takes precedence over %s=%g (%d steps at %d steps per epoch)",
+                     steps_name, steps, epochs_name, epochs,
+                     int(round(epochs * steps_per_epoch)), steps_per_epoch)
+        return int(steps)
+    if epochs < 0:
+        raise UserInputError(f"{steps_name} and {epochs_name} are both -1; set one of them")
+    derived = int(round(epochs * steps_per_epoch))
+    log.info("%s=%g -> %d steps (%d steps per epoch)", epochs_name, epochs, derived,
+             steps_per_epoch)
+    return derived
 
 
 def resolve_durations(config, steps_per_epoch: int) -> tuple[int, int, int]:
     """(total steps, warmup steps, cooldown steps) from the steps-or-epochs config fields.
 
-    ``num_*`` counts the main schedule; cooldown steps at ``min_lr`` come on top of it.
+    ``num_*`` counts the main schedule; cooldown steps at ``min_lr`` come on top of it. In each
+    steps/epochs pair a step count (>= 0) takes precedence over the epoch count (logged). A
+    warmup or cooldown longer than the main schedule is clamped to it, with a warning.
     """
-    total = _one_of(config, "num_train_steps", "num_epochs", steps_per_epoch)
-    warmup = _one_of(config, "warmup_steps", "warmup_epochs", steps_per_epoch)
-    cooldown = _one_of(config, "cooldown_steps", "cooldown_epochs", steps_per_epoch)
-    if total < 1 or warmup > total:
-        raise ValueError(f"need 1 <= num_train_steps ({total}) and warmup ({warmup}) <= it")
-    return total + cooldown, warmup, cooldown
+    main = _steps(config, "num_train_steps", "num_epochs", steps_per_epoch)
+    if main < 1:
+        raise UserInputError(f"the run has {main} steps (num_train_steps / num_epochs); it "
+                             "needs at least 1")
+    phases = {}
+    for name in ("warmup", "cooldown"):
+        steps = _steps(config, f"{name}_steps", f"{name}_epochs", steps_per_epoch)
+        if steps > main:
+            log.warning("%s of %d steps is longer than the run (%d steps): clamped to %d",
+                        name, steps, main, main)
+            steps = main
+        phases[name] = steps
+    return main + phases["cooldown"], phases["warmup"], phases["cooldown"]
 
 
 def make_schedule(config, total_steps: int, warmup_steps: int, cooldown_steps: int
