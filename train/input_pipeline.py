@@ -9,16 +9,21 @@ Sources (all random access, records ``{"image": ..., "label": int}``, or ``{"fil
     so a validation split that lacks a class keeps the training labels.
   * :class:`DigitsSource`: scikit-learn's bundled 8x8 digits, upsampled (the demo).
 
-Every host reads a disjoint slice of the source (``[process_index::process_count]``) and yields
-batches of ``global_batch_size / process_count`` images; the trainer assembles the global batch
-with ``jax.make_array_from_process_local_data``. Train batches are uint8 images ``[b, S, S, 3]``,
-int32 labels ``[b]`` and int32 erasing boxes ``[b, 4]``; normalization, erasing and mixup run on
-device. Grayscale, palette, alpha and CMYK images are converted to RGB.
+Training: every host describes the same global stream (shuffled, repeated, decoded and augmented
+per global index), whose step ``s`` is examples ``[s * B, (s + 1) * B)``; host ``i`` of ``n``
+computes only rows ``[i * B / n, (i + 1) * B / n)`` of each global batch, and the trainer
+assembles the global batch with ``jax.make_array_from_process_local_data``. So the global batch
+of every step is the same whatever the number of hosts. Train batches are uint8 images
+``[b, S, S, 3]``, int32 labels ``[b]`` and int32 erasing boxes ``[b, 4]``; normalization, erasing
+and mixup run on device. Evaluation: host ``i`` reads ``[i::n]`` of the split (the metrics are
+sums, so how the split is divided does not matter). Grayscale, palette, alpha and CMYK images are
+converted to RGB.
 
 Unreadable images (corrupt, truncated, broken links) are skipped: in training the next readable
-record of the stream takes the place of an unreadable one, in evaluation it is dropped. Batches
-carry the unreadable files' names to the consuming process, where :class:`UnreadableFiles` warns
-once per file (decoding runs in grain worker processes, which would each warn again).
+record of the stream takes the place of an unreadable one (a function of the global index only,
+so independent of the host count), in evaluation it is dropped. Batches carry the unreadable
+files' names to the consuming process, where :class:`UnreadableFiles` warns once per file
+(decoding runs in grain worker processes, which would each warn again).
 """
 
 from __future__ import annotations
@@ -337,8 +342,11 @@ def per_host_batch_size(global_batch_size: int, process_count: int) -> int:
 
 def train_dataset(config, source, *, process_index: int = 0, process_count: int = 1
                   ) -> grain.IterDataset:
-    """Infinite, shuffled (reshuffled every epoch), augmented per-host batches.
+    """Infinite, shuffled (reshuffled every epoch), augmented batches of this host's rows.
 
+    Every host describes the same global stream; host ``process_index`` of ``process_count``
+    yields rows ``[i * b, (i + 1) * b)`` (``b = global_batch_size / process_count``) of each
+    global batch, so the global batch of a step does not depend on the number of hosts.
     Deterministic given ``config.seed``: the same seed gives the same batches, and the
     iterator's state (``get_state``/``set_state``, saved in checkpoints) resumes exactly.
     Batches carry ``unreadable`` (see :class:`UnreadableFiles`).
@@ -349,13 +357,13 @@ def train_dataset(config, source, *, process_index: int = 0, process_count: int 
         crop_ratio=tuple(aug.crop_ratio), hflip=aug.hflip, randaugment=aug.randaugment,
         erasing=aug.random_erasing)
     batch = per_host_batch_size(config.global_batch_size, process_count)
-    ds = (grain.MapDataset.source(source)[process_index::process_count]
-          .shuffle(seed=config.seed)
-          .repeat(None))
-    ds = (ReadableRecords(ds)                # an unreadable record -> the next readable one
-          .random_map(transform, seed=config.seed + 1)
-          .to_iter_dataset()
-          .batch(batch, drop_remainder=True))
+    stream = grain.MapDataset.source(source).shuffle(seed=config.seed).repeat(None)
+    # Batch j of size b is global rows [j*b, (j+1)*b); taking every process_count-th batch from
+    # process_index on gives this host its block of each global batch (computing only it).
+    ds = (ReadableRecords(stream)
+          .random_map(transform, seed=config.seed + 1)   # seeded by the global index
+          .batch(batch, drop_remainder=True)[process_index::process_count]
+          .to_iter_dataset())
     if config.num_workers > 0:
         ds = _in_worker_processes(ds, config)
     return ds

@@ -36,6 +36,25 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P(DATA_AXES))
 
 
+def host_batch_block(mesh: Mesh) -> tuple[int, int]:
+    """``(i, n)``: this process's devices hold block ``i`` of ``n`` equal, contiguous row blocks
+    of every batch sharded with :func:`batch_sharding` (``n`` = the process count).
+
+    The input pipeline computes exactly that block of each global batch. Raises ValueError if
+    the mesh gives a process rows that are not one contiguous block.
+    """
+    count = jax.process_count()
+    per_device = {index[0].start or 0 for index in
+                  batch_sharding(mesh).addressable_devices_indices_map((mesh.size,)).values()}
+    rows = sorted(per_device)
+    size = mesh.size // count
+    if len(rows) != size or rows != list(range(rows[0], rows[0] + size)) or rows[0] % size:
+        raise ValueError(f"process {jax.process_index()} holds batch rows {rows} of {mesh.size}: "
+                         f"not one of {count} contiguous blocks; build the mesh from "
+                         "jax.devices() in order")
+    return rows[0] // size, count
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 

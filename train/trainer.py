@@ -19,6 +19,7 @@ import math
 import os
 import signal
 import time
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -483,16 +484,61 @@ class _Preemption:
             signal.signal(signal.SIGTERM, self._previous)
 
 
+LAUNCH_ENV = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
+
+
+def distributed_arguments(environ: Mapping[str, str]) -> dict[str, Any]:
+    """Keyword arguments for ``jax.distributed.initialize`` from the launch environment.
+
+    JAX itself reads only ``JAX_COORDINATOR_ADDRESS`` (and detects SLURM, Open MPI and TPU
+    pods); the process count and id come from ``JAX_NUM_PROCESSES`` / ``JAX_PROCESS_ID``,
+    which must then be set together with the address. Returns ``{}`` when neither is set
+    (auto-detection). Raises UserInputError naming what is missing or malformed.
+    """
+    address, count, index = (environ.get(name) or None for name in LAUNCH_ENV)
+    if count is None and index is None:
+        return {}
+    missing = [n for n, v in zip(LAUNCH_ENV, (address, count, index)) if v is None]
+    if missing:
+        raise UserInputError(f"--distributed: {' and '.join(missing)} not set; set all of "
+                             "JAX_COORDINATOR_ADDRESS=host:port, JAX_NUM_PROCESSES=N and "
+                             "JAX_PROCESS_ID=i (0 <= i < N) on every host")
+    try:
+        num, pid = int(count), int(index)
+    except ValueError:
+        raise UserInputError(f"--distributed: JAX_NUM_PROCESSES={count!r} and "
+                             f"JAX_PROCESS_ID={index!r} must be integers") from None
+    if num < 1 or not 0 <= pid < num:
+        raise UserInputError(f"--distributed: need 0 <= JAX_PROCESS_ID ({pid}) < "
+                             f"JAX_NUM_PROCESSES ({num})")
+    host, colon, port = address.rpartition(":")
+    if not colon or not host or not port.isdigit():
+        raise UserInputError(f"--distributed: JAX_COORDINATOR_ADDRESS={address!r} must be "
+                             "host:port (process 0's address)")
+    return {"coordinator_address": address, "num_processes": num, "process_id": pid}
+
+
 def maybe_initialize_distributed(config) -> None:
     """``jax.distributed.initialize()`` when asked (config.distributed or NAT_JAX_DISTRIBUTED=1).
 
-    Coordinator address, process count and id come from the environment (JAX reads
-    ``JAX_COORDINATOR_ADDRESS``/``JAX_NUM_PROCESSES``/``JAX_PROCESS_ID``, or SLURM / TPU pod
-    metadata automatically).
+    The coordinator, process count and id come from :func:`distributed_arguments` (the
+    ``JAX_*`` variables) or, when those are unset, from SLURM / Open MPI / TPU pod detection.
+    Nothing to go on is a UserInputError saying what to set. Must run before anything uses a
+    JAX backend.
     """
     wanted = config.distributed or os.environ.get("NAT_JAX_DISTRIBUTED", "") in ("1", "true")
-    if wanted and not jax.distributed.is_initialized():
-        jax.distributed.initialize()
+    if not wanted or jax.distributed.is_initialized():
+        return
+    kwargs = distributed_arguments(os.environ)
+    try:
+        jax.distributed.initialize(**kwargs)
+    except ValueError as e:
+        if kwargs:
+            raise
+        raise UserInputError(
+            f"--distributed: no cluster environment (SLURM, Open MPI, TPU pod) to take the "
+            f"process count and id from ({e}); set JAX_COORDINATOR_ADDRESS=host:port, "
+            "JAX_NUM_PROCESSES=N and JAX_PROCESS_ID=i on every host") from None
 
 
 def train_and_evaluate(config, workdir: str) -> dict[str, float]:
@@ -522,14 +568,15 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
             raise ValueError("config.num_classes=-1 but the dataset does not name its classes")
     steps_per_epoch = max(len(train_source) // config.global_batch_size, 1)
     total_steps, warmup_steps, cooldown_steps = resolve_durations(config, steps_per_epoch)
-    train_ds = input_pipeline.train_dataset(config, train_source,
-                                            process_index=jax.process_index(),
-                                            process_count=jax.process_count())
+    # This host computes the rows of each global batch that its devices hold.
+    mesh = sharding.make_mesh(config.fsdp)
+    block, blocks = sharding.host_batch_block(mesh)
+    train_ds = input_pipeline.train_dataset(config, train_source, process_index=block,
+                                            process_count=blocks)
     train_iter = iter(train_ds)
     unreadable = input_pipeline.UnreadableFiles()  # warns once per unreadable file
 
     # Model, optimizer, sharded state, compiled steps.
-    mesh = sharding.make_mesh(config.fsdp)
     run = setup_training(config, mesh, num_classes, total_steps, warmup_steps, cooldown_steps)
     model_cfg, state, state_sh, rest = run.model_cfg, run.state, run.state_sh, run.rest
     step_fn, eval_fn = run.step_fn, run.eval_fn
@@ -670,9 +717,11 @@ def load_trained_model(workdir: str, model_cfg, step: int | None = None, use_ema
 
 
 def predict_from_checkpoint(config, workdir: str, source, model_cfg, count: int = 8) -> list:
-    """Reloads the latest checkpoint and prints jit-compiled predictions for ``count`` images."""
-    if jax.process_index() != 0:
-        return []
+    """Reloads the latest checkpoint and prints jit-compiled predictions for ``count`` images.
+
+    Every process takes part (restoring a checkpoint is collective; the images are the same on
+    every host); host 0 prints and returns the rows, the others return ``[]``.
+    """
     model, step = load_trained_model(workdir, model_cfg)
     aug = config.aug
     transform = input_pipeline.EvalTransform(config.image_size, aug.eval_crop_pct)
@@ -694,6 +743,8 @@ def predict_from_checkpoint(config, workdir: str, source, model_cfg, count: int 
         return jax.nn.softmax(model(x, deterministic=True).logits, axis=-1)
 
     probs = np.asarray(predict(model, jnp.asarray(images)))
+    if jax.process_index() != 0:
+        return []
     names = getattr(source, "class_names", None)
 
     def show(c: int) -> str:  # a label beyond the named classes prints as its index
