@@ -211,6 +211,34 @@ def test_failed_verify_writes_nothing(nat_hf, tmp_path, capsys):
                                   "--tolerance", "0"], out, "--verify failed", "nothing written")
 
 
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_verify_fails_on_non_finite_outputs(nat_hf, tmp_path, capsys, value):
+    """One non-finite classifier bias makes both outputs non-finite: NaN differences must not
+    pass the tolerance check."""
+    _, model = nat_hf
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    state["classifier.bias"][3] = value
+    torch.save(state, tmp_path / "bad.bin")
+    (tmp_path / "config.json").write_text(json.dumps(hf_config.config_to_hf(NAT_SMALL)))
+    out = tmp_path / "out"
+    assert_clean_failure(capsys, ["convert", tmp_path / "bad.bin", out, "--config",
+                                  tmp_path / "config.json", "--verify", "--verify-size", "32"],
+                         out, "--verify failed: non-finite outputs", "nothing written")
+
+
+@pytest.mark.parametrize("flag,value,message", [
+    ("--verify-size", "0", "--verify-size 0: the image side must be >= 1"),
+    ("--verify-size", "-32", "--verify-size -32: the image side must be >= 1"),
+    ("--tolerance", "nan", "--tolerance nan: must be a finite number >= 0"),
+    ("--tolerance", "-1e-4", "--tolerance -0.0001: must be a finite number >= 0"),
+])
+def test_verify_settings_are_checked(nat_hf, tmp_path, capsys, flag, value, message):
+    root, _ = nat_hf
+    out = tmp_path / "out"
+    assert_clean_failure(capsys, ["convert", root / "hf", out, "--verify", f"{flag}={value}"],
+                         out, message)
+
+
 def test_export_rejects_non_checkpoints(nat_hf, tmp_path, capsys):
     root, _ = nat_hf
     out = tmp_path / "out"
