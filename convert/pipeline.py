@@ -259,6 +259,23 @@ def _check_out(out: Path, overwrite: bool, flag: str = "--overwrite") -> None:
         raise ConversionError(f"{out} exists and is not a directory")
 
 
+def _check_apart(out: Path, out_name: str, inputs: dict[str, Path | None]) -> None:
+    """OUT must not be, contain or lie inside an input: writing OUT (``--overwrite`` replaces
+    it) would delete the input, or the input directory would get our output mixed in."""
+    target = out.resolve()
+    for name, path in inputs.items():
+        if path is None:
+            continue
+        source = path.resolve()
+        if target == source or target in source.parents:
+            relation = "is" if target == source else "contains"
+            raise ConversionError(f"{out_name} {out} {relation} {name} {path}: writing it "
+                                  f"would delete the input; choose another {out_name}")
+        if source in target.parents and source.is_dir():
+            raise ConversionError(f"{out_name} {out} lies inside {name} {path}; choose an "
+                                  f"{out_name} outside it")
+
+
 def convert(src: str | Path, out: str | Path, arch: str | None = None, dtype: str = "float32",
             verify: bool = False, overwrite: bool = False, *, config: str | Path | None = None,
             progress: bool = False, verify_size: int | None = None,
@@ -275,7 +292,8 @@ def convert(src: str | Path, out: str | Path, arch: str | None = None, dtype: st
       dtype: "float32" or "bfloat16" (parameters and the saved config's compute dtype).
       verify: run the HF PyTorch model on a random image and compare outputs; a difference above
         ``tolerance * max(1, max |PyTorch output|)`` raises ConversionError (nothing written).
-      overwrite: replace an existing ``out``.
+      overwrite: replace an existing ``out`` (never one that is, contains or lies inside
+        ``src`` or ``config``: that is refused).
       progress: progress bar for large files and a spinner for slow steps, on stderr.
       verify_size: image side for ``verify`` (default: the config's ``image_size``); >= 1.
       tolerance: for ``verify`` (default :data:`DEFAULT_TOLERANCE` per dtype); finite, >= 0.
@@ -292,6 +310,7 @@ def convert(src: str | Path, out: str | Path, arch: str | None = None, dtype: st
     if tolerance is not None and not (math.isfinite(tolerance) and tolerance >= 0):
         raise ConversionError(f"--tolerance {tolerance}: must be a finite number >= 0")
     src, out = Path(src), Path(out)
+    _check_apart(out, "OUT", {"SRC": src, "--config": None if config is None else Path(config)})
     _check_out(out, overwrite)
     ckpt = load_checkpoint(src, progress=progress)
     if config is not None:
@@ -369,6 +388,7 @@ def export(ckpt: str | Path, out_dir: str | Path, format: str = "hf",
     if format != "hf":
         raise ConversionError(f"--format {format!r}: only 'hf' is supported")
     ckpt, out_dir = Path(ckpt), Path(out_dir)
+    _check_apart(out_dir, "OUT_DIR", {"CKPT": ckpt})
     _check_out(out_dir, overwrite)
     if not ckpt.is_dir():
         raise ConversionError(f"CKPT {ckpt} is not a directory written by nat-jax convert / "

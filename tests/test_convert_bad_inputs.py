@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import shutil
 
 import numpy as np
 import pytest
@@ -184,8 +185,41 @@ def test_existing_out_needs_overwrite(nat_hf, tmp_path, capsys):
     assert run_cli("convert", root / "hf", out, "--quiet", "--overwrite") == 0
     assert not (out / "keep.txt").exists() and (out / "config.json").is_file()
     # export refuses an existing OUT_DIR the same way
-    assert run_cli("export", out, out, "--quiet") == 1
+    (tmp_path / "exported").mkdir()
+    assert run_cli("export", out, tmp_path / "exported", "--quiet") == 1
     assert "already exists" in capsys.readouterr().err
+
+
+def _tree(root):
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file()}
+
+
+def test_out_that_is_contains_or_lies_inside_src_is_refused(nat_hf, tmp_path, capsys):
+    """Even with --overwrite: OUT == SRC (the source would be deleted), OUT containing SRC, OUT
+    inside SRC; the same for export's OUT_DIR and CKPT. The source stays byte for byte."""
+    root, _ = nat_hf
+    src = tmp_path / "models" / "hf"
+    shutil.copytree(root / "hf", src)
+    (tmp_path / "models" / "config.json").write_text((src / "config.json").read_text())
+    before = _tree(tmp_path)
+    cases = [((src, src), "is SRC"), ((src / "model.safetensors", src), "contains SRC"),
+             ((src, tmp_path / "models"), "contains SRC"), ((src, src / "sub"), "lies inside SRC"),
+             ((root / "hf", tmp_path / "models", "--config", tmp_path / "models" / "config.json"),
+              "contains --config")]
+    for args, needle in cases:
+        assert run_cli("convert", *args, "--overwrite", "--quiet") == 1, args
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and needle in err, err
+        assert _tree(tmp_path) == before, args
+    assert run_cli("convert", src, tmp_path / "ckpt", "--quiet") == 0
+    before = _tree(tmp_path)
+    for out, needle in [(tmp_path / "ckpt", "is CKPT"), (tmp_path, "contains CKPT"),
+                        (tmp_path / "ckpt" / "hf", "lies inside CKPT")]:
+        assert run_cli("export", tmp_path / "ckpt", out, "--overwrite", "--quiet") == 1
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and needle in err, err
+        assert _tree(tmp_path) == before, out
 
 
 def test_missing_unexpected_and_mismatched_keys_reported_together(nat_hf, tmp_path, capsys):
