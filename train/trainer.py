@@ -32,6 +32,7 @@ from orbax.checkpoint import checkpoint_managers as ocp_managers
 
 import nat_jax
 from nat_jax import pretrained
+from nat_jax.timing import write_json
 from nat_jax.train import augment, input_pipeline, sharding
 from nat_jax.train.errors import UserInputError
 
@@ -541,6 +542,39 @@ def maybe_initialize_distributed(config) -> None:
             "JAX_NUM_PROCESSES=N and JAX_PROCESS_ID=i on every host") from None
 
 
+MODEL_CONFIG_FILE = "model_config.json"  # the resolved model config of the run, in the workdir
+# Model config fields that change how the model computes, not what its checkpoint holds.
+_EXECUTION_FIELDS = ("dtype", "na_backend")
+
+
+def check_resume_matches(workdir: str, model_cfg) -> None:
+    """Refuses to resume checkpoints of another model: compares ``workdir``'s stored
+    :data:`MODEL_CONFIG_FILE` with ``model_cfg`` (execution-only fields aside).
+
+    Reads only. Raises UserInputError naming every differing field; does nothing when the
+    workdir holds no checkpoint. A workdir from before the file existed is resumed unchecked,
+    with a warning.
+    """
+    checkpoints = os.path.join(workdir, "checkpoints")
+    if not os.path.isdir(checkpoints) or not any(name.isdigit()
+                                                  for name in os.listdir(checkpoints)):
+        return
+    path = os.path.join(workdir, MODEL_CONFIG_FILE)
+    if not os.path.exists(path):
+        log.warning("%s holds checkpoints but no %s: cannot check that they are of this model",
+                    workdir, MODEL_CONFIG_FILE)
+        return
+    with open(path) as f:
+        stored = json.load(f)
+    wanted = json.loads(json.dumps(model_cfg.to_dict()))  # the same JSON types as stored
+    diffs = [f"{k} {stored.get(k)} -> {wanted.get(k)}" for k in sorted(set(stored) | set(wanted))
+             if k not in _EXECUTION_FIELDS and stored.get(k) != wanted.get(k)]
+    if diffs:
+        raise UserInputError(f"{workdir} holds checkpoints of a different model "
+                             f"({'; '.join(diffs)}); resume with the same model config, or "
+                             "train it in a new --workdir")
+
+
 def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     """Trains ``config`` in ``workdir`` (resuming from its latest checkpoint) and evaluates.
 
@@ -552,11 +586,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
 
     maybe_initialize_distributed(config)
     workdir = os.path.abspath(os.path.expanduser(workdir))
-    os.makedirs(workdir, exist_ok=True)
     is_host0 = jax.process_index() == 0
-    if is_host0:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json_best_effort(indent=2))
 
     # Data.
     train_source = input_pipeline.make_source(config, config.train_split)
@@ -568,6 +598,14 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
             raise ValueError("config.num_classes=-1 but the dataset does not name its classes")
     steps_per_epoch = max(len(train_source) // config.global_batch_size, 1)
     total_steps, warmup_steps, cooldown_steps = resolve_durations(config, steps_per_epoch)
+
+    # The workdir: checked before anything in it changes, then the configs of this run.
+    check_resume_matches(workdir, model_config(config, num_classes))
+    os.makedirs(workdir, exist_ok=True)
+    if is_host0:
+        write_json(os.path.join(workdir, "config.json"), json.loads(config.to_json_best_effort()))
+        write_json(os.path.join(workdir, MODEL_CONFIG_FILE),
+                   model_config(config, num_classes).to_dict())
     # This host computes the rows of each global batch that its devices hold.
     mesh = sharding.make_mesh(config.fsdp)
     block, blocks = sharding.host_batch_block(mesh)
