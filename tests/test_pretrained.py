@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import logging
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -85,6 +87,43 @@ def test_mismatched_checkpoint_is_rejected(tmp_path, model):
     (path / "config.json").write_text(json.dumps(meta))
     with pytest.raises(ValueError, match="does not match"):
         nat_jax.load_pretrained(path)
+
+
+def _params(module) -> dict:
+    return nnx.to_pure_dict(nnx.state(module, nnx.Param))
+
+
+def test_checkpoints_load_into_smaller_heads_only(tmp_path, model, rng, caplog):
+    """As transformers does: a classifier checkpoint loads as a backbone (classifier and final
+    norm dropped, the feature-map norms newly initialized, with a warning) and as a base
+    model; a base checkpoint as a backbone. Larger heads are a clear ValueError."""
+    path = nat_jax.save_pretrained(model, tmp_path / "classifier")
+    with caplog.at_level(logging.WARNING, logger="nat_jax.pretrained"):
+        backbone = nat_jax.load_pretrained(path, head="backbone")
+    assert isinstance(backbone, nat_jax.DinatBackbone)
+    got, saved = _params(backbone), _params(model)["dinat"]
+    assert sorted(got) == ["embeddings", "encoder", "hidden_states_norms"]
+    for part in ("embeddings", "encoder"):
+        jax.tree.map(np.testing.assert_array_equal, got[part], saved[part])
+    norm = got["hidden_states_norms"]["stage4"]
+    np.testing.assert_array_equal(norm["scale"], np.ones(norm["scale"].shape))
+    np.testing.assert_array_equal(norm["bias"], np.zeros(norm["bias"].shape))
+    warned = " ".join(r.getMessage() for r in caplog.records)
+    assert "hidden_states_norms newly initialized" in warned and "layernorm" in warned
+    x = jnp.asarray(rng.standard_normal((1, 32, 32, 3)), jnp.float32)
+    assert backbone(x).feature_maps[0].shape == (1, 128, 1, 1)  # stage 4 of 32x32: 1x1
+
+    base_path = nat_jax.save_pretrained(nat_jax.load_pretrained(path, head="base"),
+                                        tmp_path / "base")
+    from_base = nat_jax.load_pretrained(base_path, head="backbone")
+    jax.tree.map(np.testing.assert_array_equal, _params(from_base)["encoder"], saved["encoder"])
+    backbone_path = nat_jax.save_pretrained(backbone, tmp_path / "backbone")
+    for ckpt, head, allowed in [(base_path, "classification", "'base', 'backbone'"),
+                                (backbone_path, "classification", "'backbone'"),
+                                (backbone_path, "base", "'backbone'")]:
+        with pytest.raises(ValueError, match=f"lacks weights the '{head}' head needs; load it "
+                                             f"with head= one of {allowed}"):
+            nat_jax.load_pretrained(ckpt, head=head)
 
 
 # ------------------------------------------------------------------ preprocessing
