@@ -83,6 +83,34 @@ def test_overrides_coerce_types_and_reject_unknown_fields():
         configs.apply_overrides(c, {"learning_rat": "1"})
     with pytest.raises(ValueError, match="global_batch_size"):
         configs.apply_overrides(c, {"global_batch_size": "many"})
+    configs.apply_overrides(c, {"aug.crop_ratio": "(1, 2)", "num_train_steps": "1e3",
+                                "model_overrides.depths": "(1, 1, 1)"})
+    assert c.aug.crop_ratio == (1.0, 2.0) and c.num_train_steps == 1000
+    assert c.model_overrides.depths == (1, 1, 1)
+
+
+@pytest.mark.parametrize("override,problem", [
+    ("aug.crop_scale=0.5", "expected a tuple like (0.7, 1.0), got '0.5'"),
+    ("aug.crop_scale=(0.5,)", "expected 2 values like (0.7, 1.0), got 1"),
+    ("aug.mean=('a', 'b', 'c')", "expected numbers like (0.5, 0.5, 0.5)"),
+    ("model_overrides.depths=2", "expected a tuple like (2, 2), got '2'"),
+    ("num_train_steps=1.5", "expected an integer, got '1.5'"),
+    ("learning_rate=fast", "expected a number, got 'fast'"),
+    ("progress_bar=maybe", "expected a boolean"),
+    ("learning_rat=1", "no field 'learning_rat' (known: aug, b1"),
+    ("aug.hflip.x=1", "aug.hflip is not a group of fields"),
+])
+def test_bad_overrides_are_one_line_errors(tmp_path, capsys, override, problem):
+    """Through the CLI: exit 1, one line naming the override and the problem, nothing written
+    (a scalar for a tuple field used to become a 1-tuple silently)."""
+    from nat_jax.cli import main
+
+    code = main(["train", "--config", "digits", "--workdir", str(tmp_path / "w"),
+                 f"--config.{override}"])
+    err = capsys.readouterr().err.strip()
+    assert code == 1 and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert f"config override {override.split('=')[0]}" in err and problem in err, err
+    assert not (tmp_path / "w").exists()
 
 
 def test_cli_parses_config_overrides():

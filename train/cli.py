@@ -72,8 +72,12 @@ def run(args: argparse.Namespace) -> int:
     from nat_jax.train import configs, trainer
     from nat_jax.train.errors import UserInputError
 
-    config = configs.get_config(args.config)
-    configs.apply_overrides(config, getattr(args, "config_overrides", {}))
+    try:
+        config = configs.get_config(args.config)
+        configs.apply_overrides(config, getattr(args, "config_overrides", {}))
+    except UserInputError as e:
+        print(f"nat-jax train: {e}", file=sys.stderr)
+        return 1
     if args.distributed:
         config.distributed = True
     if args.print_config:
