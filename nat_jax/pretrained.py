@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import shutil
+import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,7 +30,8 @@ from flax import nnx
 
 from nat_jax.configs import _BaseConfig, model_class_for
 
-__all__ = ["FORMAT", "load_config", "load_pretrained", "save_pretrained"]
+__all__ = ["FORMAT", "load_config", "load_pretrained", "save_pretrained",
+           "unwritable_reason"]
 
 FORMAT = "nat-jax/1"
 _HEAD_OF = {"ForImageClassification": "classification", "Backbone": "backbone", "Model": "base"}
@@ -91,6 +93,33 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def unwritable_reason(path: str | os.PathLike) -> str | None:
+    """Why the directory ``path`` cannot be created and written into (a few words), or None.
+
+    Looks at the deepest part of ``path`` that exists: a file there (``path`` itself or one of
+    its parents) is a reason, and so is a directory in which no file can be created, which is
+    tried for real with a temporary file (permission bits, read-only mounts, pseudo file
+    systems and root all answer the same way).
+    """
+    existing = Path(path).absolute()
+    while True:
+        try:
+            existing.stat()
+            break
+        except (FileNotFoundError, NotADirectoryError):
+            existing = existing.parent  # the filesystem root always exists
+        except OSError as e:
+            return f"cannot access {existing} ({e.strerror or e})"
+    if not existing.is_dir():
+        return f"{existing} is a file, not a directory"
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as e:
+        return f"cannot write in {existing} ({e.strerror or e})"
+    return None
 
 
 def load_config(path: str | os.PathLike) -> tuple[_BaseConfig, str]:

@@ -113,6 +113,53 @@ def test_bad_overrides_are_one_line_errors(tmp_path, capsys, override, problem):
     assert not (tmp_path / "w").exists()
 
 
+@pytest.mark.parametrize("setting,problem", [
+    ("--config.global_batch_size=0", "global_batch_size=0 must be >= 1"),  # ZeroDivisionError
+    ("--config.global_batch_size=-8", "global_batch_size=-8 must be >= 1"),
+    ("--config.log_every_steps=0", "log_every_steps=0 must be >= 1"),
+    ("--config.global_batch_size=12", "global_batch_size=12 must be divisible by the number "
+                                      "of devices (8)"),
+    ("--config.fsdp=3", "fsdp=3 must be -1 or a positive divisor of the device count 8"),
+])
+def test_settings_that_cannot_run_are_one_line_errors(tmp_path, capsys, setting, problem):
+    from nat_jax.cli import main
+
+    code = main(["train", "--config", "digits", "--workdir", str(tmp_path / "w"), setting,
+                 "--config.progress_bar=false"])
+    err = capsys.readouterr().err.strip()
+    assert code == 1 and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert problem in err, err
+
+
+def test_workdir_under_a_file_is_one_line_error(tmp_path, capsys):
+    from nat_jax.cli import main
+
+    (tmp_path / "file").write_text("not a directory")
+    for workdir in (tmp_path / "file", tmp_path / "file" / "run"):
+        code = main(["train", "--config", "digits", "--workdir", str(workdir)])
+        err = capsys.readouterr().err.strip()
+        assert code == 1 and len(err.splitlines()) == 1, err
+        assert f"cannot use --workdir {workdir}: {tmp_path / 'file'} is a file" in err, err
+    assert (tmp_path / "file").read_text() == "not a directory"
+
+
+def test_unwritable_workdir_is_one_line_error(tmp_path):
+    """A workdir the process may not write (permission bits, obeyed even by root here)."""
+    from permissions import nat_jax_cli
+
+    workdir = tmp_path / "read_only"
+    workdir.mkdir()
+    workdir.chmod(0o555)
+    try:
+        proc = nat_jax_cli("train", "--config", "digits", "--workdir", workdir)
+    finally:
+        workdir.chmod(0o755)
+    err = proc.stderr.strip()
+    assert proc.returncode == 1 and len(err.splitlines()) == 1, err
+    assert f"cannot use --workdir {workdir}: cannot write in {workdir} (Permission denied)" in err
+    assert os.listdir(workdir) == []
+
+
 def test_cli_parses_config_overrides():
     from nat_jax.cli import build_parser
 

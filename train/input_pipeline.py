@@ -40,6 +40,7 @@ import numpy as np
 from PIL import Image
 
 from nat_jax.train import augment
+from nat_jax.train.errors import UserInputError
 
 log = logging.getLogger(__name__)
 
@@ -54,10 +55,10 @@ def image_folder_classes(root: str, split: str) -> list[str]:
     """Sorted class-folder names of ``root/<split>``."""
     split_dir = os.path.join(os.path.expanduser(root), split)
     if not os.path.isdir(split_dir):
-        raise ValueError(f"image folder split={split!r}: {split_dir} is not a directory")
+        raise UserInputError(f"image folder split={split!r}: {split_dir} is not a directory")
     names = sorted(d for d in os.listdir(split_dir) if os.path.isdir(os.path.join(split_dir, d)))
     if not names:
-        raise ValueError(f"image folder {split_dir} has no class sub-folders")
+        raise UserInputError(f"image folder {split_dir} has no class sub-folders")
     return names
 
 
@@ -76,10 +77,10 @@ class ImageFolderSource:
         folders = image_folder_classes(root, split)
         self.class_names = list(folders if class_names is None else class_names)
         if len(set(self.class_names)) != len(self.class_names):
-            raise ValueError(f"class_names={self.class_names} has duplicates")
+            raise UserInputError(f"class_names={self.class_names} has duplicates")
         unknown = sorted(set(folders) - set(self.class_names))
         if unknown:
-            raise ValueError(f"image folder {split_dir}: class folder(s) {', '.join(unknown)} "
+            raise UserInputError(f"image folder {split_dir}: class folder(s) {', '.join(unknown)} "
                              f"are not among the {len(self.class_names)} training classes "
                              f"({', '.join(self.class_names[:10])}"
                              f"{', ...' if len(self.class_names) > 10 else ''})")
@@ -93,7 +94,7 @@ class ImageFolderSource:
                     self.paths.append(os.path.join(class_dir, file))
                     self.labels.append(label)
         if not self.paths:
-            raise ValueError(f"image folder {split_dir} has no images ({IMAGE_EXTENSIONS})")
+            raise UserInputError(f"image folder {split_dir} has no images ({IMAGE_EXTENSIONS})")
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -115,7 +116,7 @@ class DigitsSource:
         from sklearn.model_selection import train_test_split
 
         if split not in ("train", "validation"):
-            raise ValueError(f"digits split={split!r} must be 'train' or 'validation'")
+            raise UserInputError(f"digits split={split!r} must be 'train' or 'validation'")
         digits = load_digits()
         indices = np.arange(len(digits.target))
         train_idx, val_idx = train_test_split(indices, test_size=0.2, random_state=0,
@@ -141,7 +142,7 @@ def make_source(config, split: str):
         return DigitsSource(split, image_size=config.image_size)
     if config.dataset == "image_folder":
         if not config.data_dir:
-            raise ValueError("dataset='image_folder' needs config.data_dir (the folder root)")
+            raise UserInputError("dataset='image_folder' needs config.data_dir (the folder root)")
         classes = list(config.class_names) or image_folder_classes(config.data_dir,
                                                                    config.train_split)
         return ImageFolderSource(config.data_dir, split, classes)

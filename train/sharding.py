@@ -14,6 +14,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from nat_jax.train.errors import UserInputError
+
 DATA_AXES = ("data", "fsdp")  # the batch dimension is split over both mesh axes
 
 
@@ -26,7 +28,8 @@ def make_mesh(fsdp: int = 1, devices=None) -> Mesh:
     count = len(devices)
     fsdp = count if fsdp == -1 else fsdp
     if fsdp < 1 or count % fsdp:
-        raise ValueError(f"{fsdp=} must be -1 or a positive divisor of the device count {count}")
+        raise UserInputError(f"{fsdp=} must be -1 or a positive divisor of the device count "
+                             f"{count}")
     grid = np.asarray(devices).reshape(count // fsdp, fsdp)
     return Mesh(grid, ("data", "fsdp"))
 

@@ -58,10 +58,7 @@ def _steps(config, steps_name: str, epochs_name: str, steps_per_epoch: int) -> i
         return int(steps)
     if epochs < 0:
         raise UserInputError(f"{steps_name} and {epochs_name} are both -1; set one of them")
-    derived = int(round(epochs * steps_per_epoch))
-    log.info("%s=%g -> %d steps (%d steps per epoch)", epochs_name, epochs, derived,
-             steps_per_epoch)
-    return derived
+    return int(round(epochs * steps_per_epoch))
 
 
 def resolve_durations(config, steps_per_epoch: int) -> tuple[int, int, int]:
@@ -295,8 +292,8 @@ def setup_training(config, mesh, num_classes: int, total_steps: int, warmup_step
                    cooldown_steps: int = 0) -> Training:
     """Builds the optimizer, the sharded initial state and the jitted train / eval steps."""
     if config.global_batch_size % mesh.size:
-        raise ValueError(f"global_batch_size={config.global_batch_size} must be divisible by "
-                         f"the number of devices ({mesh.size})")
+        raise UserInputError(f"global_batch_size={config.global_batch_size} must be divisible "
+                             f"by the number of devices ({mesh.size})")
     schedule = make_schedule(config, total_steps, warmup_steps, cooldown_steps)
     tx = make_optimizer(config, schedule)
     model_cfg = model_config(config, num_classes)
@@ -575,6 +572,32 @@ def check_resume_matches(workdir: str, model_cfg) -> None:
                              "train it in a new --workdir")
 
 
+def check_workdir(workdir: str) -> None:
+    """UserInputError (one line) if ``workdir`` cannot be created or written; creates nothing."""
+    reason = pretrained.unwritable_reason(workdir)
+    if reason is not None:
+        raise UserInputError(f"cannot use --workdir {workdir}: {reason}")
+
+
+# Fields that divide or count steps and batches: 0 or less makes no run.
+_POSITIVE_FIELDS = ("global_batch_size", "log_every_steps", "eval_every_steps",
+                    "checkpoint_every_steps", "keep_checkpoints", "image_size")
+
+
+def validate_config(config) -> None:
+    """One-line UserInputErrors for settings that cannot make a run (checked before any work)."""
+    for name in _POSITIVE_FIELDS:
+        if config[name] < 1:
+            raise UserInputError(f"{name}={config[name]} must be >= 1")
+    if config.num_workers < 0:
+        raise UserInputError(f"num_workers={config.num_workers} must be >= 0 (0: no worker "
+                             "processes)")
+    processes = jax.process_count()
+    if config.global_batch_size % processes:
+        raise UserInputError(f"global_batch_size={config.global_batch_size} must be divisible "
+                             f"by the number of processes ({processes})")
+
+
 def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     """Trains ``config`` in ``workdir`` (resuming from its latest checkpoint) and evaluates.
 
@@ -585,7 +608,9 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     import grain
 
     maybe_initialize_distributed(config)
+    validate_config(config)
     workdir = os.path.abspath(os.path.expanduser(workdir))
+    check_workdir(workdir)
     is_host0 = jax.process_index() == 0
 
     # Data.
@@ -595,7 +620,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     if num_classes < 1:
         num_classes = input_pipeline.num_classes_of(train_source)
         if num_classes is None:
-            raise ValueError("config.num_classes=-1 but the dataset does not name its classes")
+            raise UserInputError("config.num_classes=-1 but the dataset does not name its "
+                                 "classes")
     steps_per_epoch = max(len(train_source) // config.global_batch_size, 1)
     total_steps, warmup_steps, cooldown_steps = resolve_durations(config, steps_per_epoch)
 
