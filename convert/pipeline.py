@@ -27,7 +27,7 @@ from nat_jax import configs
 from nat_jax.convert import hf_config, keymap
 from nat_jax.convert.loading import (Checkpoint, ConversionError, load_checkpoint,
                                      read_hf_config)
-from nat_jax.pretrained import abstract_model, atomic_directory
+from nat_jax.pretrained import abstract_model, atomic_directory, unwritable_reason
 
 DTYPES = ("float32", "bfloat16")
 # Max |ours - PyTorch| allowed by --verify, relative to max(1, max |PyTorch output|).
@@ -253,10 +253,15 @@ def _phase(message: str, enabled: bool) -> Iterator[None]:
 
 
 def _check_out(out: Path, overwrite: bool, flag: str = "--overwrite") -> None:
+    """OUT can be written: absent (or replaceable), its parents directories, writable."""
     if out.exists() and not overwrite:
         raise ConversionError(f"{out} already exists; pass {flag} to replace it")
     if out.exists() and not out.is_dir():
         raise ConversionError(f"{out} exists and is not a directory")
+    # OUT is written as a temporary sibling renamed into place: its parent must be writable.
+    reason = unwritable_reason(out.absolute().parent)
+    if reason is not None:
+        raise ConversionError(f"cannot write {out}: {reason}")
 
 
 def _check_apart(out: Path, out_name: str, inputs: dict[str, Path | None]) -> None:

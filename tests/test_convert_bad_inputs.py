@@ -222,6 +222,46 @@ def test_out_that_is_contains_or_lies_inside_src_is_refused(nat_hf, tmp_path, ca
         assert _tree(tmp_path) == before, out
 
 
+@pytest.mark.parametrize("case", ["weights_file", "src_directory", "out_parent"])
+def test_unreadable_src_and_unwritable_out(nat_hf, tmp_path, case):
+    """Permission problems are named as such (not "corrupt", "missing" or "exists"), in one
+    line, with nothing written; the kernel refuses for real (see tests/permissions.py)."""
+    from permissions import nat_jax_cli
+
+    root, _ = nat_hf
+    src, out = tmp_path / "hf", tmp_path / "out"
+    shutil.copytree(root / "hf", src)
+    locked, mode, needle = {
+        "weights_file": (src / "model.safetensors", 0o000,
+                         f"cannot read {src / 'model.safetensors'}: Permission denied"),
+        "src_directory": (src, 0o000, f"cannot read SRC {src}: Permission denied"),
+        "out_parent": (tmp_path / "locked", 0o555,
+                       f"cannot write in {tmp_path / 'locked'} (Permission denied)"),
+    }[case]
+    if case == "out_parent":
+        locked.mkdir()
+        out = locked / "out"
+    locked.chmod(mode)
+    try:
+        proc = nat_jax_cli("convert", src, out, "--quiet")
+    finally:
+        locked.chmod(0o755)
+    err = proc.stderr.strip()
+    assert proc.returncode == 1 and len(err.splitlines()) == 1, err
+    assert needle in err, err
+    assert not out.exists()
+
+
+def test_out_under_a_file(nat_hf, tmp_path, capsys):
+    root, _ = nat_hf
+    (tmp_path / "file").write_text("x")
+    out = tmp_path / "file" / "out"
+    err = assert_clean_failure(capsys, ["convert", root / "hf", out], tmp_path / "nothing",
+                               f"cannot write {out}: {tmp_path / 'file'} is a file, not a "
+                               "directory")
+    assert "exists" not in err and (tmp_path / "file").read_text() == "x"
+
+
 def test_missing_unexpected_and_mismatched_keys_reported_together(nat_hf, tmp_path, capsys):
     root, model = nat_hf
     state = {k: v.clone() for k, v in model.state_dict().items()}
