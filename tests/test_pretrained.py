@@ -157,6 +157,46 @@ def test_preprocess_matches_timm_eval_transform():
         nat_jax.preprocess(img.astype(np.float32))
 
 
+def test_preprocess_high_bit_depth_images_like_training(tmp_path):
+    """16-bit, 32-bit and float PIL images are scaled to their peak, as the training pipeline
+    decodes them (PIL's own RGB conversion clipped a 16-bit image to white)."""
+    from PIL import Image
+
+    from nat_jax.train import input_pipeline
+
+    rng = np.random.default_rng(3)
+    values = rng.integers(0, 4000, (40, 48))
+    images = {"I;16": Image.fromarray(values.astype(np.uint16)),
+              "I": Image.fromarray(values.astype(np.int32)),
+              "F": Image.fromarray((values / 4000).astype(np.float32))}
+    for mode, image in images.items():
+        assert image.mode == mode
+        array = np.asarray(image, np.float64)
+        gray = np.floor(array * 255 / max(array.max(), 1.0) + 1e-6).astype(np.uint8)
+        expected = nat_jax.preprocess(np.dstack([gray] * 3), 32, crop_pct=1.0)
+        np.testing.assert_allclose(nat_jax.preprocess(image, 32, crop_pct=1.0), expected,
+                                   atol=1e-5, err_msg=mode)
+    # The training pipeline decodes the same 16-bit image (as a PNG file) to the same pixels.
+    images["I;16"].save(tmp_path / "deep.png")
+    decoded = input_pipeline.decode({"file": str(tmp_path / "deep.png"), "label": 0})["image"]
+    np.testing.assert_array_equal(
+        decoded, np.dstack([np.floor(values * 255 / values.max() + 1e-6).astype(np.uint8)] * 3))
+    assert decoded.max() == 255  # the peak, not a clipped white image
+
+
+def test_empty_inputs_and_bad_k_are_rejected(model):
+    with pytest.raises(ValueError, match="no images to preprocess"):
+        nat_jax.preprocess([])
+    with pytest.raises(ValueError, match=r"image of shape \(0, 0, 3\) is empty"):
+        nat_jax.preprocess(np.zeros((0, 0, 3), np.uint8))
+    pixels = np.zeros((1, 32, 32, 3), np.float32)
+    for k in (0, -1):
+        with pytest.raises(ValueError, match=f"k={k} must be >= 1"):
+            nat_jax.predict(model, pixels, k=k)
+        with pytest.raises(ValueError, match=f"k={k} must be >= 1"):
+            nat_jax.top_k(np.zeros((1, 4)), k)
+
+
 def test_top_k_and_predict(model):
     logits = jnp.array([[0.0, 3.0, 1.0, 2.0]])
     top = nat_jax.top_k(logits, 2, ["a", "b", "c", "d"])
