@@ -27,7 +27,6 @@ CHILD = textwrap.dedent("""
     sys.path.insert(0, {tests_dir!r})
     from test_train_resume import resume_config
     from nat_jax.train import trainer
-from nat_jax.train.errors import UserInputError
 
     workdir, mode, kill_at = sys.argv[1], sys.argv[2], int(sys.argv[3])
     save = trainer.save_checkpoint
