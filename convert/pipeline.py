@@ -253,7 +253,8 @@ def _phase(message: str, enabled: bool) -> Iterator[None]:
 
 
 def _check_out(out: Path, overwrite: bool, flag: str = "--overwrite") -> None:
-    """OUT can be written: absent (or replaceable), its parents directories, writable."""
+    """OUT is absent (or may be replaced) and can be created: no file in place of a parent
+    directory, and a writable parent."""
     if out.exists() and not overwrite:
         raise ConversionError(f"{out} already exists; pass {flag} to replace it")
     if out.exists() and not out.is_dir():

@@ -626,12 +626,12 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     total_steps, warmup_steps, cooldown_steps = resolve_durations(config, steps_per_epoch)
 
     # The workdir: checked before anything in it changes, then the configs of this run.
-    check_resume_matches(workdir, model_config(config, num_classes))
+    requested_model = model_config(config, num_classes)
+    check_resume_matches(workdir, requested_model)
     os.makedirs(workdir, exist_ok=True)
     if is_host0:
         write_json(os.path.join(workdir, "config.json"), json.loads(config.to_json_best_effort()))
-        write_json(os.path.join(workdir, MODEL_CONFIG_FILE),
-                   model_config(config, num_classes).to_dict())
+        write_json(os.path.join(workdir, MODEL_CONFIG_FILE), requested_model.to_dict())
     # This host computes the rows of each global batch that its devices hold.
     mesh = sharding.make_mesh(config.fsdp)
     block, blocks = sharding.host_batch_block(mesh)
@@ -721,7 +721,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
                 flush()
                 eval_params = state.ema_params if state.ema_params is not None else state.params
                 last_eval = evaluate(eval_fn, eval_params, rest, config, eval_source, mesh,
-                                 unreadable)
+                                     unreadable)
                 evaluated = True
                 reporter.write(step, last_eval)
                 reporter.message(_eval_line(step, last_eval))
@@ -741,8 +741,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
 
     if not last_eval and not final_metrics.get("preempted"):  # resumed a finished run
         eval_params = state.ema_params if state.ema_params is not None else state.params
-        last_eval = evaluate(eval_fn, eval_params, rest, config, eval_source, mesh,
-                                 unreadable)
+        last_eval = evaluate(eval_fn, eval_params, rest, config, eval_source, mesh, unreadable)
         reporter.message(_eval_line(start, last_eval) + " (the run had already finished)")
     reporter.close()
     if hasattr(train_iter, "close"):
