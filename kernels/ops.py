@@ -2,12 +2,16 @@
 
 All ops share one generic implementation; the rank-specific functions only fix the number of
 spatial axes. Arguments follow NATTEN (heads-last layout, per-axis kernel/stride/dilation/causal).
+The fused ops take NATTEN's positional order (``kernel_size, stride, dilation, is_causal, ...``);
+the unfused ``na*_qk`` / ``na*_av`` take everything after ``kernel_size`` by keyword only, so no
+positional call can mean stride in one and dilation in the other.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import warnings
 from collections.abc import Callable, Hashable
 
 import jax
@@ -33,6 +37,9 @@ class Backend:
         hold a stale choice.
       partitionable: whether XLA can partition it under sharding; kernels it cannot partition
         (custom calls) run under ``shard_map`` when a mesh is set (:mod:`sharding`).
+      qk: ``qk(query, key, p, rpb) -> logits`` (the unfused first half), or None: the backend
+        has none, and ``na*_qk(..., backend=name)`` uses the reference one (warning once).
+      av: ``av(weights, value, p) -> output`` (the unfused second half), or None (likewise).
     """
 
     fn: Callable[..., tuple[jax.Array, jax.Array]]
@@ -40,6 +47,8 @@ class Backend:
     unsupported: Callable[..., str | None] | None = None
     config: Callable[..., Hashable] | None = None
     partitionable: bool = True
+    qk: Callable[..., jax.Array] | None = None
+    av: Callable[..., jax.Array] | None = None
 
 
 def _reference(query, key, value, p, rpb, config):
@@ -61,7 +70,7 @@ def _pallas_blocks(query, value, p, rpb):
 
 # Every backend, explicitly (no registration on import). "auto" walks them in this order.
 _BACKENDS: dict[str, Backend] = {
-    "reference": Backend(_reference),
+    "reference": Backend(_reference, qk=reference.na_qk, av=reference.na_av),
     "xla": Backend(_xla),
     "pallas": Backend(_pallas, platforms=("cuda",), unsupported=pallas.unsupported,
                       config=_pallas_blocks, partitionable=False),
@@ -230,31 +239,62 @@ na3d = _make_fused(3, "X, Y, Z", "2Kx-1, 2Ky-1, 2Kz-1")
 
 # ------------------------------------------------------------------ unfused pieces
 
+# Unfused implementations tried by backend="auto", best first (only those with qk/av count).
+_UNFUSED_AUTO = ("xla", "reference")
+_warned_fallback: set[tuple[str, str]] = set()
 
-@functools.partial(jax.jit, static_argnames=("p",))
-def _qk(query, key, rpb, p):
-    return reference.na_qk(query, key, p, rpb)
+
+def resolve_unfused_backend(backend: str, op: str = "qk") -> str:
+    """The backend whose unfused ``op`` ("qk" or "av") a call with ``backend`` runs on.
+
+    ``"auto"`` takes the first of :data:`_UNFUSED_AUTO` that has one. A named backend without
+    one (``"xla"`` and ``"pallas"`` today) uses ``"reference"`` (gathers every window: memory
+    ``O(tokens * K^2 * head_dim)``), with a warning the first time per backend and op, so a
+    model asked for attention weights keeps working and says where the memory goes.
+    """
+    if backend == "auto":
+        return next(name for name in _UNFUSED_AUTO
+                    if name in _BACKENDS and getattr(_BACKENDS[name], op) is not None)
+    if backend not in _BACKENDS:
+        raise ValueError(f"{backend=} is not one of {('auto',) + available_backends()}")
+    if getattr(_BACKENDS[backend], op) is not None:
+        return backend
+    if (backend, op) not in _warned_fallback:
+        _warned_fallback.add((backend, op))
+        warnings.warn(f"na*_{op}: backend {backend!r} has no unfused implementation yet; using "
+                      "'reference' (gathers every window, memory O(tokens * K^2 * head_dim))",
+                      stacklevel=3)
+    return "reference"
 
 
-@functools.partial(jax.jit, static_argnames=("p",))
-def _av(weights, value, p):
-    return reference.na_av(weights, value, p)
+@functools.partial(jax.jit, static_argnames=("p", "backend"))
+def _qk(query, key, rpb, p, backend: str):
+    return _BACKENDS[backend].qk(query, key, p, rpb)
+
+
+@functools.partial(jax.jit, static_argnames=("p", "backend"))
+def _av(weights, value, p, backend: str):
+    return _BACKENDS[backend].av(weights, value, p)
 
 
 def _make_qk(rank: int, axes: str):
-    def qk(query: jax.Array, key: jax.Array, kernel_size: IntOrTuple, dilation: IntOrTuple = 1,
-           is_causal: BoolOrTuple = False, rpb: jax.Array | None = None,
-           scale: float | None = None, stride: IntOrTuple = 1) -> jax.Array:
+    def qk(query: jax.Array, key: jax.Array, kernel_size: IntOrTuple, *,
+           stride: IntOrTuple = 1, dilation: IntOrTuple = 1, is_causal: BoolOrTuple = False,
+           scale: float | None = None, rpb: jax.Array | None = None,
+           backend: str = "auto") -> jax.Array:
         p = _prepare(rank, query, key, None, kernel_size, stride, dilation, is_causal, scale,
                      rpb)
-        return _qk(query, key, rpb, p)
+        return _qk(query, key, rpb, p, resolve_unfused_backend(backend, "qk"))
 
     qk.__name__ = qk.__qualname__ = f"na{rank}d_qk"
     qk.__doc__ = f"""{rank}-D neighborhood attention logits (the unfused first half).
 
     Args:
       query, key: ``[batch, {axes}, heads, head_dim]``.
-      kernel_size, dilation, is_causal, stride, rpb, scale: as for :func:`na{rank}d`.
+      kernel_size: as for :func:`na{rank}d`; every later argument is keyword-only.
+      stride, dilation, is_causal, scale, rpb: as for :func:`na{rank}d`.
+      backend: ``"auto"`` (the best with an unfused implementation), or a backend name; one
+        without unfused kernels runs the ``"reference"`` ones (warning once).
 
     Returns:
       float32 logits ``[batch, {axes}, heads, prod(kernel_size)]``: ``scale * q.k (+ rpb)`` with
@@ -266,9 +306,9 @@ def _make_qk(rank: int, axes: str):
 
 
 def _make_av(rank: int, axes: str):
-    def av(weights: jax.Array, value: jax.Array, kernel_size: IntOrTuple,
-           dilation: IntOrTuple = 1, is_causal: BoolOrTuple = False,
-           stride: IntOrTuple = 1) -> jax.Array:
+    def av(weights: jax.Array, value: jax.Array, kernel_size: IntOrTuple, *,
+           stride: IntOrTuple = 1, dilation: IntOrTuple = 1, is_causal: BoolOrTuple = False,
+           backend: str = "auto") -> jax.Array:
         if value.ndim != rank + 3:
             check_qkv(rank, value, value)
         p = make_params(tuple(value.shape[1:1 + rank]), value.shape[-1], kernel_size, stride,
@@ -277,7 +317,7 @@ def _make_av(rank: int, axes: str):
         if tuple(weights.shape) != want:
             raise ValueError(f"weights.shape={tuple(weights.shape)} must be {want} "
                              "([batch, *spatial, heads, prod(kernel_size)])")
-        return _av(weights, value, p)
+        return _av(weights, value, p, resolve_unfused_backend(backend, "av"))
 
     av.__name__ = av.__qualname__ = f"na{rank}d_av"
     av.__doc__ = f"""{rank}-D neighborhood attention weighted sum (the unfused second half).
@@ -285,7 +325,8 @@ def _make_av(rank: int, axes: str):
     Args:
       weights: ``[batch, {axes}, heads, prod(kernel_size)]`` (e.g. softmax of ``na{rank}d_qk``).
       value: ``[batch, {axes}, heads, head_dim]``.
-      kernel_size, dilation, is_causal, stride: as for :func:`na{rank}d`.
+      kernel_size: as for :func:`na{rank}d`; every later argument is keyword-only.
+      stride, dilation, is_causal, backend: as for :func:`na{rank}d_qk`.
 
     Returns:
       ``[batch, {axes}, heads, head_dim]`` in ``value.dtype``.

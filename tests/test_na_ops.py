@@ -180,18 +180,64 @@ def test_qk_av_pieces(rng, c, with_rpb):
     rank = len(c["shape"])
     qk = getattr(kernels, f"na{rank}d_qk")
     av = getattr(kernels, f"na{rank}d_av")
-    logits = qk(q, k, c["kernel"], c["dilation"], c["causal"], rpb=rpb)
+    logits = qk(q, k, c["kernel"], dilation=c["dilation"], is_causal=c["causal"], rpb=rpb)
     want = oracle.na_qk(q64, k64, c["kernel"], c["dilation"], c["causal"], rpb=rpb64)
     assert logits.shape == (*q.shape[:-1], int(np.prod(c["kernel"])))
     finite = np.isfinite(want)
     assert np.array_equal(np.isfinite(np.asarray(logits)), finite)
     assert_close(np.where(finite, logits, 0), np.where(finite, want, 0), 2e-5, 1e-5)
     weights = jax.nn.softmax(logits, axis=-1)
-    out = av(weights, v, c["kernel"], c["dilation"], c["causal"])
+    out = av(weights, v, c["kernel"], dilation=c["dilation"], is_causal=c["causal"])
     assert_close(out, oracle.na_av(np.asarray(weights, np.float64), np.asarray(v, np.float64),
                                    c["kernel"], c["dilation"], c["causal"]), 2e-5, 1e-5)
     fused = call(c, q, k, v, rpb, backend="xla")
     assert_close(out, np.asarray(fused, np.float64), 2e-5, 1e-5)
+
+
+def test_positional_arguments_agree(rng):
+    """``na2d(q, k, v, 7, 2)`` is stride 2, as in NATTEN; the unfused ops take everything after
+    ``kernel_size`` by keyword only, so ``na2d_qk(q, k, 7, 2)`` (which meant dilation 2) is an
+    error instead of a silently different window. The keywords mean the same in both."""
+    q, k, v = (jnp.asarray(rng.standard_normal((1, 12, 12, 2, 8)), jnp.float32)
+               for _ in range(3))
+    with pytest.raises(TypeError, match="positional"):
+        kernels.na2d_qk(q, k, 3, 2)
+    with pytest.raises(TypeError, match="positional"):
+        kernels.na2d_av(jnp.ones((1, 12, 12, 2, 9)), v, 3, 2)
+    fused = kernels.na2d(q, k, v, 3, 2)
+    np.testing.assert_array_equal(fused, kernels.na2d(q, k, v, 3, stride=2))
+    for kw in (dict(stride=2), dict(dilation=2), dict(stride=3, is_causal=(True, False))):
+        logits = kernels.na2d_qk(q, k, 3, **kw)
+        out = kernels.na2d_av(jax.nn.softmax(logits, -1), v, 3, **kw)
+        assert_close(out, np.asarray(kernels.na2d(q, k, v, 3, **kw), np.float64), 2e-5, 1e-5,
+                     str(kw))
+
+
+def test_unfused_backend_argument(rng, recwarn):
+    """``backend=`` on na*_qk / na*_av: "auto" and "reference" run the reference pieces; a
+    backend without unfused kernels ("xla", "pallas" today) runs them too, warning once."""
+    from nat_jax.kernels import ops
+
+    q, k, v = (jnp.asarray(rng.standard_normal((1, 9, 10, 2, 4)), jnp.float32)
+               for _ in range(3))
+    rpb = jnp.asarray(rng.standard_normal((2, 5, 5)), jnp.float32)
+    want = kernels.na2d_qk(q, k, 3, dilation=2, rpb=rpb, backend="reference")
+    np.testing.assert_array_equal(kernels.na2d_qk(q, k, 3, dilation=2, rpb=rpb), want)
+    assert ops.resolve_unfused_backend("auto", "qk") == "reference"
+    ops._warned_fallback.discard(("xla", "qk"))
+    with pytest.warns(UserWarning, match="backend 'xla' has no unfused implementation yet"):
+        got = kernels.na2d_qk(q, k, 3, dilation=2, rpb=rpb, backend="xla")
+    np.testing.assert_array_equal(got, want)
+    recwarn.clear()
+    kernels.na2d_qk(q, k, 3, backend="xla")
+    assert not [w for w in recwarn if "unfused" in str(w.message)]  # once per backend and op
+    w = jax.nn.softmax(want, -1)
+    np.testing.assert_array_equal(kernels.na2d_av(w, v, 3, dilation=2, backend="reference"),
+                                  kernels.na2d_av(w, v, 3, dilation=2, backend="auto"))
+    for op in (lambda: kernels.na2d_qk(q, k, 3, backend="cuda-magic"),
+               lambda: kernels.na2d_av(w, v, 3, backend="cuda-magic")):
+        with pytest.raises(ValueError, match="backend='cuda-magic' is not one of"):
+            op()
 
 
 def test_scale_zero_is_a_value(rng):
