@@ -2,10 +2,10 @@
 
 Accepted sources (see :func:`load_checkpoint`):
 
-* a single file: ``.safetensors`` (preferred), or ``.pth`` / ``.pt`` / ``.bin`` read with
-  ``torch.load(weights_only=True)``: PyTorch's restricted unpickler, which only rebuilds tensors and
-  plain containers and refuses any other global (``os.system``, arbitrary classes, ...) *before*
-  calling it;
+* a single file: ``.safetensors`` (preferred), or ``.pth`` / ``.pt`` / ``.bin`` (PyTorch's zip
+  or legacy format) read by :mod:`nat_jax.convert.torch_pickle` without torch: an unpickler that
+  only rebuilds tensors and plain containers and refuses any other global (``os.system``,
+  arbitrary classes, ...) *before* calling it;
 * an HF model directory: ``config.json`` + ``model.safetensors`` or ``pytorch_model.bin`` (or
   their sharded ``*.index.json`` forms).
 
@@ -13,22 +13,22 @@ A state dict may be flat or wrapped (``{"model": sd}``, ``{"state_dict": sd}``, 
 SHI-Labs/timm training scripts save them), and DistributedDataParallel's ``module.`` prefix is
 removed when every key carries it. All floating tensors come back as float32 numpy arrays (bf16 and
 fp16 widen exactly); casting to the output dtype happens once, at the end of the conversion.
+Nothing here imports torch.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import json
-import pickle
-import warnings
-import zipfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+import ml_dtypes  # registers bfloat16 with numpy (safetensors' bf16 tensors)
 import numpy as np
+
+from nat_jax.convert import torch_pickle
 
 TORCH_SUFFIXES = (".pth", ".pt", ".bin")
 SAFETENSORS_SUFFIX = ".safetensors"
@@ -89,62 +89,35 @@ def _progress(total_bytes: int, description: str, enabled: bool) -> Iterator[Any
 # Torch pickles
 
 
-def _import_torch(path: Path):
-    try:
-        import torch
-    except ImportError as e:
-        raise ConversionError(f"reading {path.name} needs PyTorch (pip install "
-                              "'nat-jax[convert]'), or convert the file to .safetensors first"
-                              ) from e
-    return torch
+def _to_numpy(value: np.ndarray) -> np.ndarray:
+    """Floating arrays as float32 (bf16/fp16 widen exactly), others as they are."""
+    if value.dtype in _FLOATS:
+        return np.asarray(value, np.float32)
+    return value
 
 
-def _torch_to_numpy(tensor: Any) -> np.ndarray:
-    import torch
-    tensor = tensor.detach().cpu()
-    if tensor.is_floating_point():
-        tensor = tensor.to(torch.float32)
-    return tensor.numpy().copy()
-
-
-def _refusal_reason(error: Exception) -> str:
-    """The line of torch's weights-only error that names what was refused, if there is one."""
-    for line in str(error).splitlines():
-        line = line.strip()
-        if line.startswith(("Unsupported global", "Unsupported operand", "Trying to call")):
-            return line.rstrip(".")
-    return "it holds objects other than tensors and plain containers"
+_FLOATS = tuple(np.dtype(t) for t in (np.float16, np.float32, np.float64, ml_dtypes.bfloat16))
 
 
 def _torch_load(path: Path) -> Any:
-    """``torch.load(weights_only=True)`` with every failure turned into a ConversionError."""
-    torch = _import_torch(path)
-    is_zip = zipfile.is_zipfile(path)
+    """:func:`torch_pickle.load` with every failure turned into a ConversionError."""
     try:
-        # argparse.Namespace is what timm-style training scripts store as 'args' next to the
-        # weights; rebuilding one only sets attributes, so it is safe to allow.
-        # torch warns about pickle protocols on stderr; the CLI reports in one line instead.
-        with torch.serialization.safe_globals([argparse.Namespace]), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip)
-    except pickle.UnpicklingError as e:
-        if "Weights only load failed" in str(e):
-            raise ConversionError(
-                f"refusing to load {path}: {_refusal_reason(e)}; nat-jax only reads pickles with "
-                "torch.load(weights_only=True) and never runs code from a checkpoint. Re-save the "
-                "state dict (torch.save(model.state_dict(), ...)) or use .safetensors") from None
+        return torch_pickle.load(path)
+    except torch_pickle.RefusedGlobal as e:
+        raise ConversionError(
+            f"refusing to load {path}: {e}; nat-jax reads pickles with an unpickler that only "
+            "rebuilds tensors and plain containers (stricter than torch.load(weights_only=True))"
+            " and never runs code from a checkpoint. Re-save the state dict "
+            "(torch.save(model.state_dict(), ...)) or use .safetensors") from None
+    except torch_pickle.CorruptCheckpoint as e:
         raise ConversionError(f"cannot read {path}: not a valid PyTorch checkpoint "
                               f"(truncated or corrupt: {e})") from None
-    except (RuntimeError, EOFError, KeyError, ValueError, OSError, IndexError, TypeError,
-            AttributeError, zipfile.BadZipFile) as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise ConversionError(f"cannot read {path}: not a valid PyTorch checkpoint "
-                              f"(truncated or corrupt: {first})") from None
+    except OSError as e:
+        raise ConversionError(f"cannot read {path}: {e.strerror or e}") from None
 
 
 def _is_tensor(value: Any) -> bool:
-    import torch
-    return isinstance(value, torch.Tensor)
+    return isinstance(value, np.ndarray)
 
 
 def unwrap_state_dict(obj: Any, source: str) -> tuple[Mapping[str, Any], list[str]]:
@@ -184,15 +157,15 @@ def unwrap_state_dict(obj: Any, source: str) -> tuple[Mapping[str, Any], list[st
 
 def load_torch_file(path: Path, *, progress: bool = False) -> tuple[dict[str, np.ndarray],
                                                                      list[str]]:
-    """Tensors of one ``.pth``/``.pt``/``.bin`` file (weights-only unpickling)."""
+    """Tensors of one ``.pth``/``.pt``/``.bin`` file (restricted unpickling, no torch)."""
     obj = _torch_load(path)
     state, notes = unwrap_state_dict(obj, str(path))
-    total = sum(int(v.numel()) * v.element_size() for v in state.values())
     out = {}
-    with _progress(total, f"reading {path.name}", progress) as advance:
+    with _progress(sum(v.nbytes for v in state.values()), f"reading {path.name}",
+                   progress) as advance:
         for key, value in state.items():
-            out[str(key)] = _torch_to_numpy(value)
-            advance(int(value.numel()) * value.element_size())
+            out[str(key)] = _to_numpy(value)
+            advance(value.nbytes)
     return out, notes
 
 
@@ -201,32 +174,22 @@ def load_torch_file(path: Path, *, progress: bool = False) -> tuple[dict[str, np
 
 
 def load_safetensors_file(path: Path, *, progress: bool = False) -> dict[str, np.ndarray]:
-    """Tensors of one ``.safetensors`` file (no pickle involved)."""
+    """Tensors of one ``.safetensors`` file (no pickle involved; bf16 through ml_dtypes)."""
     try:
         from safetensors import SafetensorError, safe_open
     except ImportError as e:
         raise ConversionError("reading .safetensors needs the safetensors package "
                               "(pip install safetensors)") from e
-    try:
-        import torch  # noqa: F401  (bf16 tensors cannot be read as numpy without it)
-        framework = "pt"
-    except ImportError:
-        framework = "np"
     out = {}
     try:
-        with safe_open(str(path), framework=framework) as f:
+        with safe_open(str(path), framework="np") as f:
             keys = list(f.keys())
             with _progress(path.stat().st_size, f"reading {path.name}", progress) as advance:
                 for key in keys:
-                    tensor = f.get_tensor(key)
-                    if framework == "pt":
-                        arr = _torch_to_numpy(tensor)
-                    else:
-                        arr = np.asarray(tensor)
-                        arr = arr.astype(np.float32) if arr.dtype.kind == "f" else arr
+                    arr = _to_numpy(f.get_tensor(key))
                     out[key] = arr
                     advance(arr.nbytes)
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+    except (SafetensorError, OSError, ValueError, RuntimeError, TypeError) as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise ConversionError(f"cannot read {path}: not a valid safetensors file "
                               f"(truncated or corrupt: {first})") from None
