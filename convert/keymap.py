@@ -25,11 +25,11 @@ from typing import Any
 
 import numpy as np
 
+from nat_jax import zoo
 from nat_jax.convert.loading import ConversionError
 
 Path = tuple[str | int, ...]
 SCHEMES = ("hf", "original")
-HEADS = ("classification", "base", "backbone")
 
 
 class KeyMismatchError(ConversionError):
@@ -169,8 +169,8 @@ def _layer_rows(s: Structure, base: Path, hf: str, i: int, j: int) -> list[KeyRo
 
 def key_table(s: Structure) -> list[KeyRow]:
     """Every parameter of the model described by ``s``, with its HF and original keys."""
-    if s.head not in HEADS:
-        raise ValueError(f"head={s.head!r} must be one of {HEADS}")
+    if s.head not in zoo.HEADS:
+        raise ValueError(f"head={s.head!r} must be one of {tuple(zoo.HEADS)}")
     if s.head == "classification":
         base, hf = (s.model_type,), f"{s.model_type}."
     else:  # HF saves NatModel / NatBackbone without the model prefix; ours has none either
@@ -356,7 +356,7 @@ def detect_source(keys: set[str] | Mapping[str, Any], where: str) -> Source:
     keys = set(keys)
     if _ORIGINAL_PATCH_CONV0 in keys:
         return Source("original", None, "classification" if "head.weight" in keys else "base")
-    for model_type in ("nat", "dinat"):
+    for model_type in zoo.FAMILIES:
         if f"{model_type}.{_PATCH_CONV0}" in keys:
             return Source("hf", model_type, "classification")
     if _PATCH_CONV0 in keys:

@@ -23,18 +23,17 @@ from typing import Any
 
 import numpy as np
 
-from nat_jax import configs
+from nat_jax import configs, zoo
+from nat_jax.configs import ModelConfig
 from nat_jax.convert import hf_config, keymap
 from nat_jax.convert.loading import (Checkpoint, ConversionError, load_checkpoint,
                                      read_hf_config)
-from nat_jax.pretrained import abstract_model, atomic_directory, unwritable_reason
+from nat_jax.preprocess import EvalTransform
+from nat_jax.pretrained import atomic_directory, unwritable_reason
 
 DTYPES = ("float32", "bfloat16")
 # Max |ours - PyTorch| allowed by --verify, relative to max(1, max |PyTorch output|).
 DEFAULT_TOLERANCE = {"float32": 1e-4, "bfloat16": 5e-2}
-# Fields compared between a config and what the weights say (see keymap.infer_architecture).
-_INFERRED_FIELDS = ("num_channels", "embed_dim", "depths", "num_heads", "kernel_size",
-                    "mlp_ratio", "layer_scale", "qkv_bias")
 
 
 @dataclasses.dataclass
@@ -58,7 +57,7 @@ class Result:
 # Config resolution
 
 
-def _preset(name: str) -> configs._BaseConfig:
+def _preset(name: str) -> ModelConfig:
     try:
         return configs.get(name)
     except ValueError:
@@ -66,19 +65,14 @@ def _preset(name: str) -> configs._BaseConfig:
                               f"{', '.join(configs.list_presets())}") from None
 
 
-def _config_arch(config: configs._BaseConfig) -> dict[str, Any]:
-    """The part of ``config``'s architecture that the weights' shapes also tell."""
-    arch = hf_config.architecture_of(config)
-    return {field: arch[field] for field in _INFERRED_FIELDS}
-
-
-def _presets_matching_weights(inferred: dict[str, Any]) -> list[str]:
-    return [name for name in configs.list_presets()
-            if all(_config_arch(configs.get(name))[f] == inferred[f] for f in _INFERRED_FIELDS)]
+def _told_by_weights(inferred: dict[str, Any]) -> dict[str, Any]:
+    """The architecture fields among what the weights' shapes say (keymap.infer_architecture
+    also reports num_labels, which is not architecture)."""
+    return {k: v for k, v in inferred.items() if k in configs.ARCHITECTURE_FIELDS}
 
 
 def resolve_config(ckpt: Checkpoint, source: keymap.Source, arch: str | None,
-                   where: str) -> tuple[configs._BaseConfig, list[str]]:
+                   where: str) -> tuple[ModelConfig, list[str]]:
     """The config to build, from config.json or ``--arch``, checked against the weights.
 
     Returns ``(config, notes)``. Raises ConversionError when there is neither config.json nor
@@ -98,14 +92,14 @@ def resolve_config(ckpt: Checkpoint, source: keymap.Source, arch: str | None,
         config = hf_config.config_from_hf(ckpt.hf_config, str(ckpt.config_path))
         origin = f"{ckpt.config_path}"
         if arch is not None:
-            diffs = hf_config.architecture_differences(_preset(arch), config)
+            diffs = configs.architecture_differences(_preset(arch), config)
             if diffs:
                 raise ConversionError(f"--arch {arch} disagrees with {origin} "
                                       f"({'; '.join(diffs)}); drop --arch or fix config.json")
     elif arch is not None:
         config, origin = _preset(arch), f"--arch {arch}"
     else:
-        fits = _presets_matching_weights(inferred)
+        fits = configs.presets_matching(_told_by_weights(inferred))
         family = f"; the keys say {source.model_type.upper()}" if source.model_type else ""
         raise ConversionError(
             f"{where} has no config.json, so pass --arch PRESET (or --config FILE): NAT vs "
@@ -119,9 +113,9 @@ def resolve_config(ckpt: Checkpoint, source: keymap.Source, arch: str | None,
             " model")
     if inferred is None:
         return config, notes
-    have = _config_arch(config)
-    diffs = [f"{f}: {have[f]} vs weights {inferred[f]}" for f in _INFERRED_FIELDS
-             if have[f] != inferred[f]]
+    have = config.architecture()
+    diffs = [f"{f}: {have[f]} vs weights {value}"
+             for f, value in _told_by_weights(inferred).items() if have[f] != value]
     if diffs:
         raise ConversionError(f"{origin} does not match the weights: {'; '.join(diffs)}")
     if source.head == "classification" and inferred["num_labels"] != config.num_labels:
@@ -138,30 +132,31 @@ def resolve_config(ckpt: Checkpoint, source: keymap.Source, arch: str | None,
 # Building our model from arrays
 
 
-def build_with_params(config: configs._BaseConfig, head: str, params: dict[keymap.Path, Any]):
+def build_with_params(config: ModelConfig, head: str, params: dict[keymap.Path, Any], *,
+                      param_dtype: str = "float32",
+                      eval_transform: EvalTransform | None = None):
     """Our module with exactly ``params`` (flat, our layout), without random initialization."""
     import jax.numpy as jnp
     from flax import nnx
 
-    graphdef, abstract, rest = abstract_model(config, head)
-    dtype = config.parameter_dtype
+    options = dict(dtype=param_dtype, param_dtype=param_dtype, eval_transform=eval_transform)
+    graphdef, abstract, _ = zoo.abstract_model(config, head, **options)
     nnx.replace_by_pure_dict(abstract, keymap.unflatten(
-        {path: jnp.asarray(value, dtype) for path, value in params.items()}))
-    return nnx.merge(graphdef, abstract, rest)
+        {path: jnp.asarray(value, param_dtype) for path, value in params.items()}))
+    return nnx.merge(graphdef, abstract, zoo.init_rest(config, head, **options))
 
 
-def expected_shapes(config: configs._BaseConfig, head: str) -> dict[keymap.Path, tuple[int, ...]]:
+def expected_shapes(config: ModelConfig, head: str) -> dict[keymap.Path, tuple[int, ...]]:
     """Shape of every parameter of our model (abstract evaluation, nothing allocated)."""
     from flax import nnx
 
-    cls = configs.model_class_for(config, head)
-    abstract = nnx.eval_shape(lambda: cls(config, rngs=nnx.Rngs(0)))
-    state = nnx.to_pure_dict(nnx.state(abstract, nnx.Param))
-    return {path: tuple(leaf.shape) for path, leaf in keymap.flatten(state).items()}
+    _, params, _ = zoo.abstract_model(config, head)
+    return {path: tuple(leaf.shape)
+            for path, leaf in keymap.flatten(nnx.to_pure_dict(params)).items()}
 
 
-def _arch_name(config: configs._BaseConfig) -> str:
-    names = hf_config.matching_presets(config)
+def _arch_name(config: ModelConfig) -> str:
+    names = configs.presets_matching(config.architecture())
     return ", ".join(names) if names else f"custom {config.model_type}"
 
 
@@ -192,13 +187,14 @@ def _our_output(model: Any, head: str, pixels_nhwc: np.ndarray) -> np.ndarray:
     return np.concatenate([np.asarray(f, np.float32).ravel() for f in out.feature_maps])
 
 
-def verify_against_torch(model: Any, config: configs._BaseConfig, head: str,
+def verify_against_torch(model: Any, config: ModelConfig, head: str,
                          hf_state: dict[str, np.ndarray], size: int,
                          seed: int = 0) -> tuple[float, float]:
     """Run transformers' model with ``hf_state`` and ours on one random image.
 
     Returns ``(max_abs_diff, scale)`` with ``scale = max(1, max |PyTorch output|)``. The PyTorch
-    model runs in float32 with the stand-in NATTEN functions of :mod:`torch_natten`. Raises
+    model runs in float32 with the stand-in NATTEN functions of :mod:`torch_natten` (bound for
+    the call, so never with functions someone else put into ``natten.functional``). Raises
     ConversionError if either output holds a NaN or inf.
     """
     try:
@@ -221,7 +217,9 @@ def verify_against_torch(model: Any, config: configs._BaseConfig, head: str,
                               f"{str(e).splitlines()[0]}") from None
     pixels = np.random.default_rng(seed).standard_normal((1, size, size, config.num_channels))
     pixels = pixels.astype(np.float32)
-    theirs = _torch_output(torch_model, head, torch.from_numpy(pixels.transpose(0, 3, 1, 2)))
+    with torch_natten.bound(config.model_type):  # ours, whatever was installed before
+        theirs = _torch_output(torch_model, head,
+                               torch.from_numpy(pixels.transpose(0, 3, 1, 2)))
     ours = _our_output(model, head, pixels)
     if ours.shape != theirs.shape:
         raise ConversionError(f"--verify: output shapes differ: ours {ours.shape}, "
@@ -282,6 +280,61 @@ def _check_apart(out: Path, out_name: str, inputs: dict[str, Path | None]) -> No
                                   f"{out_name} outside it")
 
 
+@dataclasses.dataclass
+class _Converted:
+    """A converted model and what :func:`convert` needs to verify and report it."""
+
+    model: Any
+    result: Result
+    tensors: dict[str, np.ndarray]
+    scheme: str
+    rows: list[keymap.KeyRow]
+
+
+def _convert(src: Path, arch: str | None, config: str | Path | None, dtype: str,
+             progress: bool) -> _Converted:
+    """Read SRC, settle the config, map every tensor and build our model (nothing written)."""
+    if dtype not in DTYPES:
+        raise ConversionError(f"--dtype {dtype!r} must be one of {', '.join(DTYPES)}")
+    ckpt = load_checkpoint(src, progress=progress)
+    if config is not None:
+        config_path = Path(config)
+        if not config_path.is_file():
+            raise ConversionError(f"--config {config_path} is not a file")
+        ckpt.hf_config, ckpt.config_path = read_hf_config(config_path), config_path
+    where = str(ckpt.files[0]) if len(ckpt.files) == 1 else str(src)
+    source = keymap.detect_source(ckpt.tensors, where)
+    model_config, notes = resolve_config(ckpt, source, arch, where)
+    transform = hf_config.eval_transform_from_hf(ckpt.hf_config, model_config,
+                                                 str(ckpt.config_path))
+    head = source.head
+    rows = keymap.key_table(keymap.Structure.from_config(model_config, head))
+    name = _arch_name(model_config)
+    with _phase(f"mapping {len(ckpt.tensors)} tensors to {name}", progress):
+        params = keymap.to_ours(ckpt.tensors, rows, source.scheme,
+                                expected_shapes(model_config, head), f"{name} ({head})")
+        model = build_with_params(model_config, head, params, param_dtype=dtype,
+                                  eval_transform=transform)
+    result = Result(out=Path(), config=model_config, head=head, arch=name,
+                    source_format="HF" if source.scheme == "hf" else "original (SHI-Labs)",
+                    num_params=int(sum(v.size for v in params.values())), dtype=dtype,
+                    seconds=0.0, notes=ckpt.notes + notes)
+    return _Converted(model, result, ckpt.tensors, source.scheme, rows)
+
+
+def convert_model(src: str | Path, arch: str | None = None, *, config: str | Path | None = None,
+                  dtype: str = "float32", progress: bool = False):
+    """The nat-jax model of a PyTorch NAT/DiNAT checkpoint, in memory (nothing written).
+
+    Arguments as for :func:`convert`. Returns ``(model, Result)`` (``Result.out`` is empty).
+    Every bad input raises ConversionError.
+    """
+    start = time.perf_counter()
+    converted = _convert(Path(src), arch, config, dtype, progress)
+    converted.result.seconds = time.perf_counter() - start
+    return converted.model, converted.result
+
+
 def convert(src: str | Path, out: str | Path, arch: str | None = None, dtype: str = "float32",
             verify: bool = False, overwrite: bool = False, *, config: str | Path | None = None,
             progress: bool = False, verify_size: int | None = None,
@@ -295,13 +348,13 @@ def convert(src: str | Path, out: str | Path, arch: str | None = None, dtype: st
       arch: preset name (``nat_mini`` ... ``dinat_large_384_k11``); needed without config.json.
       config: a config JSON file (HF ``config.json`` or a nat-jax one) to use instead of the one in
         SRC: for custom architectures stored without a config.
-      dtype: "float32" or "bfloat16" (parameters and the saved config's compute dtype).
+      dtype: "float32" or "bfloat16" (parameters and the saved compute dtype).
       verify: run the HF PyTorch model on a random image and compare outputs; a difference above
         ``tolerance * max(1, max |PyTorch output|)`` raises ConversionError (nothing written).
       overwrite: replace an existing ``out`` (never one that is, contains or lies inside
         ``src`` or ``config``: that is refused).
       progress: progress bar for large files and a spinner for slow steps, on stderr.
-      verify_size: image side for ``verify`` (default: the config's ``image_size``); >= 1.
+      verify_size: image side for ``verify`` (default: the eval image size); >= 1.
       tolerance: for ``verify`` (default :data:`DEFAULT_TOLERANCE` per dtype); finite, >= 0.
         Non-finite outputs on either side always fail ``verify``.
 
@@ -318,35 +371,18 @@ def convert(src: str | Path, out: str | Path, arch: str | None = None, dtype: st
     src, out = Path(src), Path(out)
     _check_apart(out, "OUT", {"SRC": src, "--config": None if config is None else Path(config)})
     _check_out(out, overwrite)
-    ckpt = load_checkpoint(src, progress=progress)
-    if config is not None:
-        config_path = Path(config)
-        if not config_path.is_file():
-            raise ConversionError(f"--config {config_path} is not a file")
-        ckpt.hf_config, ckpt.config_path = read_hf_config(config_path), config_path
-    where = str(ckpt.files[0]) if len(ckpt.files) == 1 else str(src)
-    source = keymap.detect_source(ckpt.tensors, where)
-    resolved, notes = resolve_config(ckpt, source, arch, where)
-    config = dataclasses.replace(resolved, dtype=dtype, param_dtype=dtype)
-    head = source.head
-    rows = keymap.key_table(keymap.Structure.from_config(config, head))
-    name = _arch_name(config)
-    with _phase(f"mapping {len(ckpt.tensors)} tensors to {name}", progress):
-        params = keymap.to_ours(ckpt.tensors, rows, source.scheme,
-                                expected_shapes(config, head), f"{name} ({head})")
-        model = build_with_params(config, head, params)
-    result = Result(out=out, config=config, head=head, arch=name,
-                    source_format="HF" if source.scheme == "hf" else "original (SHI-Labs)",
-                    num_params=int(sum(v.size for v in params.values())), dtype=dtype,
-                    seconds=0.0, notes=ckpt.notes + notes)
+    converted = _convert(src, arch, config, dtype, progress)
+    model, result = converted.model, converted.result
+    result.out = out
     if verify:
-        hf_state = ckpt.tensors if source.scheme == "hf" else \
-            keymap.translate(ckpt.tensors, rows, "original", "hf")
-        size = config.image_size if verify_size is None else verify_size
+        hf_state = converted.tensors if converted.scheme == "hf" else \
+            keymap.translate(converted.tensors, converted.rows, "original", "hf")
+        size = model.eval_transform.image_size if verify_size is None else verify_size
         tol = DEFAULT_TOLERANCE[dtype] if tolerance is None else tolerance
         with _phase(f"verifying against transformers at {size}x{size}", progress):
             try:
-                diff, scale = verify_against_torch(model, config, head, hf_state, size)
+                diff, scale = verify_against_torch(model, result.config, result.head, hf_state,
+                                                   size)
             except ConversionError as e:
                 raise ConversionError(f"{e}; nothing written to {out}") from None
         result.verify_diff, result.verify_tolerance = diff / scale, tol
@@ -370,12 +406,12 @@ def _read_nat_jax(ckpt: Path):
         raise ConversionError(f"{ckpt} is not a nat-jax checkpoint (expected config.json and "
                               "params/ written by save_pretrained or nat-jax convert)")
     try:
-        config, head = load_config(ckpt)
+        saved = load_config(ckpt)
         model = load_pretrained(ckpt)
     except (OSError, ValueError, KeyError, TypeError) as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise ConversionError(f"cannot read nat-jax checkpoint {ckpt}: {first}") from None
-    return config, head, model
+    return saved.config, saved.head, model
 
 
 def export(ckpt: str | Path, out_dir: str | Path, format: str = "hf",
@@ -406,8 +442,8 @@ def export(ckpt: str | Path, out_dir: str | Path, format: str = "hf",
     state = keymap.from_ours(params, rows, "hf")
     out_dir = out_dir.absolute()
     with atomic_directory(out_dir) as tmp:
-        (tmp / "config.json").write_text(json.dumps(hf_config.config_to_hf(config, head),
-                                                    indent=2))
+        hf = hf_config.config_to_hf(config, head, model.eval_transform)
+        (tmp / "config.json").write_text(json.dumps(hf, indent=2))
         # transformers refuses safetensors files without the "format" metadata entry.
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
     return Result(out=out_dir, config=config, head=head, arch=_arch_name(config),

@@ -14,18 +14,24 @@ heads-first like the old API:
   ``[B, heads, H, W, d]`` -> ``[B, heads, H, W, d]``.
 
 :func:`install` puts them into ``natten.functional`` (only where missing) so that transformers'
-modules can be imported afterwards; :func:`import_hf_classes` does both and returns the classes.
+modules can be imported afterwards; :func:`import_hf_classes` does that and returns the classes;
+:func:`bound` makes transformers' modeling module call these two for the duration of a block
+(``convert --verify`` runs the PyTorch model inside it, so it is checked against these
+functions even if something else, e.g. a test's own stand-in, was installed first).
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import sys
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import torch
 
+from nat_jax import zoo
 from nat_jax.kernels.windows import neighbor_indices, rpb_indices
 
 
@@ -72,14 +78,7 @@ def natten2dav(attn: torch.Tensor, value: torch.Tensor, kernel_size: int,
     return torch.einsum("bhxyij,bhxyijd->bhxyd", weights.to(values.dtype), values)
 
 
-_HF_MODULES = {
-    "nat": ("transformers.models.deprecated.nat.modeling_nat",
-            "transformers.models.deprecated.nat.configuration_nat", "Nat"),
-    "dinat": ("transformers.models.dinat.modeling_dinat",
-              "transformers.models.dinat.configuration_dinat", "Dinat"),
-}
-_HF_HEAD_SUFFIX = {"classification": "ForImageClassification", "base": "Model",
-                   "backbone": "Backbone"}
+_FUNCTIONS = {"natten2dqkrpb": natten2dqkrpb, "natten2dav": natten2dav}
 
 
 def install() -> None:
@@ -90,9 +89,15 @@ def install() -> None:
     transformers refuses to build NAT/DiNAT without it (``requires_backends``).
     """
     functional = importlib.import_module("natten.functional")
-    for name, fn in (("natten2dqkrpb", natten2dqkrpb), ("natten2dav", natten2dav)):
+    for name, fn in _FUNCTIONS.items():
         if not hasattr(functional, name):
             setattr(functional, name, fn)
+
+
+def _modeling(model_type: str):
+    install()
+    name = zoo.family(model_type).hf_modeling
+    return sys.modules.get(name) or importlib.import_module(name)
 
 
 def import_hf_classes(model_type: str, head: str = "classification") -> tuple[Any, Any]:
@@ -101,17 +106,30 @@ def import_hf_classes(model_type: str, head: str = "classification") -> tuple[An
 
     Installs the stand-in NATTEN functions first. If the modeling module had already been
     imported without them (transformers then binds stubs that raise), it is pointed at ours; an
-    implementation someone else installed earlier is left in place.
+    implementation someone else installed earlier is left in place (see :func:`bound`).
     """
-    if model_type not in _HF_MODULES:
-        raise ValueError(f"{model_type=} must be one of {sorted(_HF_MODULES)}")
-    if head not in _HF_HEAD_SUFFIX:
-        raise ValueError(f"{head=} must be one of {sorted(_HF_HEAD_SUFFIX)}")
-    install()
-    modeling_name, config_module, stem = _HF_MODULES[model_type]
-    modeling = sys.modules.get(modeling_name) or importlib.import_module(modeling_name)
-    for name, fn in (("natten2dqkrpb", natten2dqkrpb), ("natten2dav", natten2dav)):
-        if getattr(modeling, name).__module__ == modeling.__name__:  # transformers' stub
+    family = zoo.family(model_type)
+    name = family.class_name(head)
+    modeling = _modeling(model_type)
+    for fn_name, fn in _FUNCTIONS.items():
+        if getattr(modeling, fn_name).__module__ == modeling.__name__:  # transformers' stub
+            setattr(modeling, fn_name, fn)
+    # HF's config classes carry our names (NatConfig, DinatConfig), as the model classes do.
+    config_cls = getattr(importlib.import_module(family.hf_configuration),
+                         family.config_class.__name__)
+    return config_cls, getattr(modeling, name)
+
+
+@contextlib.contextmanager
+def bound(model_type: str) -> Iterator[None]:
+    """Inside the block, transformers' NAT/DiNAT modeling module calls this module's
+    :func:`natten2dqkrpb` / :func:`natten2dav`; whatever it called before is restored after."""
+    modeling = _modeling(model_type)
+    saved = {name: getattr(modeling, name) for name in _FUNCTIONS}
+    for name, fn in _FUNCTIONS.items():
+        setattr(modeling, name, fn)
+    try:
+        yield
+    finally:
+        for name, fn in saved.items():
             setattr(modeling, name, fn)
-    config_cls = getattr(importlib.import_module(config_module), f"{stem}Config")
-    return config_cls, getattr(modeling, stem + _HF_HEAD_SUFFIX[head])

@@ -1,10 +1,12 @@
-"""Model configurations (``NatConfig``, ``DinatConfig``) and the preset registry.
+"""Model configurations (``NatConfig``, ``DinatConfig``) and the preset registry: architecture data.
 
-Field names follow HuggingFace transformers' ``NatConfig`` / ``DinatConfig`` so configs move
-between the two; JAX-only fields are ``dtype`` (compute), ``param_dtype``, ``na_backend``,
-``image_size`` and ``crop_pct`` (eval preprocessing).
+Field names and defaults are HuggingFace transformers' ``NatConfig`` / ``DinatConfig``, so a
+``config.json`` moves between the two unchanged. Nothing here depends on how a model runs
+(compute dtype, NA backend, rematerialization: build-time arguments of the modules, see
+:func:`nat_jax.zoo.build_model`) or on its published checkpoint (hub id, eval image size and
+crop: :data:`nat_jax.zoo.PUBLISHED`). This module imports nothing from the package.
 
-Presets cover every published ImageNet model (see ``shared/reference/checkpoints.md``)::
+Presets cover every published ImageNet model (the table in :mod:`nat_jax.zoo`)::
 
     NatConfig.from_preset("nat_mini")
     nat_jax.configs.get("dinat_tiny")        # -> DinatConfig
@@ -18,12 +20,14 @@ import json
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
-import jax.numpy as jnp
+__all__ = ["ARCHITECTURE_FIELDS", "CONFIG_CLASSES", "DinatConfig", "ModelConfig", "NatConfig",
+           "PRESETS", "architecture_differences", "get", "list_presets", "presets_matching"]
 
-__all__ = ["DinatConfig", "NatConfig", "PRESETS", "PRETRAINED_SOURCES", "get", "list_presets",
-           "model_class_for"]
-
-_HEADS = ("classification", "base", "backbone")
+# What fixes the parameter tree and the forward computation (see ModelConfig.architecture);
+# dropout rates, initialization, labels and backbone outputs are not part of it.
+ARCHITECTURE_FIELDS = ("model_type", "patch_size", "num_channels", "embed_dim", "depths",
+                       "num_heads", "kernel_size", "mlp_ratio", "qkv_bias", "hidden_act",
+                       "layer_norm_eps", "layer_scale", "dilations")
 
 
 def _tuple(x):
@@ -31,8 +35,9 @@ def _tuple(x):
 
 
 @dataclasses.dataclass(frozen=True)
-class _BaseConfig:
-    """Fields shared by NAT and DiNAT (HF names and defaults, except the JAX-only ones)."""
+class ModelConfig:
+    """Fields shared by NAT and DiNAT (HF names and defaults). Use a subclass; ``from_dict``
+    picks it from ``model_type``."""
 
     model_type: ClassVar[str] = ""
 
@@ -55,11 +60,6 @@ class _BaseConfig:
     out_indices: tuple[int, ...] | None = None
     num_labels: int = 1000
     id2label: dict[int, str] | None = None
-    image_size: int = 224
-    crop_pct: float = 0.875
-    dtype: str = "float32"
-    param_dtype: str = "float32"
-    na_backend: str = "auto"
 
     def __post_init__(self):
         for name in ("depths", "num_heads", "out_features", "out_indices"):
@@ -87,10 +87,7 @@ class _BaseConfig:
             raise ValueError(f"kernel_size={self.kernel_size} must be >= 2")
         if self.hidden_act != "gelu":
             raise ValueError(f"hidden_act={self.hidden_act!r}: only exact 'gelu' is supported")
-        for name in ("dtype", "param_dtype"):
-            jnp.dtype(getattr(self, name))  # raises TypeError on an unknown dtype name
-        dil = self.layer_dilations
-        for i, (d, n) in enumerate(zip(dil, self.depths)):
+        for i, (d, n) in enumerate(zip(self.layer_dilations, self.depths)):
             if len(d) != n:
                 raise ValueError(f"dilations[{i}] has {len(d)} entries, depths[{i}]={n}")
         self.backbone_stages()  # validates out_features / out_indices
@@ -124,13 +121,17 @@ class _BaseConfig:
         """Dilation of every layer, per stage (all ones for NAT)."""
         return tuple((1,) * n for n in self.depths)
 
-    @property
-    def compute_dtype(self):
-        return jnp.dtype(self.dtype)
-
-    @property
-    def parameter_dtype(self):
-        return jnp.dtype(self.param_dtype)
+    def architecture(self) -> dict[str, Any]:
+        """The :data:`ARCHITECTURE_FIELDS` of this config: equal for two configs exactly when the
+        same weights give the same outputs (``layer_scale`` is whether layer scale exists;
+        ``dilations`` per layer, all ones for NAT)."""
+        arch = {name: getattr(self, name) for name in ARCHITECTURE_FIELDS
+                if name not in ("layer_scale", "dilations")}
+        arch["model_type"] = self.model_type
+        arch["mlp_ratio"] = float(self.mlp_ratio)
+        arch["layer_scale"] = self.layer_scale_init_value > 0
+        arch["dilations"] = self.layer_dilations
+        return arch
 
     def backbone_stages(self) -> tuple[tuple[str, ...], tuple[int, ...]]:
         """``(out_features, out_indices)`` aligned as HF does for backbones.
@@ -158,18 +159,10 @@ class _BaseConfig:
                              f"(stage names {names})")
         return tuple(feats), tuple(idx)
 
-    def label_names(self) -> list[str]:
-        """Class names: ``id2label`` if set, ImageNet-1k names for 1000 classes, else LABEL_i."""
-        if self.id2label is not None:
-            return [self.id2label[i] for i in range(self.num_labels)]
-        if self.num_labels == 1000:
-            from nat_jax.preprocess import imagenet_labels
-            return list(imagenet_labels())
-        return [f"LABEL_{i}" for i in range(self.num_labels)]
-
     # -------------------------------------------------------------- serialization
 
     def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict with ``model_type`` (HF ``config.json`` keys)."""
         d = dataclasses.asdict(self)
         d["model_type"] = self.model_type
         for k, v in d.items():
@@ -183,16 +176,18 @@ class _BaseConfig:
         return json.dumps(self.to_dict(), indent=indent)
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> _BaseConfig:
-        """Build from a dict (ours or an HF ``config.json``; unknown HF keys are ignored)."""
+    def from_dict(cls, d: Mapping[str, Any]) -> ModelConfig:
+        """Build from a dict (ours or an HF ``config.json``). Keys that are not fields are
+        ignored: HF bookkeeping, and the ``dtype`` / ``param_dtype`` / ``na_backend`` /
+        ``image_size`` / ``crop_pct`` entries of checkpoints written by nat-jax 0.1."""
         d = dict(d)
         model_type = d.pop("model_type", cls.model_type)
         target = cls
-        if cls is _BaseConfig or model_type != cls.model_type:
-            target = _CONFIG_CLASSES.get(model_type)
+        if cls is ModelConfig or model_type != cls.model_type:
+            target = CONFIG_CLASSES.get(model_type)
             if target is None:
                 raise ValueError(f"model_type={model_type!r} is not one of "
-                                 f"{sorted(_CONFIG_CLASSES)}")
+                                 f"{sorted(CONFIG_CLASSES)}")
         names = {f.name for f in dataclasses.fields(target)}
         kwargs = {k: v for k, v in d.items() if k in names}
         if kwargs.get("id2label") is not None and "num_labels" not in d:
@@ -200,36 +195,36 @@ class _BaseConfig:
         return target(**kwargs)
 
     @classmethod
-    def from_json(cls, text: str) -> _BaseConfig:
+    def from_json(cls, text: str) -> ModelConfig:
         return cls.from_dict(json.loads(text))
 
     @classmethod
-    def from_preset(cls, name: str, **overrides) -> _BaseConfig:
+    def from_preset(cls, name: str, **overrides) -> ModelConfig:
         """The config of a published model, e.g. ``NatConfig.from_preset("nat_mini")``."""
         config = get(name, **overrides)
-        if cls is not _BaseConfig and not isinstance(config, cls):
+        if cls is not ModelConfig and not isinstance(config, cls):
             raise ValueError(f"preset {name!r} is a {type(config).__name__}, not a "
                              f"{cls.__name__}")
         return config
 
 
 @dataclasses.dataclass(frozen=True)
-class NatConfig(_BaseConfig):
+class NatConfig(ModelConfig):
     """Neighborhood Attention Transformer (NAT) configuration (HF ``NatConfig`` fields)."""
 
     model_type: ClassVar[str] = "nat"
-    __hash__ = _BaseConfig.__hash__
+    __hash__ = ModelConfig.__hash__
 
 
 @dataclasses.dataclass(frozen=True)
-class DinatConfig(_BaseConfig):
+class DinatConfig(ModelConfig):
     """Dilated NAT configuration: ``dilations[stage][layer]`` (HF ``DinatConfig`` fields)."""
 
     model_type: ClassVar[str] = "dinat"
 
     dilations: tuple[tuple[int, ...], ...] = ((1, 8, 1), (1, 4, 1, 4), (1, 2, 1, 2, 1, 2),
                                               (1, 1, 1, 1, 1))
-    __hash__ = _BaseConfig.__hash__
+    __hash__ = ModelConfig.__hash__
 
     def __post_init__(self):
         object.__setattr__(self, "dilations", tuple(tuple(int(x) for x in d)
@@ -246,7 +241,8 @@ class DinatConfig(_BaseConfig):
         return self.dilations
 
 
-_CONFIG_CLASSES: dict[str, type[_BaseConfig]] = {"nat": NatConfig, "dinat": DinatConfig}
+# model_type -> config class (from_dict dispatches on it).
+CONFIG_CLASSES: dict[str, type[ModelConfig]] = {c.model_type: c for c in (NatConfig, DinatConfig)}
 
 # ------------------------------------------------------------------ presets
 
@@ -274,24 +270,8 @@ PRESETS: dict[str, NatConfig | DinatConfig] = {
     "dinat_small": DinatConfig(**_SMALL, dilations=_D224),
     "dinat_base": DinatConfig(**_BASE, dilations=_D224),
     "dinat_large": DinatConfig(**_LARGE, dilations=_D224),
-    "dinat_large_384": DinatConfig(**_LARGE, dilations=_D384, image_size=384, crop_pct=1.0),
-    "dinat_large_384_k11": DinatConfig(**_LARGE, dilations=_D224, kernel_size=11,
-                                       image_size=384, crop_pct=1.0),
-}
-
-# Where the published weights live (for the converter and the README); nothing downloads here.
-PRETRAINED_SOURCES: dict[str, str] = {
-    "nat_mini": "shi-labs/nat-mini-in1k-224",
-    "nat_tiny": "shi-labs/nat-tiny-in1k-224",
-    "nat_small": "shi-labs/nat-small-in1k-224",
-    "nat_base": "shi-labs/nat-base-in1k-224",
-    "dinat_mini": "shi-labs/dinat-mini-in1k-224",
-    "dinat_tiny": "shi-labs/dinat-tiny-in1k-224",
-    "dinat_small": "shi-labs/dinat-small-in1k-224",
-    "dinat_base": "shi-labs/dinat-base-in1k-224",
-    "dinat_large": "shi-labs/dinat-large-in22k-in1k-224",
-    "dinat_large_384": "shi-labs/dinat-large-in22k-in1k-384",
-    "dinat_large_384_k11": "shi-labs/dinat-large-11x11-in22k-in1k-384",
+    "dinat_large_384": DinatConfig(**_LARGE, dilations=_D384),
+    "dinat_large_384_k11": DinatConfig(**_LARGE, dilations=_D224, kernel_size=11),
 }
 
 
@@ -312,17 +292,14 @@ def get(name: str, **overrides) -> NatConfig | DinatConfig:
     return dataclasses.replace(config, **overrides) if overrides else config
 
 
-def model_class_for(config: _BaseConfig, head: str = "classification") -> type:
-    """Module class for ``config`` and ``head`` ("classification", "base" or "backbone")."""
-    from nat_jax import modeling
-    if head not in _HEADS:
-        raise ValueError(f"head={head!r} must be one of {_HEADS}")
-    table = {
-        "nat": (modeling.NatForImageClassification, modeling.NatModel, modeling.NatBackbone),
-        "dinat": (modeling.DinatForImageClassification, modeling.DinatModel,
-                  modeling.DinatBackbone),
-    }
-    if config.model_type not in table:
-        raise ValueError(f"config.model_type={config.model_type!r} is not one of {list(table)}")
-    return table[config.model_type][_HEADS.index(head)]
+def presets_matching(architecture: Mapping[str, Any]) -> list[str]:
+    """Presets whose :meth:`ModelConfig.architecture` agrees with every entry of
+    ``architecture`` (a full one from a config, or the part a checkpoint's shapes tell)."""
+    return [name for name, config in PRESETS.items()
+            if all(config.architecture()[k] == v for k, v in architecture.items())]
 
+
+def architecture_differences(a: ModelConfig, b: ModelConfig) -> list[str]:
+    """``["embed_dim: 64 vs 96", ...]``: every architecture field where ``a`` and ``b`` differ."""
+    arch_a, arch_b = a.architecture(), b.architecture()
+    return [f"{k}: {arch_a[k]} vs {arch_b[k]}" for k in arch_a if arch_a[k] != arch_b[k]]

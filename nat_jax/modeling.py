@@ -1,7 +1,7 @@
 """NAT and DiNAT in Flax NNX, numerically equal to HuggingFace transformers 4.53.3.
 
-Structure (``shared/reference/checkpoints.md``): two 3x3 stride-2 convs (no activation) +
-LayerNorm; stages of pre-norm layers ``x += drop_path(g1 * proj(NA(norm1(x))))``,
+Structure (of every published model, :mod:`nat_jax.zoo`): two 3x3 stride-2 convs (no
+activation) + LayerNorm; stages of pre-norm layers ``x += drop_path(g1 * proj(NA(norm1(x))))``,
 ``x += drop_path(g2 * mlp(norm2(x)))`` with exact-GELU MLPs; a bias-free 3x3 stride-2 conv +
 LayerNorm between stages; final LayerNorm, mean pool, linear head. DiNAT only changes the
 per-layer dilation. Everything is channels-last (NHWC) inside.
@@ -47,9 +47,18 @@ there is no final ``layernorm``.
 The qkv kernel's output columns are ``[q | k | v]``, each head-major (head h uses columns
 ``h*d:(h+1)*d`` of its block), matching HF's ``transpose_for_scores`` and the original reshape.
 Dropout modules (present only for non-zero rates) hold ``nnx.RngState``, not parameters.
+
+NNX conventions: modules take ``(config, options, ..., *, rngs)`` where ``config`` is the
+architecture (:mod:`nat_jax.configs`) and :class:`BuildOptions` how it runs (compute and parameter
+dtype, NA backend, rematerialization). Models are built in eval mode; ``model.train()`` /
+``model.eval()`` switch dropout and drop path (module state, no ``deterministic`` argument). The
+top-level call takes HF's ``output_hidden_states`` / ``output_attentions``; the layers whose
+attention weights are returned are selected with ``nnx.view``, not with flags passed down.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -57,51 +66,95 @@ import numpy as np
 from flax import nnx
 
 from nat_jax import kernels
-from nat_jax.configs import DinatConfig, NatConfig, _BaseConfig
+from nat_jax.configs import DinatConfig, ModelConfig, NatConfig
 from nat_jax.outputs import BackboneOutput, ImageClassifierOutput, ModelOutput
+from nat_jax.preprocess import EvalTransform
 
 __all__ = [
-    "DinatBackbone", "DinatForImageClassification", "DinatModel", "NatBackbone",
-    "NatForImageClassification", "NatModel", "build_model", "count_params",
+    "BuildOptions", "DinatBackbone", "DinatForImageClassification", "DinatModel", "NatBackbone",
+    "NatForImageClassification", "NatModel", "count_params",
 ]
 
 _BACKBONE_NORM_EPS = 1e-5  # HF builds these with torch's default eps, not config.layer_norm_eps
 
 
-def _dtypes(config: _BaseConfig) -> dict:
-    return dict(dtype=config.compute_dtype, param_dtype=config.parameter_dtype)
+@dataclasses.dataclass(frozen=True)
+class BuildOptions:
+    """How a model computes (not what it is): build-time arguments of every model class.
+
+    Attributes:
+      dtype: compute dtype of activations ("float32", "bfloat16", ...).
+      param_dtype: dtype the parameters are stored in.
+      na_backend: neighborhood-attention backend of every layer ("auto" or one of
+        ``nat_jax.kernels.available_backends()``), for the fused op and for the unfused
+        ``na2d_qk`` / ``na2d_av`` used when attention weights are returned or dropped out.
+      remat: rematerialize each layer in the backward pass (``nnx.remat``): activation memory
+        of one layer instead of all of them, for one more forward pass of each layer.
+    """
+
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+    na_backend: str = "auto"
+    remat: bool = False
+
+    def __post_init__(self):
+        for name in ("dtype", "param_dtype"):
+            value = getattr(self, name)
+            try:
+                jnp.dtype(value)
+            except TypeError:
+                raise ValueError(f"{name}={value!r} is not a dtype name (e.g. 'float32', "
+                                 "'bfloat16')") from None
+            object.__setattr__(self, name, jnp.dtype(value).name)
+        backends = ("auto",) + kernels.available_backends()
+        if self.na_backend not in backends:
+            raise ValueError(f"na_backend={self.na_backend!r} is not one of {backends}")
+
+    @property
+    def compute_dtype(self) -> jnp.dtype:
+        return jnp.dtype(self.dtype)
+
+    @property
+    def parameter_dtype(self) -> jnp.dtype:
+        return jnp.dtype(self.param_dtype)
 
 
-def _init(config: _BaseConfig):
+def _dtypes(options: BuildOptions) -> dict:
+    return dict(dtype=options.compute_dtype, param_dtype=options.parameter_dtype)
+
+
+def _init(config: ModelConfig):
     # HF's init: weights ~ N(0, initializer_range); the original's trunc_normal(.02) with its
     # +-2 absolute bounds is the same distribution in practice.
     return nnx.initializers.normal(stddev=config.initializer_range)
 
 
-def _linear(config: _BaseConfig, din: int, dout: int, *, rngs: nnx.Rngs,
-            use_bias: bool = True) -> nnx.Linear:
+def _linear(config: ModelConfig, options: BuildOptions, din: int, dout: int, *,
+            rngs: nnx.Rngs, use_bias: bool = True) -> nnx.Linear:
     return nnx.Linear(din, dout, use_bias=use_bias, kernel_init=_init(config), rngs=rngs,
-                      **_dtypes(config))
+                      **_dtypes(options))
 
 
-def _layer_norm(config: _BaseConfig, dim: int, *, rngs: nnx.Rngs,
+def _layer_norm(config: ModelConfig, options: BuildOptions, dim: int, *, rngs: nnx.Rngs,
                 eps: float | None = None) -> nnx.LayerNorm:
     # use_fast_variance=False: E[(x-mean)^2] like torch, not E[x^2]-mean^2.
     return nnx.LayerNorm(dim, epsilon=config.layer_norm_eps if eps is None else eps,
-                         use_fast_variance=False, rngs=rngs, **_dtypes(config))
+                         use_fast_variance=False, rngs=rngs, **_dtypes(options))
 
 
-def _conv3x3_s2(config: _BaseConfig, din: int, dout: int, *, rngs: nnx.Rngs,
-                use_bias: bool) -> nnx.Conv:
+def _conv3x3_s2(config: ModelConfig, options: BuildOptions, din: int, dout: int, *,
+                rngs: nnx.Rngs, use_bias: bool) -> nnx.Conv:
     # Explicit (1, 1) padding as torch's padding=1; 'SAME' would pad (0, 1) on even inputs.
     return nnx.Conv(din, dout, kernel_size=(3, 3), strides=(2, 2), padding=((1, 1), (1, 1)),
-                    use_bias=use_bias, kernel_init=_init(config), rngs=rngs, **_dtypes(config))
+                    use_bias=use_bias, kernel_init=_init(config), rngs=rngs, **_dtypes(options))
 
 
 def _dropout(rate: float, *, rngs: nnx.Rngs, broadcast_dims: tuple[int, ...] = ()
              ) -> nnx.Dropout:
-    # Only modules that can drop keep an RNG stream ("dropout", falling back to "default").
-    return nnx.Dropout(rate, broadcast_dims=broadcast_dims, rngs=rngs if rate > 0 else None)
+    # Built in eval mode (model.train() turns it on). Only modules that can drop keep an RNG
+    # stream ("dropout", falling back to "default").
+    return nnx.Dropout(rate, broadcast_dims=broadcast_dims, deterministic=True,
+                       rngs=rngs if rate > 0 else None)
 
 
 def _nchw(x: jax.Array) -> jax.Array:
@@ -114,11 +167,11 @@ def _nchw(x: jax.Array) -> jax.Array:
 class PatchEmbeddings(nnx.Module):
     """Two 3x3 stride-2 convs (3 -> C/2 -> C), no activation: ``[B,H,W,3] -> [B,H/4,W/4,C]``."""
 
-    def __init__(self, config: _BaseConfig, *, rngs: nnx.Rngs):
+    def __init__(self, config: ModelConfig, options: BuildOptions, *, rngs: nnx.Rngs):
         c = config.embed_dim
         self.projection = nnx.List([
-            _conv3x3_s2(config, config.num_channels, c // 2, rngs=rngs, use_bias=True),
-            _conv3x3_s2(config, c // 2, c, rngs=rngs, use_bias=True),
+            _conv3x3_s2(config, options, config.num_channels, c // 2, rngs=rngs, use_bias=True),
+            _conv3x3_s2(config, options, c // 2, c, rngs=rngs, use_bias=True),
         ])
 
     def __call__(self, pixel_values: jax.Array) -> jax.Array:
@@ -131,20 +184,19 @@ class PatchEmbeddings(nnx.Module):
 class Embeddings(nnx.Module):
     """Patch embedding + LayerNorm + dropout (HF ``NatEmbeddings``)."""
 
-    def __init__(self, config: _BaseConfig, *, rngs: nnx.Rngs):
+    def __init__(self, config: ModelConfig, options: BuildOptions, *, rngs: nnx.Rngs):
         self.num_channels = config.num_channels
-        self.patch_embeddings = PatchEmbeddings(config, rngs=rngs)
-        self.norm = _layer_norm(config, config.embed_dim, rngs=rngs)
+        self.patch_embeddings = PatchEmbeddings(config, options, rngs=rngs)
+        self.norm = _layer_norm(config, options, config.embed_dim, rngs=rngs)
         self.dropout = _dropout(config.hidden_dropout_prob, rngs=rngs)
 
-    def __call__(self, pixel_values: jax.Array, *, deterministic: bool = True) -> jax.Array:
+    def __call__(self, pixel_values: jax.Array) -> jax.Array:
         if (pixel_values.ndim != 4 or pixel_values.shape[-1] != self.num_channels
                 or 0 in pixel_values.shape):  # empty inputs: NaN pooling or kernel errors
             raise ValueError(f"pixel_values.shape={tuple(pixel_values.shape)} must be "
                              f"[batch, height, width, {self.num_channels}] (NHWC), every size "
                              ">= 1")
-        x = self.norm(self.patch_embeddings(pixel_values))
-        return self.dropout(x, deterministic=deterministic)
+        return self.dropout(self.norm(self.patch_embeddings(pixel_values)))
 
 
 class NeighborhoodAttention(nnx.Module):
@@ -152,62 +204,72 @@ class NeighborhoodAttention(nnx.Module):
 
     ``qkv`` is one fused ``C -> 3C`` projection (HF's query/key/value concatenated), ``rpb`` is
     ``[heads, 2K-1, 2K-1]``, ``proj`` is the output projection (HF ``attention.output.dense``).
+    ``return_weights`` (module state, set through ``nnx.view``) makes the call return the
+    softmax weights too; they and attention dropout need the unfused ``na2d_qk`` / ``na2d_av``,
+    which run on the same ``na_backend`` as the fused op.
     """
 
-    def __init__(self, config: _BaseConfig, dim: int, num_heads: int, dilation: int, *,
-                 rngs: nnx.Rngs):
+    def __init__(self, config: ModelConfig, options: BuildOptions, dim: int, num_heads: int,
+                 dilation: int, *, rngs: nnx.Rngs):
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.kernel_size = config.kernel_size
         self.dilation = dilation
-        self.backend = config.na_backend
+        self.backend = options.na_backend
+        self.return_weights = False
         k = config.kernel_size
-        self.qkv = _linear(config, dim, 3 * dim, rngs=rngs, use_bias=config.qkv_bias)
+        self.qkv = _linear(config, options, dim, 3 * dim, rngs=rngs, use_bias=config.qkv_bias)
         self.rpb = nnx.Param(_init(config)(rngs.params(), (num_heads, 2 * k - 1, 2 * k - 1),
-                                           config.parameter_dtype))
+                                           options.parameter_dtype))
         self.attn_drop = _dropout(config.attention_probs_dropout_prob, rngs=rngs)
-        self.proj = _linear(config, dim, dim, rngs=rngs)
+        self.proj = _linear(config, options, dim, dim, rngs=rngs)
         # HF applies attention_probs_dropout_prob after the output projection too.
         self.proj_drop = _dropout(config.attention_probs_dropout_prob, rngs=rngs)
 
-    def __call__(self, x: jax.Array, *, output_attentions: bool = False,
-                 deterministic: bool = True) -> tuple[jax.Array, jax.Array | None]:
+    def set_view(self, return_weights: bool | None = None) -> None:
+        """``nnx.view(module, return_weights=True)``: a view that also returns the weights."""
+        if return_weights is not None:
+            self.return_weights = return_weights
+
+    def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array | None]:
         """``x [B, H, W, C]`` (H, W >= kernel*dilation) -> ``(out [B,H,W,C], weights | None)``.
 
-        weights: ``[B, heads, H, W, K*K]`` float32 softmax (HF layout) when requested.
+        weights: ``[B, heads, H, W, K*K]`` float32 softmax (HF layout) when ``return_weights``.
         """
         b, h, w, c = x.shape
         qkv = self.qkv(x).reshape(b, h, w, 3, self.num_heads, self.head_dim)
         q, k, v = qkv[..., 0, :, :], qkv[..., 1, :, :], qkv[..., 2, :, :]
         rpb = self.rpb[...]
-        drop_probs = not deterministic and self.attn_drop.rate > 0
+        drop_probs = not self.attn_drop.deterministic and self.attn_drop.rate > 0
         weights = None
-        if output_attentions or drop_probs:
-            logits = kernels.na2d_qk(q, k, self.kernel_size, dilation=self.dilation, rpb=rpb)
+        if self.return_weights or drop_probs:
+            logits = kernels.na2d_qk(q, k, self.kernel_size, dilation=self.dilation, rpb=rpb,
+                                     backend=self.backend)
             probs = jax.nn.softmax(logits, axis=-1)
-            weights = jnp.transpose(probs, (0, 3, 1, 2, 4)) if output_attentions else None
-            probs = self.attn_drop(probs, deterministic=deterministic)
-            out = kernels.na2d_av(probs.astype(v.dtype), v, self.kernel_size,
-                                  dilation=self.dilation)
+            if self.return_weights:
+                weights = jnp.transpose(probs, (0, 3, 1, 2, 4))
+            out = kernels.na2d_av(self.attn_drop(probs).astype(v.dtype), v, self.kernel_size,
+                                  dilation=self.dilation, backend=self.backend)
         else:
             out = kernels.na2d(q, k, v, self.kernel_size, dilation=self.dilation, rpb=rpb,
                                backend=self.backend)
         out = self.proj(out.reshape(b, h, w, c))
-        return self.proj_drop(out, deterministic=deterministic), weights
+        return self.proj_drop(out), weights
 
 
 class Mlp(nnx.Module):
     """``fc1 -> exact GELU -> fc2 -> dropout`` (HF ``intermediate`` / ``output``)."""
 
-    def __init__(self, config: _BaseConfig, dim: int, *, rngs: nnx.Rngs):
+    def __init__(self, config: ModelConfig, options: BuildOptions, dim: int, *,
+                 rngs: nnx.Rngs):
         hidden = int(config.mlp_ratio * dim)
-        self.fc1 = _linear(config, dim, hidden, rngs=rngs)
-        self.fc2 = _linear(config, hidden, dim, rngs=rngs)
+        self.fc1 = _linear(config, options, dim, hidden, rngs=rngs)
+        self.fc2 = _linear(config, options, hidden, dim, rngs=rngs)
         self.drop = _dropout(config.hidden_dropout_prob, rngs=rngs)
 
-    def __call__(self, x: jax.Array, *, deterministic: bool = True) -> jax.Array:
+    def __call__(self, x: jax.Array) -> jax.Array:
         x = jax.nn.gelu(self.fc1(x), approximate=False)
-        return self.drop(self.fc2(x), deterministic=deterministic)
+        return self.drop(self.fc2(x))
 
 
 class NatLayer(nnx.Module):
@@ -218,76 +280,83 @@ class NatLayer(nnx.Module):
     tokens take part as keys/values equal to the qkv bias.
     """
 
-    def __init__(self, config: _BaseConfig, dim: int, num_heads: int, dilation: int,
-                 drop_path_rate: float, *, rngs: nnx.Rngs):
+    def __init__(self, config: ModelConfig, options: BuildOptions, dim: int, num_heads: int,
+                 dilation: int, drop_path_rate: float, *, rngs: nnx.Rngs):
         self.window = config.kernel_size * dilation
-        self.layernorm_before = _layer_norm(config, dim, rngs=rngs)
-        self.attention = NeighborhoodAttention(config, dim, num_heads, dilation, rngs=rngs)
-        self.layernorm_after = _layer_norm(config, dim, rngs=rngs)
-        self.mlp = Mlp(config, dim, rngs=rngs)
+        self.layernorm_before = _layer_norm(config, options, dim, rngs=rngs)
+        self.attention = NeighborhoodAttention(config, options, dim, num_heads, dilation,
+                                               rngs=rngs)
+        self.layernorm_after = _layer_norm(config, options, dim, rngs=rngs)
+        self.mlp = Mlp(config, options, dim, rngs=rngs)
         # Stochastic depth: one keep/drop decision per sample (mask broadcast over H, W, C).
         self.drop_path = _dropout(drop_path_rate, rngs=rngs, broadcast_dims=(1, 2, 3))
         if config.layer_scale_init_value > 0:
             self.layer_scale_parameters = nnx.Param(jnp.full(
-                (2, dim), config.layer_scale_init_value, config.parameter_dtype))
+                (2, dim), config.layer_scale_init_value, options.parameter_dtype))
         else:
             self.layer_scale_parameters = None
 
-    def __call__(self, x: jax.Array, *, output_attentions: bool = False,
-                 deterministic: bool = True) -> tuple[jax.Array, jax.Array | None]:
+    def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array | None]:
         """``x [B, H, W, C] -> (x [B, H, W, C], attention weights | None)``."""
         _, h, w, _ = x.shape
         y = self.layernorm_before(x)
         pad_h, pad_w = max(0, self.window - h), max(0, self.window - w)
         if pad_h or pad_w:
             y = jnp.pad(y, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)))
-        y, weights = self.attention(y, output_attentions=output_attentions,
-                                    deterministic=deterministic)
+        y, weights = self.attention(y)
         y = y[:, :h, :w]
         scale = self.layer_scale_parameters
         if scale is not None:
             y = scale[0].astype(y.dtype) * y
-        x = x + self.drop_path(y, deterministic=deterministic)
-        y = self.mlp(self.layernorm_after(x), deterministic=deterministic)
+        x = x + self.drop_path(y)
+        y = self.mlp(self.layernorm_after(x))
         if scale is not None:
             y = scale[1].astype(y.dtype) * y
-        return x + self.drop_path(y, deterministic=deterministic), weights
+        return x + self.drop_path(y), weights
 
 
 class Downsampler(nnx.Module):
     """Bias-free 3x3 stride-2 conv ``C -> 2C`` then LayerNorm: ``[B,H,W,C] -> [B,H/2,W/2,2C]``."""
 
-    def __init__(self, config: _BaseConfig, dim: int, *, rngs: nnx.Rngs):
-        self.reduction = _conv3x3_s2(config, dim, 2 * dim, rngs=rngs, use_bias=False)
-        self.norm = _layer_norm(config, 2 * dim, rngs=rngs)
+    def __init__(self, config: ModelConfig, options: BuildOptions, dim: int, *,
+                 rngs: nnx.Rngs):
+        self.reduction = _conv3x3_s2(config, options, dim, 2 * dim, rngs=rngs, use_bias=False)
+        self.norm = _layer_norm(config, options, 2 * dim, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.norm(self.reduction(x))
 
 
+def _apply_layer(layer: NatLayer, x: jax.Array) -> tuple[jax.Array, jax.Array | None]:
+    return layer(x)
+
+
+# The backward pass recomputes the layer from its input: only layer inputs stay in memory.
+_apply_layer_remat = nnx.remat(_apply_layer)
+
+
 class NatStage(nnx.Module):
     """``depth`` layers, then the downsampler (all stages but the last)."""
 
-    def __init__(self, config: _BaseConfig, index: int, drop_path_rates: list[float], *,
-                 rngs: nnx.Rngs):
+    def __init__(self, config: ModelConfig, options: BuildOptions, index: int,
+                 drop_path_rates: list[float], *, rngs: nnx.Rngs):
         dim = config.stage_dims[index]
         dilations = config.layer_dilations[index]
+        self.remat = options.remat
         self.layers = nnx.List([
-            NatLayer(config, dim, config.num_heads[index], dilations[j], drop_path_rates[j],
-                     rngs=rngs)
+            NatLayer(config, options, dim, config.num_heads[index], dilations[j],
+                     drop_path_rates[j], rngs=rngs)
             for j in range(config.depths[index])
         ])
         last = index == config.num_stages - 1
-        self.downsample = None if last else Downsampler(config, dim, rngs=rngs)
+        self.downsample = None if last else Downsampler(config, options, dim, rngs=rngs)
 
-    def __call__(self, x: jax.Array, *, output_attentions: bool = False,
-                 deterministic: bool = True):
+    def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array | None]:
         """Returns ``(output, output_before_downsampling, last layer's weights | None)``."""
+        apply = _apply_layer_remat if self.remat else _apply_layer
         weights = None
-        for j, layer in enumerate(self.layers):
-            # HF returns only the last layer's weights per stage; the others take the fused path.
-            want = output_attentions and j == len(self.layers) - 1
-            x, weights = layer(x, output_attentions=want, deterministic=deterministic)
+        for layer in self.layers:
+            x, weights = apply(layer, x)
         before = x
         if self.downsample is not None:
             x = self.downsample(x)
@@ -297,27 +366,34 @@ class NatStage(nnx.Module):
 class NatEncoder(nnx.Module):
     """All stages; drop-path rates rise linearly from 0 to ``drop_path_rate`` over all layers."""
 
-    def __init__(self, config: _BaseConfig, *, rngs: nnx.Rngs):
+    def __init__(self, config: ModelConfig, options: BuildOptions, *, rngs: nnx.Rngs):
         rates = np.linspace(0.0, config.drop_path_rate, sum(config.depths)).tolist()
         starts = np.cumsum((0,) + tuple(config.depths)).tolist()
         self.levels = nnx.List([
-            NatStage(config, i, rates[starts[i]:starts[i + 1]], rngs=rngs)
+            NatStage(config, options, i, rates[starts[i]:starts[i + 1]], rngs=rngs)
             for i in range(config.num_stages)
         ])
 
-    def __call__(self, x: jax.Array, *, output_hidden_states: bool = False,
-                 output_attentions: bool = False, deterministic: bool = True,
-                 before_downsampling: bool = False):
-        """Returns ``(last, hidden_states | None, attentions | None)``, channels-last."""
-        hidden = [x]
-        attentions = []
-        for stage in self.levels:
-            x, before, weights = stage(x, output_attentions=output_attentions,
-                                       deterministic=deterministic)
-            hidden.append(before if before_downsampling else x)
+    def __call__(self, x: jax.Array, output_attentions: bool = False):
+        """``x [B, h, w, C]`` (embeddings) -> ``(last, after, before, attentions | None)``:
+        ``after``/``before`` are ``(x, *stage outputs after / before downsampling)``.
+
+        ``output_attentions`` (the top-level flag, HF's): each stage's last layer also returns
+        its attention weights (as HF returns them), through an ``nnx.view`` of those layers.
+        """
+        encoder = self
+        if output_attentions:
+            last = {("levels", i, "layers", len(stage.layers) - 1, "attention")
+                    for i, stage in enumerate(self.levels)}
+            encoder = nnx.view(self, only=lambda path, _: tuple(path) in last,
+                               return_weights=True)
+        after, before, attentions = [x], [x], []
+        for stage in encoder.levels:
+            x, pre, weights = stage(x)
+            after.append(x)
+            before.append(pre)
             attentions.append(weights)
-        return (x, tuple(hidden) if output_hidden_states else None,
-                tuple(attentions) if output_attentions else None)
+        return x, tuple(after), tuple(before), tuple(attentions) if output_attentions else None
 
 
 def _check_config(obj, config) -> None:
@@ -326,64 +402,115 @@ def _check_config(obj, config) -> None:
                          f"{type(config).__name__}")
 
 
+class _Model(nnx.Module):
+    """What every public model has: its config, build options and eval transform, and the
+    parameters the optimizer must not decay."""
+
+    config_class: type[ModelConfig] = ModelConfig
+    config: ModelConfig
+    options: BuildOptions
+    eval_transform: EvalTransform
+
+    def _setup(self, config: ModelConfig, options: BuildOptions,
+               eval_transform: EvalTransform | None) -> None:
+        _check_config(self, config)
+        self.config = config
+        self.options = options
+        self.eval_transform = eval_transform or EvalTransform()
+
+    def no_weight_decay(self) -> frozenset[tuple[str | int, ...]]:
+        """Paths (as in ``nnx.to_pure_dict(nnx.state(model, nnx.Param))``) of the parameters
+        that take no weight decay besides biases and norms: relative position biases and layer
+        scales (1-D ``gamma1``/``gamma2`` in the original code, stacked here)."""
+        out = set()
+        for path, node in nnx.iter_graph(self):
+            if isinstance(node, NeighborhoodAttention):
+                out.add(tuple(path) + ("rpb",))
+            elif isinstance(node, NatLayer) and node.layer_scale_parameters is not None:
+                out.add(tuple(path) + ("layer_scale_parameters",))
+        return frozenset(out)
+
+
+def _options(dtype, param_dtype, na_backend, remat) -> BuildOptions:
+    return BuildOptions(dtype=dtype, param_dtype=param_dtype, na_backend=na_backend,
+                        remat=remat)
+
+
+_BUILD_DOC = """
+    Args:
+      config: the architecture (``{config}``).
+      rngs: parameter initialization ("params" stream, else "default") and, for models with
+        dropout or drop path, their streams ("dropout", else "default").
+      dtype, param_dtype, na_backend, remat: see :class:`BuildOptions`.
+      eval_transform: the eval preprocessing :func:`nat_jax.predict` applies (default: 224
+        px, crop 0.875, ImageNet mean/std); checkpoints carry theirs.
+"""
+
+
 # ------------------------------------------------------------------ public models
 
 
-class NatModel(nnx.Module):
+class NatModel(_Model):
     """Bare NAT: embeddings, encoder, final LayerNorm and mean pooling.
 
-    Call: ``model(pixel_values [B,H,W,3], output_hidden_states=False, output_attentions=False,
-    deterministic=True) -> ModelOutput`` (see :mod:`nat_jax.outputs` for the layouts).
-    ``deterministic=False`` enables dropout / drop path, drawing from the ``rngs`` given at
-    construction ("dropout" stream, else "default").
+    Call: ``model(pixel_values [B,H,W,3], output_hidden_states=False, output_attentions=False)
+    -> ModelOutput`` (see :mod:`nat_jax.outputs` for the layouts). Built in eval mode;
+    ``model.train()`` enables dropout / drop path, drawing from the ``rngs`` given at
+    construction.
     """
 
     config_class = NatConfig
 
-    def __init__(self, config: _BaseConfig, *, rngs: nnx.Rngs):
-        _check_config(self, config)
-        self.config = config
-        self.embeddings = Embeddings(config, rngs=rngs)
-        self.encoder = NatEncoder(config, rngs=rngs)
-        self.layernorm = _layer_norm(config, config.hidden_size, rngs=rngs)
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, dtype: str = "float32",
+                 param_dtype: str = "float32", na_backend: str = "auto", remat: bool = False,
+                 eval_transform: EvalTransform | None = None):
+        self._setup(config, _options(dtype, param_dtype, na_backend, remat), eval_transform)
+        options = self.options
+        self.embeddings = Embeddings(config, options, rngs=rngs)
+        self.encoder = NatEncoder(config, options, rngs=rngs)
+        self.layernorm = _layer_norm(config, options, config.hidden_size, rngs=rngs)
 
     def __call__(self, pixel_values: jax.Array, output_hidden_states: bool = False,
-                 output_attentions: bool = False, deterministic: bool = True) -> ModelOutput:
-        x = self.embeddings(pixel_values.astype(self.config.compute_dtype),
-                            deterministic=deterministic)
-        x, hidden, attentions = self.encoder(
-            x, output_hidden_states=output_hidden_states, output_attentions=output_attentions,
-            deterministic=deterministic)
+                 output_attentions: bool = False) -> ModelOutput:
+        x = self.embeddings(pixel_values.astype(self.options.compute_dtype))
+        x, hidden, _, attentions = self.encoder(x, output_attentions)
         x = self.layernorm(x)
         pooled = jnp.mean(x.astype(jnp.float32), axis=(1, 2)).astype(x.dtype)
+        hidden = hidden if output_hidden_states else None
         return ModelOutput(
             last_hidden_state=x, pooler_output=pooled, hidden_states=hidden,
             reshaped_hidden_states=None if hidden is None else tuple(map(_nchw, hidden)),
             attentions=attentions)
 
 
-class NatForImageClassification(nnx.Module):
-    """NAT with a linear head on the pooled features; logits are float32 ``[B, num_labels]``."""
+class NatForImageClassification(_Model):
+    """NAT with a linear head on the pooled features; logits are float32 ``[B, num_labels]``.
+
+    The base model is the attribute named after ``config.model_type`` (``nat`` / ``dinat``, as
+    in HF), also reachable as ``base_model``.
+    """
 
     config_class = NatConfig
-    base_name = "nat"
+    base_class = NatModel
 
-    def __init__(self, config: _BaseConfig, *, rngs: nnx.Rngs):
-        _check_config(self, config)
-        self.config = config
-        setattr(self, self.base_name, _BASE_MODELS[type(self)](config, rngs=rngs))
-        self.classifier = (_linear(config, config.hidden_size, config.num_labels, rngs=rngs)
-                           if config.num_labels > 0 else None)
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, dtype: str = "float32",
+                 param_dtype: str = "float32", na_backend: str = "auto", remat: bool = False,
+                 eval_transform: EvalTransform | None = None):
+        self._setup(config, _options(dtype, param_dtype, na_backend, remat), eval_transform)
+        setattr(self, config.model_type, self.base_class(
+            config, rngs=rngs, dtype=dtype, param_dtype=param_dtype, na_backend=na_backend,
+            remat=remat, eval_transform=eval_transform))
+        self.classifier = (_linear(config, self.options, config.hidden_size, config.num_labels,
+                                   rngs=rngs) if config.num_labels > 0 else None)
 
     @property
     def base_model(self) -> NatModel:
-        return getattr(self, self.base_name)
+        return getattr(self, self.config.model_type)
 
     def __call__(self, pixel_values: jax.Array, output_hidden_states: bool = False,
-                 output_attentions: bool = False,
-                 deterministic: bool = True) -> ImageClassifierOutput:
+                 output_attentions: bool = False) -> ImageClassifierOutput:
         out = self.base_model(pixel_values, output_hidden_states=output_hidden_states,
-                              output_attentions=output_attentions, deterministic=deterministic)
+                              output_attentions=output_attentions)
         pooled = out.pooler_output
         logits = pooled if self.classifier is None else self.classifier(pooled)
         return ImageClassifierOutput(
@@ -392,7 +519,7 @@ class NatForImageClassification(nnx.Module):
             attentions=out.attentions)
 
 
-class NatBackbone(nnx.Module):
+class NatBackbone(_Model):
     """NAT feature extractor: per requested stage (``config.out_features``), the stage output
     before downsampling through its own LayerNorm, NCHW (HF ``NatBackbone``).
 
@@ -401,28 +528,27 @@ class NatBackbone(nnx.Module):
 
     config_class = NatConfig
 
-    def __init__(self, config: _BaseConfig, *, rngs: nnx.Rngs):
-        _check_config(self, config)
-        self.config = config
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, dtype: str = "float32",
+                 param_dtype: str = "float32", na_backend: str = "auto", remat: bool = False,
+                 eval_transform: EvalTransform | None = None):
+        self._setup(config, _options(dtype, param_dtype, na_backend, remat), eval_transform)
+        options = self.options
         self.out_features, self.out_indices = config.backbone_stages()
         widths = (config.embed_dim,) + config.stage_dims
         self.num_features = widths
         self.channels = tuple(widths[i] for i in self.out_indices)
         self.strides = tuple(4 * 2 ** max(i - 1, 0) for i in self.out_indices)
-        self.embeddings = Embeddings(config, rngs=rngs)
-        self.encoder = NatEncoder(config, rngs=rngs)
+        self.embeddings = Embeddings(config, options, rngs=rngs)
+        self.encoder = NatEncoder(config, options, rngs=rngs)
         self.hidden_states_norms = nnx.Dict({
-            name: _layer_norm(config, widths[i], rngs=rngs, eps=_BACKBONE_NORM_EPS)
+            name: _layer_norm(config, options, widths[i], rngs=rngs, eps=_BACKBONE_NORM_EPS)
             for name, i in zip(self.out_features, self.out_indices)
         })
 
     def __call__(self, pixel_values: jax.Array, output_hidden_states: bool = False,
-                 output_attentions: bool = False, deterministic: bool = True) -> BackboneOutput:
-        x = self.embeddings(pixel_values.astype(self.config.compute_dtype),
-                            deterministic=deterministic)
-        _, hidden, attentions = self.encoder(
-            x, output_hidden_states=True, output_attentions=output_attentions,
-            deterministic=deterministic, before_downsampling=True)
+                 output_attentions: bool = False) -> BackboneOutput:
+        x = self.embeddings(pixel_values.astype(self.options.compute_dtype))
+        _, _, hidden, attentions = self.encoder(x, output_attentions)
         maps = tuple(_nchw(self.hidden_states_norms[name](hidden[i]))
                      for name, i in zip(self.out_features, self.out_indices))
         return BackboneOutput(feature_maps=maps,
@@ -440,7 +566,7 @@ class DinatForImageClassification(NatForImageClassification):
     """DiNAT classifier; see :class:`NatForImageClassification`."""
 
     config_class = DinatConfig
-    base_name = "dinat"
+    base_class = DinatModel
 
 
 class DinatBackbone(NatBackbone):
@@ -449,13 +575,8 @@ class DinatBackbone(NatBackbone):
     config_class = DinatConfig
 
 
-_BASE_MODELS = {NatForImageClassification: NatModel, DinatForImageClassification: DinatModel}
-
-
-def build_model(config: _BaseConfig, *, rngs: nnx.Rngs, head: str = "classification"):
-    """The model for ``config``: ``head`` is "classification" (default), "base" or "backbone"."""
-    from nat_jax.configs import model_class_for
-    return model_class_for(config, head)(config, rngs=rngs)
+for _cls in (NatModel, NatForImageClassification, NatBackbone):
+    _cls.__init__.__doc__ = _BUILD_DOC.format(config="NatConfig; DinatConfig for Dinat*")
 
 
 def count_params(model_or_state) -> int:

@@ -3,8 +3,11 @@
 Directory format (the converter writes exactly this)::
 
     path/
-      config.json   NatConfig/DinatConfig.to_dict() with id2label filled in (the label names),
-                    plus "architectures": [class name] and "format": "nat-jax/1"
+      config.json   the architecture (ModelConfig.to_dict(), HF keys) with id2label filled in
+                    (the label names), "architectures": [class name], "format": "nat-jax/1",
+                    the build options the model was saved with ("dtype", "param_dtype",
+                    "na_backend") and its eval transform ("image_size", "crop_pct", "mean",
+                    "std"); checkpoints from before "mean"/"std" were stored load with ImageNet's
       params/       Orbax StandardCheckpointer: nnx.to_pure_dict(nnx.state(model, nnx.Param)),
                     i.e. the nested dict of the parameter tree documented in nat_jax.modeling
 
@@ -15,6 +18,7 @@ place at the end, so a crash never leaves a half-written ``path``.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -23,30 +27,29 @@ import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from nat_jax.configs import _BaseConfig, model_class_for
+from nat_jax import zoo
+from nat_jax.configs import ModelConfig
+from nat_jax.preprocess import EvalTransform, label_names
 
-__all__ = ["FORMAT", "load_config", "load_pretrained", "save_pretrained",
-           "unwritable_reason"]
+__all__ = ["FORMAT", "SavedModel", "from_params", "load_config", "load_pretrained",
+           "save_pretrained", "saved_model", "unwritable_reason"]
 
 FORMAT = "nat-jax/1"
-_HEAD_OF = {"ForImageClassification": "classification", "Backbone": "backbone", "Model": "base"}
-
-
-def _head_of(class_name: str) -> str:
-    for suffix, head in _HEAD_OF.items():
-        if class_name.endswith(suffix):
-            return head
-    raise ValueError(f"architectures entry {class_name!r} is not a NAT/DiNAT model class")
+# config.json entries that are build options of the saved model (BuildOptions fields).
+_OPTION_KEYS = ("dtype", "param_dtype", "na_backend")
+_TRANSFORM_KEYS = ("image_size", "crop_pct", "mean", "std")
 
 
 def save_pretrained(model: nnx.Module, path: str | os.PathLike, *, overwrite: bool = False
                     ) -> Path:
-    """Write ``model`` (params + config + label names) to the directory ``path``.
+    """Write ``model`` (params + config + label names + build options + eval transform) to the
+    directory ``path``.
 
     Raises:
       FileExistsError: if ``path`` exists and ``overwrite`` is False.
@@ -56,12 +59,14 @@ def save_pretrained(model: nnx.Module, path: str | os.PathLike, *, overwrite: bo
     path = Path(path).absolute()
     if path.exists() and not overwrite:
         raise FileExistsError(f"path={str(path)!r} exists; pass overwrite=True to replace it")
-    config: _BaseConfig = model.config
+    config: ModelConfig = model.config
     meta = config.to_dict()
-    meta["id2label"] = {str(i): n for i, n in enumerate(config.label_names())} \
+    meta["id2label"] = {str(i): n for i, n in enumerate(label_names(config))} \
         if config.num_labels > 0 else None
     meta["architectures"] = [type(model).__name__]
     meta["format"] = FORMAT
+    meta.update(saved_model(model).options)
+    meta.update({k: getattr(model.eval_transform, k) for k in _TRANSFORM_KEYS})
 
     with atomic_directory(path) as tmp:
         (tmp / "config.json").write_text(json.dumps(meta, indent=2))
@@ -122,19 +127,34 @@ def unwritable_reason(path: str | os.PathLike) -> str | None:
     return None
 
 
-def load_config(path: str | os.PathLike) -> tuple[_BaseConfig, str]:
-    """``(config, head)`` stored in a :func:`save_pretrained` directory."""
+@dataclasses.dataclass(frozen=True)
+class SavedModel:
+    """What a checkpoint's ``config.json`` says: the architecture, the head it was saved with,
+    its build options (``dtype``, ``param_dtype``, ``na_backend``) and its eval transform."""
+
+    config: ModelConfig
+    head: str
+    options: dict[str, Any]
+    eval_transform: EvalTransform
+
+
+def load_config(path: str | os.PathLike) -> SavedModel:
+    """The :class:`SavedModel` description in a :func:`save_pretrained` directory."""
     meta = json.loads((Path(path) / "config.json").read_text())
     fmt = meta.pop("format", FORMAT)
     if fmt != FORMAT:
         raise ValueError(f"{path}: format {fmt!r} is not {FORMAT!r}")
-    archs = meta.pop("architectures", None) or ["ForImageClassification"]
-    return _BaseConfig.from_dict(meta), _head_of(archs[0])
+    archs = meta.pop("architectures", None)
+    config = ModelConfig.from_dict(meta)
+    head = zoo.head_of(archs[0]) if archs else "classification"
+    options = {k: meta[k] for k in _OPTION_KEYS if meta.get(k) is not None}
+    transform = EvalTransform(**{k: meta[k] for k in _TRANSFORM_KEYS if meta.get(k) is not None})
+    return SavedModel(config, head, options, transform)
 
 
 def load_pretrained(path: str | os.PathLike, *, head: str | None = None, dtype: str | None = None,
                     param_dtype: str | None = None, na_backend: str | None = None,
-                    seed: int = 0) -> nnx.Module:
+                    remat: bool = False, seed: int = 0) -> nnx.Module:
     """Rebuild the model saved at ``path``.
 
     Args:
@@ -143,40 +163,62 @@ def load_pretrained(path: str | os.PathLike, *, head: str | None = None, dtype: 
         loads into a smaller head too, dropping the weights that head does not use (classifier
         -> base or backbone, base -> backbone; a backbone's feature-map norms are then newly
         initialized, with a warning, as transformers does); a larger head is a ValueError.
-      dtype, param_dtype, na_backend: override the saved config (e.g. ``dtype="bfloat16"``).
-      seed: seeds the dropout streams (used only with ``deterministic=False``).
+      dtype, param_dtype, na_backend: build options (default: the saved model's, e.g.
+        ``dtype="bfloat16"`` to compute in bf16); ``remat`` as for ``build_model``.
+      seed: seeds the dropout streams (used only after ``model.train()``).
 
     Returns:
-      The module with the saved parameters (nothing is randomly initialized and then thrown
-      away: the structure comes from ``nnx.eval_shape``).
+      The module with the saved parameters and eval transform (nothing is randomly initialized
+      and then thrown away: the structure comes from :func:`nat_jax.zoo.abstract_model`).
     """
-    import dataclasses
-
     import orbax.checkpoint as ocp
 
     path = Path(path).absolute()
-    config, saved_head = load_config(path)
-    overrides = {k: v for k, v in dict(dtype=dtype, param_dtype=param_dtype,
-                                       na_backend=na_backend).items() if v is not None}
-    config = dataclasses.replace(config, **overrides)
-    head = head or saved_head
-    graphdef, abstract_params, rest = abstract_model(config, head, seed)
-
-    if head not in _LOADS_INTO[saved_head]:
-        raise ValueError(f"checkpoint {path} holds a {saved_head!r} model, which lacks weights "
-                         f"the {head!r} head needs; load it with head= one of "
-                         f"{', '.join(map(repr, _LOADS_INTO[saved_head]))}")
+    saved = load_config(path)
+    _check_head(saved.head, head, path)
     with ocp.StandardCheckpointer() as ckpt:
         stored = _tree_meta(ckpt.metadata(path / "params"))
         target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), stored)
         values = ckpt.restore(path / "params", target)
+    return from_params(saved, values, head=head, dtype=dtype, param_dtype=param_dtype,
+                       na_backend=na_backend, remat=remat, seed=seed, where=str(path))
+
+
+def from_params(saved: SavedModel, values: dict, *, head: str | None = None,
+                dtype: str | None = None, param_dtype: str | None = None,
+                na_backend: str | None = None, remat: bool = False, seed: int = 0,
+                where: str = "the parameters") -> nnx.Module:
+    """The model described by ``saved`` holding ``values`` (its parameters as a pure dict, as
+    :func:`save_pretrained` stores them); arguments as for :func:`load_pretrained`."""
+    config = saved.config
+    options = dict(saved.options, remat=remat, eval_transform=saved.eval_transform)
+    options.update({k: v for k, v in dict(dtype=dtype, param_dtype=param_dtype,
+                                          na_backend=na_backend).items() if v is not None})
+    head = head or saved.head
+    _check_head(saved.head, head, where)
+    graphdef, abstract_params, _ = zoo.abstract_model(config, head, seed=seed, **options)
     want = nnx.to_pure_dict(abstract_params)
-    if head != saved_head:
-        values = _into_smaller_head(values, want, saved_head, config, seed, path)
-    _check_tree(want, values, path)
+    if head != saved.head:
+        values = _into_smaller_head(values, want, saved.head, config, seed, options, where)
+    _check_tree(want, values, where)
     values = jax.tree.map(lambda t, v: jnp.asarray(v, t.dtype), want, _like(want, values))
     nnx.replace_by_pure_dict(abstract_params, values)
+    rest = zoo.init_rest(config, head, seed=seed, **options)
     return nnx.merge(graphdef, abstract_params, rest)
+
+
+def _check_head(saved_head: str, head: str | None, where) -> None:
+    if head is not None and head not in _LOADS_INTO[saved_head]:
+        raise ValueError(f"checkpoint {where} holds a {saved_head!r} model, which lacks weights "
+                         f"the {head!r} head needs; load it with head= one of "
+                         f"{', '.join(map(repr, _LOADS_INTO[saved_head]))}")
+
+
+def saved_model(model: nnx.Module) -> SavedModel:
+    """The :class:`SavedModel` description of a model in memory (what saving it would store)."""
+    return SavedModel(model.config, zoo.head_of(type(model).__name__),
+                      {k: getattr(model.options, k) for k in _OPTION_KEYS},
+                      model.eval_transform)
 
 
 # Which heads a checkpoint of each head loads into: the same, or a smaller one (the saved
@@ -186,8 +228,8 @@ _LOADS_INTO = {"classification": ("classification", "base", "backbone"),
 _NEW_IN_BACKBONE = "hidden_states_norms"
 
 
-def _into_smaller_head(values: dict, want: dict, saved_head: str, config: _BaseConfig,
-                       seed: int, path: Path) -> dict:
+def _into_smaller_head(values: dict, want: dict, saved_head: str, config: ModelConfig,
+                       seed: int, options: dict, where: str) -> dict:
     """The saved ``values`` reduced to the entries of a smaller head's tree ``want``."""
     if saved_head == "classification":
         values = values[config.model_type]  # the classifier's base-model subtree
@@ -195,32 +237,14 @@ def _into_smaller_head(values: dict, want: dict, saved_head: str, config: _BaseC
     values = {k: v for k, v in values.items() if k in want}
     if _NEW_IN_BACKBONE in want and _NEW_IN_BACKBONE not in values:
         # The feature-map norms exist only in backbones: initialized like a new model's.
-        cls = model_class_for(config, "backbone")
         values[_NEW_IN_BACKBONE] = jax.jit(lambda: nnx.to_pure_dict(nnx.state(
-            cls(config, rngs=nnx.Rngs(seed)), nnx.Param))[_NEW_IN_BACKBONE])()
+            zoo.build_model(config, rngs=zoo.seed_rngs(seed), head="backbone", **options),
+            nnx.Param))[_NEW_IN_BACKBONE])()
         logging.getLogger(__name__).warning(
             "%s: %s newly initialized (a %s checkpoint has no backbone feature norms); "
-            "unused saved weights dropped: %s", path, _NEW_IN_BACKBONE, saved_head,
+            "unused saved weights dropped: %s", where, _NEW_IN_BACKBONE, saved_head,
             ", ".join(dropped) or "none")
     return values
-
-
-def abstract_model(config: _BaseConfig, head: str = "classification", seed: int = 0):
-    """``(graphdef, abstract_params, rest)`` of a model without allocating its parameters.
-
-    ``abstract_params`` is the ``nnx.Param`` state as shapes (from ``nnx.eval_shape``), to be
-    filled with ``nnx.replace_by_pure_dict`` and joined with ``nnx.merge(graphdef, params,
-    rest)``. ``rest`` is the non-parameter state (dropout RNG keys/counts), cheap enough to build
-    for real under jit, where XLA drops the unused parameter initializers.
-    """
-    cls = model_class_for(config, head)
-
-    def build():
-        return cls(config, rngs=nnx.Rngs(seed))
-
-    graphdef, abstract_params, _ = nnx.split(nnx.eval_shape(build), nnx.Param, ...)
-    rest = jax.jit(lambda: nnx.split(build(), nnx.Param, ...)[2])()
-    return graphdef, abstract_params, rest
 
 
 def _tree_meta(meta):

@@ -1,11 +1,10 @@
 """NATTEN's old ``natten2dqkrpb`` / ``natten2dav`` for HuggingFace NAT/DiNAT, in plain torch.
 
 transformers 4.53.3 imports these two from ``natten.functional``; no installable natten has them
-any more (0.20 removed RPB). They are rebuilt here directly from the rules in
-``shared/reference/na-semantics.md`` (windows shifted inwards at the borders, dilation groups,
-bias ``rpb[h, K-1 + key_g - query_g]`` per axis), independently of ``nat_jax.kernels``, so the
-parity tests compare two separate implementations. Call :func:`install` before importing
-transformers' NAT/DiNAT modules.
+any more (0.20 removed RPB). They are rebuilt here directly from NATTEN's rules (windows shifted
+inwards at the borders, dilation groups, bias ``rpb[h, K-1 + key_g - query_g]`` per axis),
+independently of ``nat_jax.kernels``, so the parity tests compare two separate implementations.
+``test_hf_parity.py`` binds them into transformers' NAT/DiNAT modeling modules for each test.
 
 Layout (old NATTEN, heads-first): query/key/value ``[B, heads, H, W, d]``, attention
 ``[B, heads, H, W, K*K]`` with the window flattened row-major.
@@ -70,10 +69,3 @@ def natten2dav(attn: torch.Tensor, value: torch.Tensor, kernel_size: int,
     v = _gather(value, kernel_size, dilation)
     a = attn.reshape(b, h, height, width, kernel_size, kernel_size)
     return torch.einsum("bnxyij,bnxyijd->bnxyd", a, v)
-
-
-def install() -> None:
-    """Put the two functions into ``natten.functional`` (where transformers looks for them)."""
-    import natten.functional as functional
-    functional.natten2dqkrpb = natten2dqkrpb
-    functional.natten2dav = natten2dav

@@ -1,7 +1,9 @@
 """Float64 numpy brute-force neighborhood attention, written from the rules alone.
 
-This file deliberately shares no code with ``kernels/``: it re-derives every window from the
-rules in ``shared/reference/na-semantics.md`` with plain Python loops over queries, so it can
+This file deliberately shares no code with ``kernels/``: it re-derives every window from
+NATTEN's rules (stated in the README's "Neighborhood attention ops" section: windows shifted
+inwards at the borders, even kernels, stride leaders, dilation groups, causal windows, RPB at the
+relative offset) with plain Python loops over queries, so it can
 serve as the ground truth for every backend. Gradients are computed analytically in float64
 (and checked against finite differences in ``test_oracle.py``).
 """

@@ -2,7 +2,7 @@
 
 Every source format users bring is produced here from a PyTorch model with random weights: an HF
 directory with ``pytorch_model.bin`` and one with ``model.safetensors`` (``save_pretrained``), and
-an original SHI-Labs ``.pth`` (keys renamed per ``shared/reference/checkpoints.md`` by code
+an original SHI-Labs ``.pth`` (keys renamed from the original repository's names by code
 written independently of ``convert/keymap.py``: fused qkv, gamma1/gamma2, wrapped in ``model``).
 Each is converted with the CLI in-process, loaded with ``load_pretrained`` and compared with the
 PyTorch model (logits and hidden states, fp32 1e-4); the export goes back into transformers and
@@ -52,7 +52,8 @@ def torch_model(config, seed: int = 0, head: str = "classification"):
 
 
 def hf_to_original(state: dict, model_type: str) -> dict:
-    """HF state dict -> original SHI-Labs keys, following the table in checkpoints.md."""
+    """HF state dict -> original SHI-Labs keys (``classification/nat.py`` of the original
+    repository: ``patch_embed``, ``levels.i.blocks.j``, fused ``attn.qkv``, ``gamma1/2``)."""
     renames = [  # (HF pattern, original replacement), applied to keys without the model prefix
         (r"embeddings\.patch_embeddings\.projection\.", "patch_embed.proj."),
         (r"embeddings\.norm\.", "patch_embed.norm."),
@@ -240,7 +241,7 @@ def test_full_size_mini_original_and_hf(preset, tmp_path):
     assert run_cli("convert", tmp_path / f"{preset}.pth", tmp_path / "out", "--arch", preset,
                    "--quiet") == 0
     ours = nat_jax.load_pretrained(tmp_path / "out")
-    assert ours.config.image_size == 224
+    assert ours.eval_transform == nat_jax.zoo.PUBLISHED[preset].eval_transform
     assert_matches_torch(ours, model, pixels(batch=1, size=224))
     model.save_pretrained(tmp_path / "hf")
     assert run_cli("convert", tmp_path / "hf", tmp_path / "out_hf", "--quiet") == 0
@@ -291,17 +292,48 @@ def test_torch_natten_matches_oracle(shape, kernel, dilation, rng):
 
 
 def test_hub_style_config_json_maps_to_our_config():
-    """A config.json as published on the hub (extra keys, no image_size) maps to the preset."""
+    """A config.json as published on the hub (extra keys, no eval settings) maps to the preset,
+    and to the eval transform of the published checkpoint with that architecture."""
     preset = nat_jax.configs.get("dinat_large_384")
     hub = hf_config.config_to_hf(preset)
-    for key in ("image_size", "crop_pct"):
+    for key in hf_config.TRANSFORM_KEYS:
         hub.pop(key)
     hub.update(path_norm=True, hidden_size=1536, transformers_version="4.26.0.dev0",
                stage_names=["stem", "stage1", "stage2", "stage3", "stage4"])
     config = hf_config.config_from_hf(hub)
     assert type(config) is nat_jax.DinatConfig
-    assert config.image_size == 384 and config.crop_pct == 1.0  # from the matching preset
-    assert not hf_config.architecture_differences(config, preset)
-    assert config.label_names() == preset.label_names()
+    transform = hf_config.eval_transform_from_hf(hub, config)
+    assert (transform.image_size, transform.crop_pct) == (384, 1.0)  # the published one
+    assert not nat_jax.configs.architecture_differences(config, preset)
+    assert nat_jax.label_names(config) == nat_jax.label_names(preset)
+    # Our export's extra keys win over the table.
+    hub.update(image_size=320, crop_pct=0.95)
+    assert hf_config.eval_transform_from_hf(hub, config) == nat_jax.EvalTransform(320, 0.95)
     with pytest.raises(nat_jax.convert.ConversionError, match="wrong model family"):
         hf_config.config_from_hf({"model_type": "swin"})
+
+
+def test_verify_runs_the_converters_own_natten_functions(tmp_path, monkeypatch):
+    """--verify checks against convert.torch_natten even when other natten2dqkrpb/natten2dav
+    were bound into transformers first (the parity tests bind their own shim): before, the
+    earlier binding stayed, so --verify tested whatever someone else had installed."""
+    import importlib
+
+    from nat_jax.convert.pipeline import verify_against_torch
+
+    model = torch_model(NAT_SMALL, seed=9)
+    model.save_pretrained(tmp_path / "src")
+    ours, _ = nat_jax.convert.convert_model(tmp_path / "src")
+    modeling = importlib.import_module(nat_jax.zoo.FAMILIES["nat"].hf_modeling)
+
+    def wrong_qk(query, key, rpb, kernel_size, dilation):  # zero logits: uniform attention
+        return torch.zeros(*query.shape[:4], kernel_size * kernel_size)
+
+    monkeypatch.setattr(modeling, "natten2dqkrpb", wrong_qk)
+    state = {k: v.numpy() for k, v in model.state_dict().items()}
+    diff, scale = verify_against_torch(ours, NAT_SMALL, "classification", state, IMAGE)
+    assert diff <= 1e-4 * scale
+    assert modeling.natten2dqkrpb is wrong_qk  # restored afterwards
+    with torch.no_grad():  # and it does break the model, so the check above means something
+        broken = model(torch.from_numpy(pixels().transpose(0, 3, 1, 2))).logits.numpy()
+    assert np.abs(broken - np.asarray(forward(ours, pixels()).logits)).max() > 1e-2

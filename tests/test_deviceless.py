@@ -59,7 +59,7 @@ def test_pallas_kernels_run_per_shard_under_the_context_mesh(with_mesh):
 def test_trainer_step_compiles_for_8_h100s_with_kernels_per_shard():
     report = deviceless.compile_train_step(
         "h100x8", "digits", per_device_batch=8,
-        overrides={"model_overrides.na_backend": "pallas", "compute_dtype": "bfloat16"},
+        overrides={"na_backend": "pallas", "compute_dtype": "bfloat16"},
         timeout=1200)
     assert report["fits"] and report["triton_kernels"] > 0
     assert not report["batch_all_gathers"], report["batch_all_gathers"]
@@ -71,7 +71,7 @@ def test_trainer_step_compiles_for_8_h100s_with_kernels_per_shard():
 def test_tiny_models_train_on_8_h100s_at_128_per_gpu(config):
     report = deviceless.compile_train_step(
         "h100x8", config, per_device_batch=128,
-        overrides={"model_overrides.na_backend": "pallas", "compute_dtype": "bfloat16"},
+        overrides={"na_backend": "pallas", "compute_dtype": "bfloat16"},
         timeout=3600)
     assert report["fits"], report
     assert report["triton_kernels"] > 0 and not report["batch_all_gathers"]

@@ -9,6 +9,7 @@ lives in ``nat_jax.convert``). Logits, every hidden state and the attention weig
 from __future__ import annotations
 
 import dataclasses
+import importlib
 
 import jax
 import jax.numpy as jnp
@@ -18,13 +19,24 @@ from flax import nnx
 
 import natten_shim
 import oracle
+import torch  # test extra: a missing one must fail, not skip
+import transformers
 
-natten_shim.install()
-import torch  # noqa: E402  (test extra: a missing one must fail, not skip)
-import transformers  # noqa: E402
+import nat_jax
+from nat_jax import DinatConfig, NatConfig, zoo
+from nat_jax.convert import torch_natten
 
-import nat_jax  # noqa: E402
-from nat_jax import DinatConfig, NatConfig  # noqa: E402
+
+@pytest.fixture(autouse=True)
+def _hf_runs_the_test_shim(monkeypatch):
+    """transformers' NAT/DiNAT call this test's own NATTEN stand-in (written from the rules,
+    independently of nat_jax.kernels) during each test, and whatever they called before
+    afterwards: the converter's --verify is never checked against this shim."""
+    torch_natten.install()  # the names must exist in natten.functional before transformers'
+    for family in zoo.FAMILIES.values():  # modeling modules are first imported
+        modeling = importlib.import_module(family.hf_modeling)
+        monkeypatch.setattr(modeling, "natten2dqkrpb", natten_shim.natten2dqkrpb)
+        monkeypatch.setattr(modeling, "natten2dav", natten_shim.natten2dav)
 
 # ------------------------------------------------------------------ HF -> ours copy (tests only)
 

@@ -14,9 +14,9 @@ import pytest
 from flax import nnx
 
 import nat_jax
-from nat_jax import DinatConfig, NatConfig, configs
+from nat_jax import DinatConfig, NatConfig, configs, zoo
 
-# Published parameter counts (millions, one decimal), checkpoints.md.
+# Published parameter counts (millions, one decimal; the NAT and DiNAT papers' tables).
 PUBLISHED_PARAMS_M = {
     "nat_mini": 20.0, "nat_tiny": 27.9, "nat_small": 50.7, "nat_base": 89.8,
     "dinat_mini": 20.0, "dinat_tiny": 27.9, "dinat_small": 50.7, "dinat_base": 89.8,
@@ -26,6 +26,12 @@ PUBLISHED_PARAMS_M = {
 TINY = DinatConfig(embed_dim=16, depths=(1, 2, 1, 1), num_heads=(1, 2, 2, 4), kernel_size=3,
                    dilations=((2,), (1, 2), (1,), (1,)), mlp_ratio=2.0, num_labels=7,
                    layer_scale_init_value=0.5, drop_path_rate=0.2)
+
+
+# Two small stages: the cheapest model that still has dilation, padding and several layers.
+SMALL = DinatConfig(embed_dim=8, depths=(1, 2), num_heads=(1, 2), kernel_size=3,
+                    dilations=((2,), (1, 2)), mlp_ratio=2.0, num_labels=3,
+                    layer_scale_init_value=0.5, drop_path_rate=0.0)
 
 
 def _tiny_nat(**kw):
@@ -53,16 +59,15 @@ def tiny_model():
     return nat_jax.build_model(TINY, rngs=nnx.Rngs(0))
 
 
-def _same_weights(model, config):
-    """A model for ``config`` (same structure) holding ``model``'s parameters, cast."""
-    def build():
-        return nat_jax.build_model(config, rngs=nnx.Rngs(0))
-    graphdef, params, _ = nnx.split(nnx.eval_shape(build), nnx.Param, ...)
-    rest = jax.jit(lambda: nnx.split(build(), nnx.Param, ...)[2])()  # dropout RNG state
+def _same_weights(model, config=None, **options):
+    """``model``'s parameters (cast) in a model of ``config`` (default: the same) built with
+    build ``options`` (dtype, na_backend, ...)."""
+    config = config or model.config
+    graphdef, params, _ = zoo.abstract_model(config, **options)
     values = jax.tree.map(lambda a, t: a.astype(t.dtype), nnx.to_pure_dict(
         nnx.state(model, nnx.Param)), nnx.to_pure_dict(params))
     nnx.replace_by_pure_dict(params, values)
-    return nnx.merge(graphdef, params, rest)
+    return nnx.merge(graphdef, params, zoo.init_rest(config, **options))
 
 
 # ------------------------------------------------------------------ configs
@@ -70,7 +75,50 @@ def _same_weights(model, config):
 
 def test_every_preset_is_covered():
     assert set(configs.list_presets()) == set(PUBLISHED_PARAMS_M)
-    assert set(configs.PRETRAINED_SOURCES) == set(configs.PRESETS)
+    assert set(zoo.PUBLISHED) == set(configs.PRESETS)
+    for name, entry in zoo.PUBLISHED.items():
+        assert entry.config is configs.get(name) and entry.hub_id.startswith("shi-labs/")
+        assert zoo.published(entry.hub_id.upper()) is entry and zoo.published(name) is entry
+        # Every published architecture is told apart by its fields: matching is unambiguous.
+        assert configs.presets_matching(entry.config.architecture()) == [name]
+        assert zoo.eval_transform_for(entry.config) == entry.eval_transform
+    assert zoo.PUBLISHED["dinat_large_384"].eval_transform.image_size == 384
+    assert zoo.PUBLISHED["dinat_large_384_k11"].eval_transform.crop_pct == 1.0
+
+
+def test_zoo_owns_families_and_heads():
+    """One table: each family's config class and module per head, HF's class names."""
+    assert set(zoo.FAMILIES) == set(configs.CONFIG_CLASSES) == {"nat", "dinat"}
+    for model_type, family in zoo.FAMILIES.items():
+        assert family.config_class is configs.CONFIG_CLASSES[model_type]
+        for head, suffix in zoo.HEADS.items():
+            cls = family.classes[head]
+            assert cls.config_class is family.config_class
+            assert cls.__name__ == family.config_class.__name__[:-len("Config")] + suffix
+            assert zoo.head_of(cls.__name__) == head
+            assert zoo.model_class(family.config_class(), head) is cls
+    with pytest.raises(ValueError, match="head='segmentation' must be one of"):
+        zoo.model_class(NatConfig(), "segmentation")
+    with pytest.raises(ValueError, match="'SwinModel' is not a NAT/DiNAT model class"):
+        zoo.head_of("SwinModel")
+
+
+def test_configs_import_nothing_from_the_package():
+    """Configs are architecture data: nat_jax/configs.py imports only the standard library
+    (before, configs and modeling imported each other)."""
+    import ast
+    import sys
+
+    tree = ast.parse(open(configs.__file__).read())
+    imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import)
+                for alias in node.names}
+    imported |= {node.module for node in ast.walk(tree)
+                 if isinstance(node, ast.ImportFrom) and node.level == 0}
+    assert imported, "no imports found: the check reads the wrong file"
+    assert all(name.split(".")[0] in sys.stdlib_module_names | {"__future__"}
+               for name in imported), imported
+    fields = {f.name for f in dataclasses.fields(DinatConfig)}
+    assert not fields & {"dtype", "param_dtype", "na_backend", "image_size", "crop_pct"}
 
 
 @pytest.mark.parametrize("name", list(PUBLISHED_PARAMS_M))
@@ -87,7 +135,7 @@ def test_config_json_round_trip(name):
     config = configs.get(name)
     again = type(config).from_json(config.to_json())
     assert again == config and type(again) is type(config)
-    assert configs._BaseConfig.from_json(config.to_json()) == config  # dispatch on model_type
+    assert configs.ModelConfig.from_json(config.to_json()) == config  # dispatch on model_type
     assert json.loads(config.to_json())["model_type"] == config.model_type
     assert hash(again) == hash(config)
 
@@ -99,13 +147,16 @@ def test_config_api():
         configs.get("nat_huge")
     with pytest.raises(ValueError, match="DinatConfig"):
         NatConfig.from_preset("dinat_mini")
-    c = dataclasses.replace(configs.get("dinat_mini"), id2label={0: "a", 1: "b"}, num_labels=2,
-                            dtype="bfloat16")
-    assert DinatConfig.from_json(c.to_json()) == c and c.label_names() == ["a", "b"]
+    c = dataclasses.replace(configs.get("dinat_mini"), id2label={0: "a", 1: "b"}, num_labels=2)
+    assert DinatConfig.from_json(c.to_json()) == c and nat_jax.label_names(c) == ["a", "b"]
     assert configs.get("nat_mini", num_labels=10).num_labels == 10
-    assert configs.get("nat_mini").label_names()[281] == "tabby, tabby cat"
+    assert nat_jax.label_names(configs.get("nat_mini"))[281] == "tabby, tabby cat"
     assert configs.get("dinat_large_384").dilations[0] == (1, 13, 1)
-    assert configs.model_class_for(c, "backbone") is nat_jax.DinatBackbone
+    assert zoo.model_class(c, "backbone") is nat_jax.DinatBackbone
+    # Older checkpoints' config.json hold build options and eval settings: ignored here.
+    old = dict(c.to_dict(), dtype="bfloat16", param_dtype="float32", na_backend="xla",
+               image_size=224, crop_pct=0.875)
+    assert configs.ModelConfig.from_dict(old) == c
     with pytest.raises(ValueError, match="dilations"):
         DinatConfig(depths=(1, 1, 1, 1), dilations=((1, 2),) * 4)
     with pytest.raises(ValueError, match="num_heads"):
@@ -118,7 +169,7 @@ def test_config_reads_hf_config_dict():
     hf = transformers.DinatConfig(embed_dim=32, depths=[1, 1, 1, 1], num_heads=[1, 2, 4, 8],
                                   dilations=[[2], [1], [1], [1]], num_labels=3,
                                   out_features=["stage2"]).to_dict()
-    config = configs._BaseConfig.from_dict(json.loads(json.dumps(hf)))
+    config = configs.ModelConfig.from_dict(json.loads(json.dumps(hf)))
     assert isinstance(config, DinatConfig)
     assert config.depths == (1, 1, 1, 1) and config.num_labels == 3
     assert config.backbone_stages() == (("stage2",), (2,))
@@ -166,14 +217,25 @@ def test_fused_and_unfused_paths_agree(rng, tiny_model):
 
 def test_backends_agree(rng, tiny_model):
     x = _images(rng, 1, 48, 48)
-    ref = _same_weights(tiny_model, dataclasses.replace(TINY, na_backend="reference"))
-    xla = _same_weights(tiny_model, dataclasses.replace(TINY, na_backend="xla"))
+    ref = _same_weights(tiny_model, na_backend="reference")
+    xla = _same_weights(tiny_model, na_backend="xla")
     assert ref.dinat.encoder.levels[0].layers[0].attention.backend == "reference"
+    assert ref.options.na_backend == "reference" and ref.config == xla.config == TINY
     np.testing.assert_allclose(run(ref, x).logits, run(xla, x).logits, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("options,message", [
+    (dict(dtype="float33"), "dtype='float33' is not a dtype name"),
+    (dict(param_dtype="half-ish"), "param_dtype='half-ish' is not a dtype name"),
+    (dict(na_backend="cuda"), "na_backend='cuda' is not one of ('auto', 'reference'"),
+])
+def test_bad_build_options_raise(options, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        nat_jax.build_model(_tiny_nat(), rngs=nnx.Rngs(0), **options)
+
+
 def test_bf16_compute_close_to_fp32(rng, tiny_model):
-    model16 = _same_weights(tiny_model, dataclasses.replace(TINY, dtype="bfloat16"))
+    model16 = _same_weights(tiny_model, dtype="bfloat16")
     x = _images(rng)
     out32 = run(tiny_model, x, output_hidden_states=True)
     out16 = run(model16, x, output_hidden_states=True)
@@ -185,8 +247,7 @@ def test_bf16_compute_close_to_fp32(rng, tiny_model):
 
 
 def test_param_dtype_bf16(rng, tiny_model):
-    model = _same_weights(tiny_model, dataclasses.replace(TINY, dtype="bfloat16",
-                                                          param_dtype="bfloat16"))
+    model = _same_weights(tiny_model, dtype="bfloat16", param_dtype="bfloat16")
     assert all(p.dtype == jnp.bfloat16 for p in jax.tree.leaves(nnx.state(model, nnx.Param)))
     assert np.isfinite(np.asarray(run(model, _images(rng)).logits)).all()
 
@@ -227,15 +288,24 @@ def test_jit_does_not_retrace(rng, tiny_model):
     assert not np.allclose(a, b)
 
 
-def test_dropout_and_drop_path_use_rngs(rng, tiny_model):
-    config = dataclasses.replace(TINY, hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1)
-    model = _same_weights(tiny_model, config)
+def test_train_and_eval_modes_are_module_state(rng, tiny_model):
+    """Models are built in eval mode; model.train() turns dropout and drop path on (drawing from
+    the model's RNG streams), model.eval() off again: no flag passes through the call."""
+    config = dataclasses.replace(SMALL, hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1,
+                                 drop_path_rate=0.2)
+    model = nat_jax.build_model(config, rngs=nnx.Rngs(0))
     assert jax.tree.leaves(nnx.state(model, nnx.RngState))
-    x = _images(rng)
-    eval1 = run(model, x).logits  # deterministic=True is the default
-    train1 = run(model, x, deterministic=False).logits
-    train2 = run(model, x, deterministic=False).logits  # the stream advanced inside jit
+    x = _images(rng, 1, 32, 32)
+    eval1 = run(model, x).logits
+    model.train()
+    train1 = run(model, x).logits
+    train2 = run(model, x).logits  # the stream advanced inside jit
+    model.eval()
     assert not np.allclose(train1, eval1) and not np.allclose(train1, train2)
+    np.testing.assert_array_equal(run(model, x).logits, eval1)
+    # nnx.view gives a train-mode view without changing the model itself.
+    train3 = run(nnx.view(model, deterministic=False), x).logits
+    assert not np.allclose(train3, eval1)
     np.testing.assert_array_equal(run(model, x).logits, eval1)
     # Without any dropout rate no module keeps an RNG stream (nothing to draw).
     plain = nnx.eval_shape(lambda: nat_jax.build_model(_tiny_nat(drop_path_rate=0.0),
@@ -249,11 +319,11 @@ def test_gradients_are_finite(rng, tiny_model):
     @nnx.jit
     def grad_fn(m):
         def loss_fn(m):
-            logits = m(x, deterministic=False).logits
+            logits = m(x).logits
             return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], 1))
         return nnx.grad(loss_fn)(m)
 
-    grads = grad_fn(tiny_model)
+    grads = grad_fn(nnx.view(tiny_model, deterministic=False))  # train mode, fixture untouched
     leaves = jax.tree.leaves(grads)
     assert leaves and all(np.isfinite(np.asarray(g)).all() for g in leaves)
     rpb = grads["dinat"]["encoder"]["levels"][0]["layers"][0]["attention"]["rpb"]
@@ -284,3 +354,89 @@ def test_zero_sized_inputs_raise(shape):
 def test_zero_sized_configs_raise(field, value):
     with pytest.raises(ValueError, match=re.escape(f"{field}={value} must be >= 1")):
         NatConfig(**{field: value})
+
+
+def test_remat_gives_the_same_gradients(rng, tiny_model):
+    """remat=True recomputes each layer in the backward pass: same numbers, less memory (the
+    measurement is benchmarks/remat.py)."""
+    x = _images(rng, 1, 32, 32)
+    plain = nat_jax.build_model(SMALL, rngs=nnx.Rngs(0))
+    remat = _same_weights(plain, remat=True)
+    assert remat.dinat.encoder.levels[0].remat and not plain.dinat.encoder.levels[0].remat
+
+    @nnx.jit
+    def grads(m):
+        return nnx.grad(lambda m: jnp.sum(m(x).logits ** 2))(m)
+
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+                 grads(plain), grads(remat))
+
+
+def test_no_weight_decay_lists_rpb_and_layer_scale(tiny_model):
+    """The model tells the trainer which parameters take no weight decay, by path."""
+    paths = tiny_model.no_weight_decay()
+    params = nnx.to_pure_dict(nnx.state(tiny_model, nnx.Param))
+    flat = {tuple(getattr(k, "key", getattr(k, "idx", k)) for k in p)
+            for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]}
+    assert paths <= flat
+    layers = sum(TINY.depths)
+    assert sorted(p[-1] for p in paths) == ["layer_scale_parameters"] * layers + ["rpb"] * layers
+    assert ("dinat", "encoder", "levels", 1, "layers", 1, "attention", "rpb") in paths
+    backbone = nat_jax.build_model(_tiny_nat(), rngs=nnx.Rngs(0), head="backbone")
+    assert {p[-1] for p in backbone.no_weight_decay()} == {"rpb"}  # no layer scale there
+    assert ("encoder", "levels", 0, "layers", 0, "attention", "rpb") in backbone.no_weight_decay()
+
+
+@pytest.mark.parametrize("trigger", ["output_attentions", "attention_dropout"])
+def test_unfused_attention_runs_on_the_model_backend(rng, monkeypatch, trigger):
+    """Attention weights and attention dropout need na2d_qk / na2d_av: they run on the model's
+    na_backend (the model used to switch every such layer to the gather reference, ignoring
+    na_backend). 'xla' gets counting qk/av implementations here to show the routing."""
+    from nat_jax.kernels import ops, reference
+
+    calls = []
+
+    def qk(query, key, p, rpb):
+        calls.append("qk")
+        return reference.na_qk(query, key, p, rpb)
+
+    def av(weights, value, p):
+        calls.append("av")
+        return reference.na_av(weights, value, p)
+
+    monkeypatch.setitem(ops._BACKENDS, "xla", dataclasses.replace(ops._BACKENDS["xla"], qk=qk,
+                                                                   av=av))
+    ops._qk.clear_cache()  # their jit caches may hold another run's counting functions
+    ops._av.clear_cache()
+    x = _images(rng, 1, 32, 32)
+    config = SMALL if trigger == "output_attentions" else \
+        dataclasses.replace(SMALL, attention_probs_dropout_prob=0.5)
+    model = nat_jax.build_model(config, rngs=nnx.Rngs(0), na_backend="xla")
+    want = run(model, x).logits  # the fused path: no unfused call
+    assert calls == []
+    if trigger == "output_attentions":
+        got = run(model, x, output_attentions=True)
+        assert [a.shape[1] for a in got.attentions] == list(SMALL.num_heads)
+        np.testing.assert_allclose(got.logits, want, rtol=1e-5, atol=1e-5)
+    else:
+        got = run(nnx.view(model, deterministic=False), x)
+        assert not np.allclose(got.logits, want)  # the dropout did drop
+    # Weights: each stage's last layer; dropout: every layer.
+    expected = SMALL.num_stages if trigger == "output_attentions" else sum(SMALL.depths)
+    assert calls.count("qk") == calls.count("av") == expected
+
+
+def test_unfused_attention_without_backend_kernels_warns_once(rng, recwarn):
+    """A backend with no unfused kernels ('pallas' today) runs the reference ones, saying so
+    once per op instead of silently."""
+    from nat_jax.kernels import ops
+
+    ops._warned_fallback.discard(("pallas", "qk"))
+    ops._warned_fallback.discard(("pallas", "av"))
+    model = nat_jax.build_model(SMALL, rngs=nnx.Rngs(0), na_backend="pallas")
+    x = _images(rng, 2, 32, 32)
+    with pytest.warns(UserWarning, match="backend 'pallas' has no unfused implementation yet"):
+        nnx.jit(lambda m, x: m(x, output_attentions=True).attentions)(model, x)
+    recwarn.clear()
+    nnx.jit(lambda m, x: m(x, output_attentions=True).attentions)(model, x[:1])  # retrace
+    assert not [w for w in recwarn if "unfused" in str(w.message)]

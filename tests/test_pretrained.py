@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 
 import jax
 import jax.numpy as jnp
@@ -50,7 +51,8 @@ def test_round_trip_identical_outputs(tmp_path, model, rng):
     np.testing.assert_array_equal(_forward(base, x).hidden_states[-1], a.hidden_states[-1])
     # Overrides: bf16 compute keeps float32 parameters.
     half = nat_jax.load_pretrained(path, dtype="bfloat16", na_backend="reference")
-    assert half.config.dtype == "bfloat16" and half.config.na_backend == "reference"
+    assert half.options.dtype == "bfloat16" and half.options.na_backend == "reference"
+    assert half.config == model.config
     np.testing.assert_allclose(_forward(half, x).logits, a.logits, atol=5e-2, rtol=5e-2)
 
 
@@ -136,6 +138,54 @@ def test_imagenet_labels():
     assert labels[999] == "toilet tissue, toilet paper, bathroom tissue"
 
 
+def _timm_eval_crop(image, size, crop_pct):
+    """timm's eval transform written out from torchvision's rules, independently of nat_jax:
+    ``Resize(floor(size / crop_pct))`` (shorter side to that, longer side
+    ``int(short_target * long / short)``; an image already that size is returned as is), then
+    ``CenterCrop(size)`` (top/left ``int(round((side - size) / 2.0))``)."""
+    from PIL import Image
+    target = math.floor(size / crop_pct)
+    h, w = image.shape[:2]
+    short, long = (w, h) if w <= h else (h, w)
+    new_short, new_long = target, int(target * long / short)
+    new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
+    pil = Image.fromarray(image)
+    if (new_w, new_h) != (w, h):
+        pil = pil.resize((new_w, new_h), Image.BICUBIC)
+    top, left = int(round((new_h - size) / 2.0)), int(round((new_w - size) / 2.0))
+    return np.asarray(pil.crop((left, top, left + size, top + size)))
+
+
+@pytest.mark.parametrize("height,width,size,crop_pct", [
+    (300, 403, 224, 0.875),   # landscape; training used to resize to 344 px, timm to 343
+    (403, 300, 224, 0.875),   # portrait
+    (911, 225, 224, 0.875),   # extreme portrait, odd sides
+    (257, 257, 224, 0.875),   # odd square
+    (256, 301, 224, 0.875),   # shorter side already 256: no resize
+    (37, 53, 224, 0.875),     # upsampling
+    (500, 333, 384, 1.0),     # the 384 fine-tunes
+    (333, 500, 224, 0.9),
+])
+def test_one_eval_transform_for_inference_and_training(height, width, size, crop_pct):
+    """preprocess (inference), the model's eval_transform and the training pipeline's
+    evaluation produce the same pixels, and they are timm's (an independent computation)."""
+    from nat_jax.train import augment, input_pipeline
+
+    rng = np.random.default_rng(height * 1000 + width)
+    image = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+    want = _timm_eval_crop(image, size, crop_pct)
+    assert want.shape == (size, size, 3)
+    train = input_pipeline.EvalTransform(size, crop_pct)({"image": image, "label": 0})["image"]
+    np.testing.assert_array_equal(train, want)
+    transform = nat_jax.EvalTransform(size, crop_pct)
+    np.testing.assert_array_equal(transform.crop(image), want)
+    normalized = (want / 255.0 - np.array(IMAGENET_MEAN)) / np.array(IMAGENET_STD)
+    inference = nat_jax.preprocess(image, size, crop_pct)
+    np.testing.assert_allclose(inference[0], normalized, atol=1e-5)
+    np.testing.assert_array_equal(
+        inference, np.asarray(augment.normalize(train[None], IMAGENET_MEAN, IMAGENET_STD)))
+
+
 def test_preprocess_matches_timm_eval_transform():
     """Resize 256 (bicubic, PIL) + center crop 224 + normalize, against a direct PIL pipeline."""
     from PIL import Image
@@ -213,4 +263,39 @@ def test_top_k_and_predict(model):
 
 def test_nat_config_labels_default_to_imagenet():
     config = NatConfig()
-    assert config.label_names()[1] == "goldfish, Carassius auratus"
+    assert nat_jax.label_names(config)[1] == "goldfish, Carassius auratus"
+    assert nat_jax.label_names(NatConfig(num_labels=3)) == ["LABEL_0", "LABEL_1", "LABEL_2"]
+
+
+def test_checkpoints_written_before_build_options_existed_still_load(tmp_path, model, rng):
+    """nat-jax 0.1 stored dtype / param_dtype / na_backend / image_size / crop_pct among the
+    architecture fields of config.json (and no mean/std): they load as the build options and
+    the eval transform."""
+    path = nat_jax.save_pretrained(model, tmp_path / "ckpt")
+    meta = json.loads((path / "config.json").read_text())
+    for key in ("mean", "std"):
+        del meta[key]
+    meta.update(dtype="bfloat16", param_dtype="float32", na_backend="reference", image_size=96,
+                crop_pct=1.0)
+    (path / "config.json").write_text(json.dumps(meta))
+    loaded = nat_jax.load_pretrained(path)
+    assert loaded.config == model.config
+    assert (loaded.options.dtype, loaded.options.param_dtype, loaded.options.na_backend) == (
+        "bfloat16", "float32", "reference")
+    assert loaded.eval_transform == nat_jax.EvalTransform(96, 1.0)  # ImageNet mean/std
+    x = jnp.asarray(rng.standard_normal((1, 32, 32, 3)), jnp.float32)
+    np.testing.assert_allclose(_forward(loaded, x).logits, _forward(model, x).logits,
+                               atol=5e-2, rtol=5e-2)
+
+
+def test_build_options_and_eval_transform_round_trip(tmp_path, rng):
+    transform = nat_jax.EvalTransform(48, 1.0, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    model = nat_jax.build_model(SMALL, rngs=nnx.Rngs(1), dtype="bfloat16", na_backend="xla",
+                                eval_transform=transform)
+    path = nat_jax.save_pretrained(model, tmp_path / "ckpt")
+    loaded = nat_jax.load_pretrained(path)
+    assert loaded.eval_transform == transform and loaded.options == model.options
+    image = rng.integers(0, 256, (60, 80, 3), dtype=np.uint8)
+    assert loaded.eval_transform(image).shape == (1, 48, 48, 3)
+    preds = nat_jax.predict(loaded, image, k=2)  # predict uses the checkpoint's transform
+    assert len(preds[0]) == 2

@@ -29,7 +29,7 @@ def _two_steps(c, mesh, batch):
 
 def test_pallas_train_step_sharded_equals_single_device(rng):
     c = no_aug(tiny_config("dinat_mini", fsdp_min_size=0, learning_rate=5e-3))
-    c.model_overrides.na_backend = "pallas"
+    c.na_backend = "pallas"
     c.model_overrides.depths = (1,)
     c.model_overrides.num_heads = (2,)
     c.model_overrides.dilations = ((2,),)

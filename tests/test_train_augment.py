@@ -59,11 +59,15 @@ def test_randaugment_spec_and_every_op(rng):
 
 
 def test_center_crop_eval_transform(rng):
-    out = augment.center_crop(_image(rng, 300, 400), 224, 0.875)
-    assert out.shape == (224, 224, 3)
+    """Training evaluates with inference's transform (compared with timm's in
+    test_pretrained.py::test_one_eval_transform_for_inference_and_training)."""
+    transform = input_pipeline.EvalTransform(224, 0.875)
+    out = transform({"image": _image(rng, 300, 400), "label": 3})
+    assert out["image"].shape == (224, 224, 3) and out["label"] == 3
     # crop_pct 1 on a square image of the right size is the identity.
     image = _image(rng, 32, 32)
-    np.testing.assert_array_equal(augment.center_crop(image, 32, 1.0), image)
+    np.testing.assert_array_equal(
+        input_pipeline.EvalTransform(32, 1.0)({"image": image, "label": 0})["image"], image)
 
 
 def test_erasing_box_bounds(rng):

@@ -5,10 +5,12 @@ image so every image is reproducible from (seed, index)):
   :func:`to_rgb` (any PIL mode or uint8 array -> RGB; :func:`nat_jax.preprocess.to_rgb`, the
   same conversion inference uses), :func:`random_resized_crop`,
   :func:`hflip`, :class:`RandAugment` (timm's ``rand-m9-mstd0.5-inc1``), :func:`erasing_box`
-  (only draws the box; the fill happens on device), :func:`center_crop` for eval.
+  (only draws the box; the fill happens on device). Evaluation uses inference's own eval
+  transform, :func:`nat_jax.preprocess.center_crop`.
 
-Device side (inside the jitted train step): :func:`normalize`, :func:`random_erase` (pixel mode,
-normal noise in normalized space as in timm), :func:`mixup_cutmix` with label smoothing.
+Device side (inside the jitted train step): :func:`normalize` (:func:`nat_jax.preprocess.normalize`,
+as inference), :func:`random_erase` (pixel mode, normal noise in normalized space as in timm),
+:func:`mixup_cutmix` with label smoothing.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image, ImageEnhance, ImageOps
 
-from nat_jax.preprocess import to_rgb  # noqa: F401  (part of this module's host-side API)
+# Part of this module's API: the conversions and normalization inference uses, not copies.
+from nat_jax.preprocess import normalize, to_rgb  # noqa: F401
 
 _FILL = (124, 116, 104)  # timm: ImageNet mean in uint8, fill for rotated/sheared borders
 _RANDOM_INTERP = (Image.BILINEAR, Image.BICUBIC)
@@ -70,27 +73,6 @@ def hflip(image: np.ndarray, rng: np.random.Generator, prob: float) -> np.ndarra
     if prob > 0 and rng.random() < prob:
         return np.ascontiguousarray(image[:, ::-1])
     return image
-
-
-def resize_shorter(image: np.ndarray, size: int) -> np.ndarray:
-    """Bicubic resize so the shorter side is ``size`` (uint8 ``[H, W, 3]``)."""
-    height, width = image.shape[:2]
-    if min(height, width) == size:
-        return image
-    scale = size / min(height, width)
-    new = (max(size, int(round(width * scale))), max(size, int(round(height * scale))))
-    return np.asarray(Image.fromarray(image).resize(new, Image.BICUBIC), dtype=np.uint8)
-
-
-def center_crop(image: np.ndarray, size: int, crop_pct: float = 0.875) -> np.ndarray:
-    """timm eval transform: resize shorter side to ``int(size / crop_pct)``, center crop ``size``.
-
-    image: uint8 ``[H, W, 3]`` -> uint8 ``[size, size, 3]``.
-    """
-    image = resize_shorter(image, int(math.floor(size / crop_pct)))
-    height, width = image.shape[:2]
-    top, left = (height - size) // 2, (width - size) // 2
-    return np.ascontiguousarray(image[top:top + size, left:left + size])
 
 
 def erasing_box(rng: np.random.Generator, size: int, prob: float,
@@ -242,13 +224,6 @@ class RandAugment:
 # ---------------------------------------------------------------------------------------------
 # Device side
 # ---------------------------------------------------------------------------------------------
-
-def normalize(images_bhwc: jax.Array, mean, std, dtype=jnp.float32) -> jax.Array:
-    """uint8 ``[B, H, W, 3]`` -> ``(x / 255 - mean) / std`` in ``dtype``."""
-    mean = jnp.asarray(mean, jnp.float32) * 255.0
-    std = jnp.asarray(std, jnp.float32) * 255.0
-    return ((images_bhwc.astype(jnp.float32) - mean) / std).astype(dtype)
-
 
 def random_erase(images_bhwc: jax.Array, boxes_b4: jax.Array, key: jax.Array) -> jax.Array:
     """Fills each image's box ``[top, left, h, w]`` with standard-normal noise (timm pixel mode).

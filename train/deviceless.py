@@ -121,7 +121,7 @@ def _compile_train_step(target_name: str, config_name: str, overrides: dict[str,
     n_params = sum(int(x.size) for x in jax.tree.leaves(steps.state.params))
     return {
         "target": target.name, "config": config_name, "model": config.model,
-        "na_backend": steps.model_cfg.na_backend, "compute_dtype": config.compute_dtype,
+        "na_backend": config.na_backend, "compute_dtype": config.compute_dtype,
         "global_batch": config.global_batch_size, "per_device_batch": per_device_batch,
         "fsdp": config.fsdp, "params": n_params, "compile_seconds": round(seconds, 1),
         "argument_bytes": mem.argument_size_in_bytes, "output_bytes": mem.output_size_in_bytes,
@@ -169,7 +169,7 @@ def compile_train_step(target: str, config: str, *, per_device_batch: int,
     """Compile the trainer's own sharded train step of training config ``config`` (a name of
     :mod:`nat_jax.train.configs`) for ``target`` (a key of :data:`TARGETS`), with
     ``per_device_batch`` images per device and config ``overrides`` (``{"fsdp": 8,
-    "model_overrides.na_backend": "pallas"}``).
+    "na_backend": "pallas"}``).
 
     Returns a report: per-device memory (argument, output, temp, peak) against the device's,
     compile seconds, and :func:`hlo_summary` of the partitioned program.
@@ -188,13 +188,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--target", default="h100x8", choices=sorted(TARGETS))
     parser.add_argument("--config", default="nat_tiny", help="training config name")
     parser.add_argument("--per-device-batch", type=int, default=128)
-    parser.add_argument("--backend", default="pallas", help="model_overrides.na_backend")
+    parser.add_argument("--backend", default="pallas", help="config.na_backend")
     parser.add_argument("--fsdp", type=int, default=1)
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per compile")
     args = parser.parse_args(argv)
     report = compile_train_step(args.target, args.config, per_device_batch=args.per_device_batch,
-                                overrides={"fsdp": args.fsdp,
-                                           "model_overrides.na_backend": args.backend},
+                                overrides={"fsdp": args.fsdp, "na_backend": args.backend},
                                 timeout=args.timeout)
     gib = 2 ** 30
     print(f"{report['config']} on {report['target']}: batch {report['global_batch']} "

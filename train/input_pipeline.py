@@ -39,6 +39,7 @@ import grain
 import numpy as np
 from PIL import Image
 
+from nat_jax.preprocess import center_crop
 from nat_jax.train import augment
 from nat_jax.train.errors import UserInputError
 
@@ -296,13 +297,14 @@ class TrainTransform:
 
 @dataclass(frozen=True)
 class EvalTransform:
-    """Resize shorter side to ``image_size / crop_pct`` (bicubic), center crop ``image_size``."""
+    """Inference's eval transform (:func:`nat_jax.preprocess.center_crop`): resize the shorter
+    side to ``floor(image_size / crop_pct)`` (bicubic), centre crop ``image_size``."""
 
     image_size: int
     crop_pct: float
 
     def __call__(self, example: dict[str, Any]) -> dict[str, Any]:
-        return {"image": augment.center_crop(example["image"], self.image_size, self.crop_pct),
+        return {"image": center_crop(example["image"], self.image_size, self.crop_pct),
                 "label": np.int32(example["label"])}
 
 

@@ -31,7 +31,8 @@ from flax import nnx, struct
 from orbax.checkpoint import checkpoint_managers as ocp_managers
 
 import nat_jax
-from nat_jax import pretrained
+from nat_jax import pretrained, zoo
+from nat_jax.preprocess import EvalTransform
 from nat_jax.timing import write_json
 from nat_jax.train import augment, input_pipeline, sharding
 from nat_jax.train.errors import UserInputError
@@ -95,21 +96,30 @@ def make_schedule(config, total_steps: int, warmup_steps: int, cooldown_steps: i
         boundaries=[warmup_steps, warmup_steps + cosine_steps])
 
 
-def decay_mask(params) -> Any:
-    """True where weight decay applies: >= 2-D weights, except relative position biases."""
-    def rule(path, leaf):
-        names = [str(getattr(p, "key", getattr(p, "name", p))) for p in path]
-        return leaf.ndim >= 2 and "rpb" not in names
-    return jax.tree_util.tree_map_with_path(rule, params)
+def _path_key(path) -> tuple[str, ...]:
+    return tuple(str(getattr(p, "key", getattr(p, "idx", getattr(p, "name", p)))) for p in path)
 
 
-def make_optimizer(config, schedule: optax.Schedule) -> optax.GradientTransformation:
-    """Clip by global norm, then AdamW (decay masked off 1-D params, biases and RPB)."""
+def decay_mask(params, no_weight_decay) -> Any:
+    """True where weight decay applies: >= 2-D weights, except the parameters the model lists
+    in ``no_weight_decay`` (``model.no_weight_decay()``: relative position biases, layer
+    scales). Biases and norm parameters are 1-D."""
+    skip = {tuple(map(str, path)) for path in no_weight_decay}
+    return jax.tree_util.tree_map_with_path(
+        lambda path, leaf: leaf.ndim >= 2 and _path_key(path) not in skip, params)
+
+
+def make_optimizer(config, schedule: optax.Schedule, no_weight_decay=frozenset()
+                   ) -> optax.GradientTransformation:
+    """Clip by global norm, then AdamW (decay masked off 1-D params, biases and the model's
+    ``no_weight_decay`` parameters)."""
     parts = []
     if config.grad_clip_norm > 0:
         parts.append(optax.clip_by_global_norm(config.grad_clip_norm))
     parts.append(optax.adamw(schedule, b1=config.b1, b2=config.b2, eps=config.eps,
-                             weight_decay=config.weight_decay, mask=decay_mask))
+                             weight_decay=config.weight_decay,
+                             mask=functools.partial(decay_mask,
+                                                    no_weight_decay=no_weight_decay)))
     return optax.chain(*parts)
 
 
@@ -118,13 +128,22 @@ def make_optimizer(config, schedule: optax.Schedule) -> optax.GradientTransforma
 # ---------------------------------------------------------------------------------------------
 
 def model_config(config, num_classes: int):
-    """The model dataclass: preset ``config.model`` + ``config.model_overrides`` + data fields."""
+    """The architecture: preset ``config.model`` + ``config.model_overrides`` + the class count."""
     overrides = {k: (tuple(tuple(x) if isinstance(x, (list, tuple)) else x for x in v)
                      if isinstance(v, (list, tuple)) else v)
                  for k, v in dict(config.model_overrides).items()}
-    overrides.update(num_labels=num_classes, image_size=config.image_size,
-                     dtype=config.compute_dtype, param_dtype=config.param_dtype)
+    overrides.update(num_labels=num_classes)
     return nat_jax.configs.get(config.model, **overrides)
+
+
+def build_options(config) -> dict[str, Any]:
+    """The model's build-time arguments from the training config (dtypes, NA backend, remat,
+    and the eval transform training evaluates with, which the trained model carries)."""
+    aug = config.aug
+    return dict(dtype=config.compute_dtype, param_dtype=config.param_dtype,
+                na_backend=config.na_backend, remat=config.remat,
+                eval_transform=EvalTransform(config.image_size, aug.eval_crop_pct, aug.mean,
+                                             aug.std))
 
 
 @struct.dataclass
@@ -188,10 +207,11 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], model_rest: Any, 
 
     # The step's key reseeds the dropout / drop-path streams: every step is reproducible.
     model = nnx.merge(graphdef, state.params, model_rest)
+    model.train()  # dropout and drop path on (graphdef is the eval-mode model)
     nnx.reseed(model, dropout=k_drop)
 
     def loss_fn(model):
-        logits = model(images, deterministic=False).logits.astype(jnp.float32)
+        logits = model(images).logits.astype(jnp.float32)
         return optax.softmax_cross_entropy(logits, targets).mean()
 
     loss, grads = nnx.value_and_grad(loss_fn)(model)  # grads: nnx.State of the Params
@@ -214,7 +234,7 @@ def eval_step(params: Any, batch: dict[str, jax.Array], model_rest: Any, *,
     """Sums over a padded eval batch (``mask`` marks real examples): loss, top-1, top-5, count."""
     model = nnx.merge(graphdef, params, model_rest)
     images = augment.normalize(batch["image"], cfg.mean, cfg.std, jnp.dtype(cfg.compute_dtype))
-    logits = model(images, deterministic=True).logits.astype(jnp.float32)
+    logits = model(images).logits.astype(jnp.float32)
     labels, mask = batch["label"], batch["mask"].astype(jnp.float32)
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
     k = min(5, cfg.num_classes)
@@ -224,20 +244,12 @@ def eval_step(params: Any, batch: dict[str, jax.Array], model_rest: Any, *,
             "top5": jnp.sum(hit_k * mask), "count": jnp.sum(mask)}
 
 
-def abstract_model(model_cfg, seed: int):
-    """(graphdef, abstract params, abstract rest) without allocating anything."""
-    model = nnx.eval_shape(lambda: nat_jax.build_model(
-        model_cfg, rngs=nnx.Rngs(params=seed, dropout=seed + 1)))
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    return graphdef, nnx.to_pure_dict(params), rest
-
-
 def _init_fn(model_cfg, tx: optax.GradientTransformation, config):
     """The allocating initializer of the train state (and the model's non-parameter state)."""
     seed, use_ema = config.seed, config.ema_decay > 0
 
     def init():
-        model = nat_jax.build_model(model_cfg, rngs=nnx.Rngs(params=seed, dropout=seed + 1))
+        model = zoo.build_model(model_cfg, rngs=zoo.seed_rngs(seed), **build_options(config))
         _, params, rest = nnx.split(model, nnx.Param, ...)
         params = nnx.to_pure_dict(params)
         rng = jax.random.key_data(jax.random.key(seed + 2))
@@ -250,13 +262,14 @@ def _init_fn(model_cfg, tx: optax.GradientTransformation, config):
     return init
 
 
-def abstract_train_state(model_cfg, tx: optax.GradientTransformation, mesh, config
-                         ) -> tuple[nnx.GraphDef, TrainState, Any, Any, Any]:
-    """Shapes and shardings of the train state, without allocating anything.
+def abstract_train_state(graphdef: nnx.GraphDef, abstract_params, abstract_rest,
+                         tx: optax.GradientTransformation, mesh, config
+                         ) -> tuple[TrainState, Any, Any]:
+    """Shapes and shardings of the train state of the model ``zoo.abstract_model`` describes
+    (``abstract_params`` as a pure dict), without allocating anything.
 
-    Returns (graphdef, abstract state, state shardings, abstract model rest, rest shardings).
+    Returns (abstract state, state shardings, rest shardings).
     """
-    graphdef, abstract_params, abstract_rest = abstract_model(model_cfg, config.seed)
     abstract_state = TrainState(
         step=jax.ShapeDtypeStruct((), jnp.int32), params=abstract_params,
         opt_state=jax.eval_shape(tx.init, abstract_params),
@@ -264,7 +277,7 @@ def abstract_train_state(model_cfg, tx: optax.GradientTransformation, mesh, conf
         rng=jax.ShapeDtypeStruct((2,), jnp.uint32))
     state_sh = sharding.state_shardings(abstract_state, mesh, config.fsdp_min_size)
     rest_sh = jax.tree.map(lambda _: sharding.replicated(mesh), abstract_rest)
-    return graphdef, abstract_state, state_sh, abstract_rest, rest_sh
+    return abstract_state, state_sh, rest_sh
 
 
 def put_batch(batch: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:
@@ -328,9 +341,13 @@ def build_steps(config, mesh, num_classes: int, total_steps: int, warmup_steps: 
         raise UserInputError(f"global_batch_size={config.global_batch_size} must be divisible "
                              f"by the number of devices ({mesh.size})")
     schedule = make_schedule(config, total_steps, warmup_steps, cooldown_steps)
-    tx = make_optimizer(config, schedule)
     model_cfg = model_config(config, num_classes)
-    graphdef, state, state_sh, rest, rest_sh = abstract_train_state(model_cfg, tx, mesh, config)
+    graphdef, params, rest = zoo.abstract_model(model_cfg, seed=config.seed,
+                                                **build_options(config))
+    # The model says which parameters take no weight decay (timm's no_weight_decay).
+    tx = make_optimizer(config, schedule, nnx.merge(graphdef, params, rest).no_weight_decay())
+    state, state_sh, rest_sh = abstract_train_state(graphdef, nnx.to_pure_dict(params), rest,
+                                                    tx, mesh, config)
     cfg = StepConfig.from_config(config, num_classes)
     batch_sh = sharding.batch_sharding(mesh)
     step_fn = jax.jit(
@@ -589,13 +606,18 @@ def maybe_initialize_distributed(config) -> None:
 
 
 MODEL_CONFIG_FILE = "model_config.json"  # the resolved model config of the run, in the workdir
-# Model config fields that change how the model computes, not what its checkpoint holds.
-_EXECUTION_FIELDS = ("dtype", "na_backend")
 
 
-def check_resume_matches(workdir: str, model_cfg) -> None:
+def stored_model_config(model_cfg, config) -> dict[str, Any]:
+    """What :data:`MODEL_CONFIG_FILE` holds: the architecture config and the parameter dtype
+    (both decide what a checkpoint holds; compute dtype and NA backend may change on resume)."""
+    return {**model_cfg.to_dict(), "param_dtype": config.param_dtype}
+
+
+def check_resume_matches(workdir: str, wanted: dict[str, Any]) -> None:
     """Refuses to resume checkpoints of another model: compares ``workdir``'s stored
-    :data:`MODEL_CONFIG_FILE` with ``model_cfg`` (execution-only fields aside).
+    :data:`MODEL_CONFIG_FILE` with ``wanted`` (:func:`stored_model_config` of this run; entries
+    only older files have, such as their ``dtype`` / ``na_backend``, are not compared).
 
     Reads only. Raises UserInputError naming every differing field; does nothing when the
     workdir holds no checkpoint. A workdir from before the file existed is resumed unchecked,
@@ -612,9 +634,9 @@ def check_resume_matches(workdir: str, model_cfg) -> None:
         return
     with open(path) as f:
         stored = json.load(f)
-    wanted = json.loads(json.dumps(model_cfg.to_dict()))  # the same JSON types as stored
-    diffs = [f"{k} {stored.get(k)} -> {wanted.get(k)}" for k in sorted(set(stored) | set(wanted))
-             if k not in _EXECUTION_FIELDS and stored.get(k) != wanted.get(k)]
+    wanted = json.loads(json.dumps(wanted))  # the same JSON types as stored
+    diffs = [f"{k} {stored.get(k)} -> {wanted[k]}" for k in sorted(wanted)
+             if stored.get(k) != wanted[k]]
     if diffs:
         raise UserInputError(f"{workdir} holds checkpoints of a different model "
                              f"({'; '.join(diffs)}); resume with the same model config, or "
@@ -675,12 +697,12 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     total_steps, warmup_steps, cooldown_steps = resolve_durations(config, steps_per_epoch)
 
     # The workdir: checked before anything in it changes, then the configs of this run.
-    requested_model = model_config(config, num_classes)
+    requested_model = stored_model_config(model_config(config, num_classes), config)
     check_resume_matches(workdir, requested_model)
     os.makedirs(workdir, exist_ok=True)
     if is_host0:
         write_json(os.path.join(workdir, "config.json"), json.loads(config.to_json_best_effort()))
-        write_json(os.path.join(workdir, MODEL_CONFIG_FILE), requested_model.to_dict())
+        write_json(os.path.join(workdir, MODEL_CONFIG_FILE), requested_model)
     # This host computes the rows of each global batch that its devices hold.
     mesh = sharding.make_mesh(config.fsdp)
     block, blocks = sharding.host_batch_block(mesh)
@@ -809,8 +831,10 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     return final_metrics
 
 
-def load_trained_model(workdir: str, model_cfg, step: int | None = None, use_ema: bool = False):
-    """An NNX model with the params of checkpoint ``step`` (default: latest) in ``workdir``."""
+def load_trained_model(workdir: str, model_cfg, step: int | None = None, use_ema: bool = False,
+                       **options):
+    """An NNX model with the params of checkpoint ``step`` (default: latest) in ``workdir``,
+    built with ``options`` (:func:`build_options`)."""
     manager = ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"),
                                     options=ocp.CheckpointManagerOptions(create=False))
     step = manager.latest_step() if step is None else step
@@ -821,11 +845,11 @@ def load_trained_model(workdir: str, model_cfg, step: int | None = None, use_ema
     manager.close()
     params = restored["ema_params"] if use_ema and restored.get("ema_params") else \
         restored["params"]
-    graphdef, param_state, rest = pretrained.abstract_model(model_cfg)
+    graphdef, param_state, _ = zoo.abstract_model(model_cfg, **options)
     # Restoring without a target turns integer keys (layer indices) into strings;
     # replace_by_pure_dict maps them back onto the model's own tree.
     nnx.replace_by_pure_dict(param_state, params)
-    return nnx.merge(graphdef, param_state, rest), step
+    return nnx.merge(graphdef, param_state, zoo.init_rest(model_cfg, **options)), step
 
 
 def predict_from_checkpoint(config, workdir: str, source, model_cfg, count: int = 8) -> list:
@@ -834,7 +858,7 @@ def predict_from_checkpoint(config, workdir: str, source, model_cfg, count: int 
     Every process takes part (restoring a checkpoint is collective; the images are the same on
     every host); host 0 prints and returns the rows, the others return ``[]``.
     """
-    model, step = load_trained_model(workdir, model_cfg)
+    model, step = load_trained_model(workdir, model_cfg, **build_options(config))
     aug = config.aug
     transform = input_pipeline.EvalTransform(config.image_size, aug.eval_crop_pct)
     picks, examples = [], []
@@ -852,7 +876,7 @@ def predict_from_checkpoint(config, workdir: str, source, model_cfg, count: int 
     @nnx.jit
     def predict(model, images_u8):
         x = augment.normalize(images_u8, aug.mean, aug.std)
-        return jax.nn.softmax(model(x, deterministic=True).logits, axis=-1)
+        return jax.nn.softmax(model(x).logits, axis=-1)
 
     probs = np.asarray(predict(model, jnp.asarray(images)))
     if jax.process_index() != 0:

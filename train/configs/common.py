@@ -1,8 +1,8 @@
 """Shared pieces of the training configs.
 
-Every config file calls :func:`imagenet_config` (the original ImageNet-1k recipe, see
-``shared/reference/training-recipe.md``) or builds on :func:`base_config`, then changes only
-what differs. Field names are part of the user-facing contract (command-line overrides such as
+Every config file calls :func:`imagenet_config` (the original ImageNet-1k recipe of the
+NAT/DiNAT papers, summarized in the README's Training section) or builds on
+:func:`base_config`, then changes only what differs. Field names are part of the user-facing contract (command-line overrides such as
 ``--config.learning_rate=5e-4`` use them), so rename nothing here.
 
 Durations: ``num_train_steps`` or ``num_epochs`` (-1 = unset); a step count given takes
@@ -15,8 +15,7 @@ from __future__ import annotations
 
 import ml_collections
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from nat_jax.preprocess import IMAGENET_MEAN, IMAGENET_STD
 
 
 def augment_config() -> ml_collections.ConfigDict:
@@ -41,11 +40,14 @@ def augment_config() -> ml_collections.ConfigDict:
 def base_config() -> ml_collections.ConfigDict:
     """Every field the trainer reads, with the ImageNet recipe's values."""
     c = ml_collections.ConfigDict()
-    # Model: a preset name of nat_jax.configs plus overrides of its dataclass fields.
+    # Model: a preset name of nat_jax.configs plus overrides of its (architecture) fields, and
+    # how it runs (the build options of nat_jax.BuildOptions).
     c.model = "nat_mini"
     c.model_overrides = ml_collections.ConfigDict()
     c.compute_dtype = "bfloat16"   # activations; parameters stay float32
     c.param_dtype = "float32"
+    c.na_backend = "auto"          # neighborhood-attention backend ("auto", "xla", "pallas", ...)
+    c.remat = False                # recompute each layer in the backward pass (less memory)
     # Data.
     c.dataset = "imagenet2012"     # a tfds name, "digits", or "image_folder"
     c.data_dir = ml_collections.config_dict.placeholder(str)  # tfds data_dir / folder root
