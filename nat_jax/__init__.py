@@ -2,6 +2,7 @@
 
 from nat_jax import configs, zoo
 from nat_jax.configs import DinatConfig, ModelConfig, NatConfig
+from nat_jax.hub import from_pretrained
 from nat_jax.kernels import (na1d, na1d_av, na1d_qk, na2d, na2d_av, na2d_qk, na3d, na3d_av,
                              na3d_qk)
 from nat_jax.modeling import (BuildOptions, DinatBackbone, DinatForImageClassification,
@@ -21,5 +22,5 @@ __all__ = ["na1d", "na1d_av", "na1d_qk", "na2d", "na2d_av", "na2d_qk", "na3d", "
            "DinatForImageClassification", "DinatModel", "EvalTransform",
            "ImageClassifierOutput", "ModelConfig", "ModelOutput", "NatBackbone", "NatConfig",
            "NatForImageClassification", "NatModel", "abstract_model", "build_model", "configs",
-           "count_params", "imagenet_labels", "label_names",
+           "count_params", "from_pretrained", "imagenet_labels", "label_names",
            "load_pretrained", "predict", "preprocess", "save_pretrained", "top_k", "zoo"]
