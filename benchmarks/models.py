@@ -15,7 +15,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import sys
 import time
@@ -39,18 +38,17 @@ def _params(config):
     return jax.jit(init)()
 
 
-def bench_one(config, params, batch: int, repeats: int) -> dict:
-    """Throughput of ``config`` (its dtype and na_backend) with ``params`` at ``batch``."""
-    graphdef, abstract, rest = nnx.split(
-        nnx.eval_shape(lambda: nat_jax.build_model(config, rngs=nnx.Rngs(0))), nnx.Param, ...)
+def bench_one(config, params, batch: int, repeats: int, size: int, **options) -> dict:
+    """Throughput of ``config`` built with ``options`` (dtype, na_backend) with ``params`` at
+    ``batch`` images of ``size`` x ``size``."""
+    graphdef, _, rest = nat_jax.abstract_model(config, **options)
 
     @jax.jit
     def forward(p, x):
         return nnx.merge(graphdef, p, rest)(x).logits
 
-    size = config.image_size
     x = jnp.asarray(np.random.default_rng(0).standard_normal((batch, size, size, 3)),
-                    config.compute_dtype)
+                    options["dtype"])
     start = time.perf_counter()
     jax.block_until_ready(forward(params, x))
     compile_s = time.perf_counter() - start
@@ -82,16 +80,16 @@ def main(argv: list[str] | None = None) -> int:
     console = Console(width=max(Console().width, 110))
     rows = []
     for name in args.presets:
-        base = dataclasses.replace(configs.get(name), image_size=args.image_size)
-        params = _params(base)
+        config = configs.get(name)
+        params = _params(config)
         for backend in args.backends:
             for dtype in args.dtypes:
-                config = dataclasses.replace(base, dtype=dtype, na_backend=backend)
                 for batch in args.batch:
                     row = dict(preset=name, backend=backend, dtype=dtype, batch=batch,
                                params_m=round(nat_jax.count_params(params) / 1e6, 1))
                     try:
-                        row.update(bench_one(config, params, batch, args.repeats))
+                        row.update(bench_one(config, params, batch, args.repeats,
+                                             args.image_size, dtype=dtype, na_backend=backend))
                     except Exception as e:  # noqa: BLE001 - record e.g. OOM and go on
                         row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
                     rows.append(row)
