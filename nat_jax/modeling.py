@@ -65,7 +65,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from nat_jax import kernels
+from nat_jax.kernels import available_backends, na2d, na2d_av, na2d_qk
 from nat_jax.configs import DinatConfig, ModelConfig, NatConfig
 from nat_jax.outputs import BackboneOutput, ImageClassifierOutput, ModelOutput
 from nat_jax.preprocess import EvalTransform
@@ -106,7 +106,7 @@ class BuildOptions:
                 raise ValueError(f"{name}={value!r} is not a dtype name (e.g. 'float32', "
                                  "'bfloat16')") from None
             object.__setattr__(self, name, jnp.dtype(value).name)
-        backends = ("auto",) + kernels.available_backends()
+        backends = ("auto",) + available_backends()
         if self.na_backend not in backends:
             raise ValueError(f"na_backend={self.na_backend!r} is not one of {backends}")
 
@@ -243,15 +243,15 @@ class NeighborhoodAttention(nnx.Module):
         drop_probs = not self.attn_drop.deterministic and self.attn_drop.rate > 0
         weights = None
         if self.return_weights or drop_probs:
-            logits = kernels.na2d_qk(q, k, self.kernel_size, dilation=self.dilation, rpb=rpb,
+            logits = na2d_qk(q, k, self.kernel_size, dilation=self.dilation, rpb=rpb,
                                      backend=self.backend)
             probs = jax.nn.softmax(logits, axis=-1)
             if self.return_weights:
                 weights = jnp.transpose(probs, (0, 3, 1, 2, 4))
-            out = kernels.na2d_av(self.attn_drop(probs).astype(v.dtype), v, self.kernel_size,
+            out = na2d_av(self.attn_drop(probs).astype(v.dtype), v, self.kernel_size,
                                   dilation=self.dilation, backend=self.backend)
         else:
-            out = kernels.na2d(q, k, v, self.kernel_size, dilation=self.dilation, rpb=rpb,
+            out = na2d(q, k, v, self.kernel_size, dilation=self.dilation, rpb=rpb,
                                backend=self.backend)
         out = self.proj(out.reshape(b, h, w, c))
         return self.proj_drop(out), weights
