@@ -10,6 +10,7 @@ from nat_jax.kernels.ops import (available_backends, na1d, na1d_av, na1d_qk, na2
 from nat_jax.kernels.params import NAParams, make_params
 from nat_jax.kernels.windows import na_flops
 from nat_jax.kernels import pallas as _pallas  # noqa: E402,F401  (registers backend "pallas")
+from nat_jax.kernels import pallas_tpu as _pallas_tpu  # noqa: E402,F401  (backend "pallas_tpu")
 
 __all__ = [
     "NAParams", "available_backends", "make_params", "na1d", "na1d_av", "na1d_qk", "na2d",
