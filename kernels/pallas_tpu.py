@@ -438,11 +438,11 @@ def _dkv_kernel(*refs, plan: _Plan):
 
 
 def _interpret_arg(interpret):
-    """``pallas_call``'s ``interpret=``: TPU interpret mode (simulated VMEM/DMAs, uninitialized
-    memory filled with NaN, out-of-bounds reads raise) or compiled by Mosaic."""
-    if interpret is True:
-        return pltpu.InterpretParams()
-    return interpret or False
+    """``pallas_call``'s ``interpret=``: ``False`` (compiled by Mosaic), ``True`` (Pallas's
+    generic interpreter: plain XLA ops, usable under every transformation and inside
+    ``lax.platform_dependent``) or a ``pltpu.InterpretParams`` (TPU interpret mode: simulated
+    VMEM and DMAs, uninitialized memory filled with NaN, out-of-bounds reads raise)."""
+    return interpret
 
 
 def _rows_spec(rows: int, feat: int, tile_of):
@@ -668,11 +668,6 @@ def _na_pallas_tpu_bwd(p, blocks, interpret, res, cts):
 _na_pallas_tpu.defvjp(_na_pallas_tpu_fwd, _na_pallas_tpu_bwd)
 
 
-def default_interpret() -> bool:
-    """Interpret mode wherever there is no TPU to compile for."""
-    return jax.default_backend() != "tpu"
-
-
 def check_block_sizes(blocks: BlockSizes, p: NAParams) -> None:
     if blocks.rank != p.rank:
         raise ValueError(f"block_sizes={blocks} has rank {blocks.rank}, the input has {p.rank} "
@@ -690,8 +685,9 @@ def na_fused(query: jax.Array, key: jax.Array, value: jax.Array, p: NAParams,
       p: normalized parameters (:func:`params.make_params`).
       rpb: optional ``[heads, 2K-1, ...]`` relative positional bias.
       block_sizes: tiles; default :meth:`BlockSizes.get_default`.
-      interpret: run in Pallas TPU interpret mode (``True``, or a ``pltpu.InterpretParams``);
-        default: interpret unless running on a TPU.
+      interpret: run in Pallas TPU interpret mode (``True``, or a ``pltpu.InterpretParams``) or
+        compiled (``False``); default: compiled when lowered for a TPU, else interpreted
+        (chosen per lowering platform with ``lax.platform_dependent``).
 
     Returns:
       ``(out [B, *spatial, heads, head_dim_v] in value.dtype, lse [B, *spatial, heads] float32)``.
@@ -702,16 +698,25 @@ def na_fused(query: jax.Array, key: jax.Array, value: jax.Array, p: NAParams,
                                              p.dilation, max(query.shape[-1], value.shape[-1]),
                                              query.dtype)
     check_block_sizes(block_sizes, p)
-    if interpret is None:
-        interpret = default_interpret()
-    return _na_pallas_tpu(query, key, value, rpb, p, block_sizes, interpret)
+    if interpret is not None:
+        return _na_pallas_tpu(query, key, value, rpb, p, block_sizes, interpret)
+    # Compiled by Mosaic when lowered for a TPU, interpreted for any other platform: decided at
+    # lowering (the default backend can be a CPU compiling for a TPU topology).
+    return lax.platform_dependent(
+        query, key, value, rpb,
+        tpu=functools.partial(_na_pallas_tpu, p=p, blocks=block_sizes, interpret=False),
+        default=functools.partial(_na_pallas_tpu, p=p, blocks=block_sizes, interpret=True))
 
 
 def kernel_outputs(query, key, value, p: NAParams, rpb=None, dout=None, dlse=None, *,
-                   block_sizes: BlockSizes | None = None, interpret=True) -> dict[str, jax.Array]:
+                   block_sizes: BlockSizes | None = None, interpret=None
+                   ) -> dict[str, jax.Array]:
     """Forward and backward results for tests, computed directly (no custom_vjp), plus the raw
-    tiled, padded output of every kernel under ``raw_*``. In interpret mode every output
-    buffer starts as NaN, so an element a kernel does not write stays NaN in ``raw_*``."""
+    tiled, padded output of every kernel under ``raw_*``. ``interpret`` defaults to TPU
+    interpret mode, where every output buffer starts as NaN, so an element a kernel does not
+    write stays NaN in ``raw_*``."""
+    if interpret is None:
+        interpret = pltpu.InterpretParams()
     blocks = block_sizes or BlockSizes.get_default(query.shape[1:1 + p.rank], p.kernel_size,
                                                    p.dilation, query.shape[-1])
     check_block_sizes(blocks, p)

@@ -1,9 +1,10 @@
 """Pallas TPU NA kernels (forward, lse, dQ/dK/dV/dRPB) against the float64 oracle.
 
-Everything runs the real kernel bodies; ``TestPallasTPU.INTERPRET`` says how (True: Pallas TPU
-interpret mode, which simulates VMEM and DMAs on CPU and fills every buffer it allocates with
-NaN, so an output element a kernel fails to write shows up as NaN in its raw tiled output; a
-TPU run sets it False). That the same kernels compile with Mosaic for v5e and v4 is checked by
+Everything runs the real kernel bodies; ``TestPallasTPU.INTERPRET`` says how (on CPU Pallas's
+TPU interpret mode, which simulates VMEM and DMAs and fills every buffer it allocates with NaN,
+so an output element a kernel fails to write shows up as NaN in its raw tiled output; a TPU run
+sets it False). The public op (``backend="pallas_tpu"``) interprets with Pallas's generic
+interpreter off TPU. That the same kernels compile with Mosaic for v5e and v4 is checked by
 ``tests/test_tpu_gate.py``.
 """
 
@@ -62,7 +63,7 @@ SLOW = ([(c, False) for c in na_cases.QUICK if all(c is not q for q, _ in QUICK)
 
 
 class TestPallasTPU:
-    INTERPRET = True
+    INTERPRET = pltpu.InterpretParams()
 
     def check_case(self, rng, c, dtype, with_rpb, blocks=None):
         (q, k, v, dout, _, rpb), (q64, k64, v64, do64, _, rpb64) = make_inputs(
@@ -305,6 +306,7 @@ def test_interpret_mode_detects_unwritten_outputs(rng, monkeypatch):
     c = na_cases.case((10,), 3, heads=1)
     (q, k, v, *_), _ = make_inputs(rng, c, jnp.float32, False)
     p = make_params(c["shape"], 16, 3)
-    _, _, tiled = pallas_tpu._forward(q, k, v, None, p, tpu_blocks(c), True)  # noqa: SLF001
+    _, _, tiled = pallas_tpu._forward(q, k, v, None, p, tpu_blocks(c),  # noqa: SLF001
+                                      pltpu.InterpretParams())
     assert not np.isnan(np.asarray(tiled[3])).any()
     assert np.isnan(np.asarray(tiled[4])).all()

@@ -1,0 +1,477 @@
+"""TPU compile gate: NA programs compiled by XLA's TPU compiler, and the Pallas TPU kernels by
+Mosaic, for TPU topologies that are not here.
+
+libtpu holds XLA's TPU compiler and Mosaic. It installs on a CPU-only machine (``pip install
+--no-deps --target <venv>/tpu-plugin "libtpu==0.0.42.*"``, the version ``jax[tpu]`` pins; ``make
+install`` does this) and, kept off ``sys.path`` except in the gate's own worker processes, it
+never makes an ordinary jax start-up probe for TPUs. In a worker (:func:`activate_tpu_plugin`,
+``JAX_PLATFORMS=cpu``):
+
+1. ``jax.experimental.topologies.get_topology_desc`` describes a slice (``v5e:2x4``, ``v4:2x2x1``
+   with megacore chips) as abstract devices (:data:`TOPOLOGIES`);
+2. a function traced with ``jax.ShapeDtypeStruct(..., sharding=NamedSharding(mesh, spec))``
+   over a mesh of them compiles with ``jax.jit(f).trace(...).lower().compile()``: SPMD
+   partitioning, fusion, layout and buffer assignment for that chip, and Mosaic for every Pallas
+   TPU kernel (it rejects bad block shapes, unsupported relayouts and VMEM overflow);
+3. ``memory_analysis()`` gives the bytes each chip needs and ``cost_analysis()`` the FLOPs and
+   bytes it moves per step (a Pallas kernel contributes its ``pl.CostEstimate``), from which
+   :func:`roofline` derives the time at the chip's peak rate and bandwidth (JAX's own chip
+   table, ``pltpu.get_tpu_info``).
+
+Tracing happens with the mesh as the context mesh (``jax.set_mesh``): Pallas's TPU lowering asks
+the context mesh which chip it compiles for (otherwise it asks the default device, the CPU).
+
+A compile can hang instead of failing (a kernel far too large), so every compile runs in a worker
+process with a timeout (:func:`run_isolated`). libtpu prints errors about
+``TPU_ACCELERATOR_TYPE`` and ``TPU_WORKER_HOSTNAMES`` at start-up: harmless here.
+
+What it cannot tell: numerics of the compiled code and speed. Those need a TPU.
+
+Command line (the kernel sweep, every configuration ``auto`` may send to ``pallas_tpu``)::
+
+    python -m nat_jax.kernels.tpu_gate --json benchmarks/results/tpu_kernel_gate.json
+    python -m nat_jax.kernels.tpu_gate --sample 0.1      # a deterministic tenth of the sweep
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import multiprocessing
+import os
+import queue
+import sys
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+PLUGIN_DIR_ENV = "NAT_JAX_TPU_PLUGIN_DIR"
+MOSAIC_TARGET = "tpu_custom_call"
+
+
+# ------------------------------------------------------------------------------ the plugin
+
+
+def plugin_dir() -> Path:
+    """Where libtpu is installed for the gate: ``$NAT_JAX_TPU_PLUGIN_DIR``, else
+    ``<venv>/tpu-plugin`` (what ``make install`` creates)."""
+    return Path(os.environ.get(PLUGIN_DIR_ENV, Path(sys.prefix) / "tpu-plugin"))
+
+
+def activate_tpu_plugin(path: Path | None = None) -> None:
+    """Make libtpu (XLA's TPU compiler and Mosaic) importable in this process, with jax kept on
+    the CPU platform. Call it in a fresh process before jax initializes a backend (the workers
+    of :func:`run_isolated` do). Raises ``RuntimeError`` naming what to install."""
+    path = path or plugin_dir()
+    if not (path / "libtpu").is_dir():
+        import jax
+
+        raise RuntimeError(
+            f"libtpu not found in {path}: `pip install --no-deps --target {path} "
+            f"\"libtpu==0.0.42.*\"` (the version jax[tpu]=={jax.__version__} pins; make install "
+            f"does this) or set ${PLUGIN_DIR_ENV}")
+    if str(path) not in sys.path:
+        sys.path.insert(0, str(path))
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    import jax
+
+    if not jax.config.jax_platforms:
+        jax.config.update("jax_platforms", "cpu")
+
+
+# ---------------------------------------------------------------------------- topologies
+
+
+@dataclasses.dataclass(frozen=True)
+class Topology:
+    """A TPU slice, as ``get_topology_desc`` takes it."""
+
+    name: str  # "v5e-8"
+    topology_name: str  # "v5e:2x4"
+    chip_config_name: str  # "default", or "megacore" (v4, v5p: two TensorCores, one device)
+    chips_per_host_bounds: tuple[int, int, int]
+    devices: int
+
+    def describe(self):
+        from jax.experimental import topologies
+
+        return topologies.get_topology_desc(
+            platform="tpu", topology_name=self.topology_name,
+            chip_config_name=self.chip_config_name,
+            chips_per_host_bounds=self.chips_per_host_bounds, num_slices=1,
+            wrap=(False, False, False))
+
+
+TOPOLOGIES: dict[str, Topology] = {
+    "v5e-8": Topology("v5e-8", "v5e:2x4", "default", (2, 4, 1), 8),
+    "v4-8": Topology("v4-8", "v4:2x2x1", "megacore", (2, 2, 1), 4),
+}
+
+
+def abstract_devices(name: str) -> list:
+    """The devices of topology ``name`` (no hardware behind them)."""
+    topo = TOPOLOGIES[name]
+    devices = list(topo.describe().devices)
+    if len(devices) != topo.devices:
+        raise RuntimeError(f"topology {name!r}: got {len(devices)} devices, expected "
+                           f"{topo.devices}")
+    return devices
+
+
+def chip_info(mesh) -> dict[str, Any]:
+    """Per-device (chip) HBM, peak bf16 FLOP/s and HBM bandwidth of the mesh's devices, from
+    JAX's TPU table (its numbers are per TensorCore; a megacore device has two)."""
+    import jax
+    from jax.experimental.pallas import tpu as pltpu
+
+    with jax.set_mesh(mesh):
+        info = pltpu.get_tpu_info()
+    cores = info.num_cores
+    return {"device_kind": mesh.devices.flat[0].device_kind,
+            "chip": info.chip_version.value, "tensor_cores": cores,
+            "hbm_bytes": info.hbm_capacity_bytes * cores,
+            "peak_flops": info.bf16_ops_per_second * cores,
+            "hbm_bytes_per_second": info.mem_bw_bytes_per_second * cores}
+
+
+def roofline(flops: float, bytes_accessed: float, chip: dict[str, Any]) -> dict[str, float]:
+    """Time one device needs at its peak rate for ``flops`` and at its HBM bandwidth for
+    ``bytes_accessed``; the larger bounds the step (``bound``: which one)."""
+    compute = flops / chip["peak_flops"]
+    memory = bytes_accessed / chip["hbm_bytes_per_second"]
+    return {"compute_seconds": compute, "memory_seconds": memory,
+            "roofline_seconds": max(compute, memory),
+            "bound": "memory" if memory >= compute else "compute"}
+
+
+def compile_report(fn: Callable, args: Sequence[Any], mesh, *, jit_kwargs: dict | None = None
+                   ) -> dict[str, Any]:
+    """Compile ``jax.jit(fn, **jit_kwargs)`` for ``args`` (``ShapeDtypeStruct`` with shardings
+    on ``mesh``) with ``mesh`` as the context mesh. Returns per-device memory (argument, output,
+    temp, alias, peak; ``fits``), cost (FLOPs, transcendentals, bytes accessed), the roofline,
+    the number of Mosaic kernels in the program and the compile time."""
+    import jax
+
+    chip = chip_info(mesh)
+    start = time.perf_counter()
+    with jax.set_mesh(mesh):
+        compiled = jax.jit(fn, **(jit_kwargs or {})).trace(*args).lower().compile()
+    seconds = time.perf_counter() - start
+    mem = compiled.memory_analysis()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    peak = (mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
+            - mem.alias_size_in_bytes)
+    flops, nbytes = float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0))
+    return {"compile_seconds": round(seconds, 2), "argument_bytes": mem.argument_size_in_bytes,
+            "output_bytes": mem.output_size_in_bytes, "temp_bytes": mem.temp_size_in_bytes,
+            "alias_bytes": mem.alias_size_in_bytes, "peak_bytes": peak,
+            "hbm_bytes": chip["hbm_bytes"], "fits": peak <= chip["hbm_bytes"],
+            "flops": flops, "transcendentals": float(cost.get("transcendentals", 0.0)),
+            "bytes_accessed": nbytes, **roofline(flops, nbytes, chip),
+            "mosaic_kernels": compiled.as_text().count(f'custom_call_target="{MOSAIC_TARGET}"'),
+            "device_kind": chip["device_kind"]}
+
+
+# ---------------------------------------------------------------------- isolated workers
+
+
+def _worker(tasks, results, plugin: str) -> None:
+    try:
+        activate_tpu_plugin(Path(plugin))
+    except BaseException as err:  # every task reports it
+        for index, _, _ in tasks:
+            results.put((index, "error", f"{type(err).__name__}: {err}"))
+        return
+    for index, fn, args in tasks:
+        try:
+            results.put((index, "ok", fn(*args)))
+        except BaseException as err:  # the compiler's own message is the report
+            results.put((index, "error",
+                         f"{type(err).__name__}: {err}\n{traceback.format_exc()[-4000:]}"))
+
+
+def _next_result(results, proc, timeout: float):
+    """The worker's next ``(index, status, value)``, or ``(None, "error", why)`` when it runs
+    past ``timeout`` seconds or dies without answering."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return results.get(timeout=1.0)
+        except queue.Empty:
+            if not proc.is_alive():
+                try:  # it may have answered just before exiting
+                    return results.get(timeout=1.0)
+                except queue.Empty:
+                    return None, "error", f"worker process died (exit code {proc.exitcode})"
+            if time.monotonic() > deadline:
+                return None, "error", f"timed out after {timeout:.0f} s"
+
+
+def run_isolated(tasks: Sequence[tuple[Callable, tuple]], timeout: float = 600.0,
+                 progress: Callable[[int, int], None] | None = None) -> list[dict[str, Any]]:
+    """Run ``fn(*args)`` for each ``(fn, args)`` in ``tasks``, in order, in a fresh worker
+    process with libtpu active. Each task gets ``timeout`` seconds (a compile can hang rather
+    than fail): one that overruns, or whose worker dies, is reported as such, and a new worker
+    takes the remaining tasks. Returns ``{"ok": True, "value": ...}`` or ``{"ok": False,
+    "error": ...}`` per task. ``fn`` must be importable by name (a module-level function), and
+    a script calling this needs an ``if __name__ == "__main__":`` guard (workers are spawned)."""
+    ctx = multiprocessing.get_context("spawn")
+    pending = list(enumerate(tasks))
+    out: list[dict[str, Any] | None] = [None] * len(tasks)
+    while pending:
+        results = ctx.Queue()
+        proc = ctx.Process(target=_worker, args=([(i, f, a) for i, (f, a) in pending], results,
+                                                  str(plugin_dir())), daemon=True)
+        proc.start()
+        try:
+            while pending:
+                index, status, value = _next_result(results, proc, timeout)
+                lost = index is None
+                index = pending[0][0] if lost else index
+                out[index] = ({"ok": True, "value": value} if status == "ok"
+                              else {"ok": False, "error": value})
+                pending = [t for t in pending if t[0] != index]
+                if progress:
+                    progress(sum(r is not None for r in out), len(tasks))
+                if lost:
+                    break  # a new worker takes the rest
+        finally:
+            proc.kill()
+            proc.join()
+    return out  # type: ignore[return-value]
+
+
+# ------------------------------------------------------------------------- the kernel sweep
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """One NA call whose forward and backward the gate compiles on one chip."""
+
+    feature: str
+    shape: tuple[int, ...]
+    kernel_size: tuple[int, ...]
+    stride: tuple[int, ...]
+    dilation: tuple[int, ...]
+    is_causal: tuple[bool, ...]
+    rpb: bool
+    dtype: str
+    head_dim: int
+    batch: int = 2
+    heads: int = 2
+
+    @property
+    def name(self) -> str:
+        return f"{len(self.shape)}d-{self.feature}-{self.dtype}-d{self.head_dim}"
+
+
+# Per rank: a plain odd window, RPB with dilation (odd kernels, stride 1, non-causal), and causal
+# + stride + even kernel + dilation. Shapes leave several tiles per axis. The 2-D ones include
+# NAT/DiNAT's first stage at 224 (56x56, K=7, dilation 8 for DiNAT).
+_FEATURES: dict[int, list[tuple[str, tuple, dict, bool]]] = {
+    1: [("plain", (1000,), dict(kernel_size=13), False),
+        ("rpb-dil", (997,), dict(kernel_size=7, dilation=3), True),
+        ("causal-stride-even-dil", (1003,), dict(kernel_size=8, stride=3, dilation=2,
+                                                 is_causal=True), False)],
+    2: [("plain", (56, 56), dict(kernel_size=7), True),
+        ("rpb-dil", (56, 56), dict(kernel_size=7, dilation=8), True),
+        ("causal-stride-even-dil", (27, 28), dict(kernel_size=(6, 7), stride=(2, 1),
+                                                  dilation=(2, 1), is_causal=(True, False)),
+         False)],
+    3: [("plain", (8, 16, 16), dict(kernel_size=3), False),
+        ("rpb-dil", (8, 12, 12), dict(kernel_size=3, dilation=(1, 2, 2)), True),
+        ("causal-stride-even-dil", (9, 12, 10), dict(kernel_size=(3, 4, 3), stride=(1, 2, 3),
+                                                     dilation=(2, 1, 1),
+                                                     is_causal=(True, False, True)), False)],
+}
+DTYPES = ("float32", "bfloat16")
+HEAD_DIMS = (16, 32, 64, 128, 256)
+XLA_HEAD_DIMS = (32,)  # NAT/DiNAT's: where the sweep also compiles the xla path to compare
+
+
+def kernel_cases() -> list[Case]:
+    """Every kernel specialization ``backend="auto"`` may send to ``pallas_tpu``: ranks 1-3,
+    each feature family, both supported dtypes and head dims 16 to 256."""
+    from nat_jax.kernels.params import make_params
+
+    cases = []
+    for features in _FEATURES.values():
+        for feature, shape, kw, rpb in features:
+            p = make_params(shape, 32, kw["kernel_size"], kw.get("stride", 1),
+                            kw.get("dilation", 1), kw.get("is_causal", False))
+            for dtype in DTYPES:
+                for d in HEAD_DIMS:
+                    cases.append(Case(feature, tuple(shape), p.kernel_size, p.stride,
+                                      p.dilation, p.is_causal, rpb, dtype, d))
+    return cases
+
+
+def stable_fraction(text: str) -> float:
+    """A number in [0, 1) fixed by ``text`` (deterministic sampling across runs and machines)."""
+    return int(hashlib.sha256(text.encode()).hexdigest()[:8], 16) / 0x100000000
+
+
+def sample(cases: Sequence[Case], fraction: float) -> list[Case]:
+    """Cases whose name hashes below ``fraction``, plus the first case of each (rank, dtype), so
+    every kernel family and dtype is always compiled."""
+    if fraction >= 1:
+        return list(cases)
+    seen, out = set(), []
+    for c in cases:
+        group = (len(c.shape), c.dtype)
+        if stable_fraction(c.name) < fraction or group not in seen:
+            out.append(c)
+        seen.add(group)
+    return out
+
+
+def case_program(case: Case, backend: str):
+    """``(fn, args)``: forward (out, lse) and the whole VJP of ``case`` on ``backend``
+    (``"pallas_tpu"`` compiled by Mosaic, or ``"xla"``), abstract arguments."""
+    import jax
+    import jax.numpy as jnp
+
+    from nat_jax.kernels import pallas_tpu, xla
+    from nat_jax.kernels.params import NAParams
+
+    p = NAParams(case.kernel_size, case.stride, case.dilation, case.is_causal,
+                 case.head_dim ** -0.5)
+    dtype = jnp.dtype(case.dtype)
+    q = jax.ShapeDtypeStruct((case.batch, *case.shape, case.heads, case.head_dim), dtype)
+    bias = (jax.ShapeDtypeStruct((case.heads, *(2 * k - 1 for k in case.kernel_size)), dtype)
+            if case.rpb else None)
+
+    def na(q, k, v, bias):
+        if backend == "pallas_tpu":
+            return pallas_tpu.na_fused(q, k, v, p, bias, interpret=False)
+        return xla.na_fused(q, k, v, p, bias)
+
+    def fwd_bwd(q, k, v, bias):
+        (out, lse), vjp = jax.vjp(na, q, k, v, bias)
+        return out, lse, vjp((out, lse))
+
+    return fwd_bwd, (q, q, q, bias)
+
+
+def compile_case(case: Case, topology: str, backends: Sequence[str] = ("pallas_tpu", "xla")
+                 ) -> list[dict[str, Any]]:
+    """Worker task: compile ``case`` on one chip of ``topology`` for each backend; one row per
+    backend (``error`` set when it did not compile)."""
+    import jax
+    import numpy as np
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    mesh = Mesh(np.asarray(abstract_devices(topology)[:1]), ("x",))
+    rows = []
+    for backend in backends:
+        row = {"case": case.name, "topology": topology, "backend": backend,
+               "rank": len(case.shape), "feature": case.feature, "dtype": case.dtype,
+               "head_dim": case.head_dim, "shape": list(case.shape),
+               "kernel_size": list(case.kernel_size), "rpb": case.rpb, "error": None}
+        try:
+            fn, args = case_program(case, backend)
+            args = [None if a is None else jax.ShapeDtypeStruct(
+                a.shape, a.dtype, sharding=NamedSharding(mesh, PartitionSpec())) for a in args]
+            row.update(compile_report(fn, args, mesh))
+        except Exception as err:  # the compiler's message is the report
+            row["error"] = f"{type(err).__name__}: {str(err)[:2000]}"
+        rows.append(row)
+    return rows
+
+
+def problems(row: dict[str, Any]) -> list[str]:
+    """Why a row fails the gate (empty: it passes)."""
+    if row.get("error"):
+        return [row["error"].splitlines()[0][:300]]
+    out = []
+    if not row["fits"]:
+        out.append(f"needs {row['peak_bytes']} B > {row['hbm_bytes']} B of HBM")
+    want = 3 if row["backend"] == "pallas_tpu" else 0  # forward, dQ, dK/dV
+    if row["mosaic_kernels"] != want:
+        out.append(f"{row['mosaic_kernels']} Mosaic kernels in the program, expected {want}")
+    return out
+
+
+def run(cases: Sequence[Case], topologies: Sequence[str] = ("v5e-8", "v4-8"),
+        backends: Sequence[str] = ("pallas_tpu", "xla"), timeout: float = 600.0,
+        progress: Callable[[int, int], None] | None = None) -> list[dict[str, Any]]:
+    """Compile every case on every topology for each backend (one worker process, a timeout
+    per task); the ``xla`` path, the comparison, only at the head dims of
+    :data:`XLA_HEAD_DIMS`."""
+    for t in topologies:
+        if t not in TOPOLOGIES:
+            raise ValueError(f"topology={t!r} is not one of {sorted(TOPOLOGIES)}")
+    tasks = [(compile_case, (c, t, tuple(b for b in backends if b != "xla"
+                                         or c.head_dim in XLA_HEAD_DIMS)))
+             for c in cases for t in topologies]
+    rows = []
+    for (fn, (case, topo, _)), res in zip(tasks, run_isolated(tasks, timeout, progress)):
+        if res["ok"]:
+            rows.extend(res["value"])
+        else:
+            rows.append({"case": case.name, "topology": topo, "backend": "pallas_tpu",
+                         "error": res["error"]})
+    return rows
+
+
+def environment() -> dict[str, Any]:
+    """Versions that decide what the gate sees."""
+    import jax
+    import jaxlib
+
+    libtpu = None
+    for dist in plugin_dir().glob("libtpu-*.dist-info"):
+        libtpu = dist.name.split("-")[1].removesuffix(".dist-info")
+    return {"jax": jax.__version__, "jaxlib": jaxlib.__version__, "libtpu": libtpu,
+            "python": sys.version.split()[0]}
+
+
+def summarize(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    return {"rows": len(rows), "cases": len({r["case"] for r in rows}),
+            "failed": sum(bool(problems(r)) for r in rows),
+            "compile_errors": sum(bool(r.get("error")) for r in rows)}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m nat_jax.kernels.tpu_gate",
+        description="Compile the Pallas TPU NA kernels (and the xla path beside them) for TPU "
+                    "topologies with libtpu on this machine; fail on any compile error.")
+    parser.add_argument("--sample", type=float, default=1.0,
+                        help="deterministic fraction of the sweep (default: all of it)")
+    parser.add_argument("--topology", default="v5e-8,v4-8",
+                        help=f"comma-separated ({', '.join(TOPOLOGIES)})")
+    parser.add_argument("--timeout", type=float, default=600.0, help="seconds per compile")
+    parser.add_argument("--json", type=Path, default=None, help="write the report here")
+    args = parser.parse_args(argv)
+
+    from rich.progress import Progress
+
+    cases = sample(kernel_cases(), args.sample)
+    topologies = tuple(t.strip() for t in args.topology.split(",") if t.strip())
+    start = time.perf_counter()
+    with Progress() as bar:
+        task = bar.add_task("compiling", total=len(cases) * len(topologies))
+        rows = run(cases, topologies, timeout=args.timeout,
+                   progress=lambda done, total: bar.update(task, completed=done))
+    summary = summarize(rows)
+    summary["seconds"] = round(time.perf_counter() - start, 1)
+    for r in rows:
+        why = problems(r)
+        if why:
+            print(f"FAIL {r['case']} {r['topology']} {r.get('backend')}: {'; '.join(why)}")
+    print(", ".join(f"{k}={v}" for k, v in summary.items()))
+    if args.json:
+        from nat_jax.timing import write_json
+
+        write_json(args.json, {"environment": environment(), "topologies": list(topologies),
+                               "sample": args.sample, "summary": summary, "kernels": rows})
+    return 1 if summary["failed"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
