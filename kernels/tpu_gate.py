@@ -76,6 +76,9 @@ def activate_tpu_plugin(path: Path | None = None) -> None:
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    # libtpu takes /tmp/libtpu_lockfile so that one process owns a TPU; with no TPU to own,
+    # concurrent gate workers (and other users' compiles on a shared machine) must not block.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     import jax
 
     if not jax.config.jax_platforms:
