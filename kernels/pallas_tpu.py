@@ -88,7 +88,10 @@ class BlockSizes:
 
     Attributes:
       q, kv: query and key/value tile of the forward kernel.
-      q_bwd, kv_bwd: query and key/value tile of the dQ and dK/dV kernels.
+      q_dq, kv_dq: the same for the dQ (+ dRPB) kernel, which loops over key tiles per query
+        tile (a large query tile cuts its key/value re-reads).
+      q_dkv, kv_dkv: the same for the dK/dV kernel, which loops over query tiles per key tile
+        (the other way round).
 
     Each tile holds a multiple of 128 rows in total (``prod(tile) % 128 == 0``): a tile's
     logits are lane-dense and its ``lse`` block fills whole vregs. Entries need not be powers
@@ -97,12 +100,14 @@ class BlockSizes:
 
     q: tuple[int, ...]
     kv: tuple[int, ...]
-    q_bwd: tuple[int, ...]
-    kv_bwd: tuple[int, ...]
+    q_dq: tuple[int, ...]
+    kv_dq: tuple[int, ...]
+    q_dkv: tuple[int, ...]
+    kv_dkv: tuple[int, ...]
 
     def __post_init__(self):
         rank = len(self.q) if isinstance(self.q, tuple) else 0
-        for name in ("q", "kv", "q_bwd", "kv_bwd"):
+        for name in ("q", "kv", "q_dq", "kv_dq", "q_dkv", "kv_dkv"):
             tile = getattr(self, name)
             if not isinstance(tile, tuple) or len(tile) != rank or rank not in (1, 2, 3):
                 raise ValueError(f"{name}={tile!r} must be a tuple with one entry per spatial "
@@ -119,14 +124,49 @@ class BlockSizes:
 
     @classmethod
     def get_default(cls, shape: Sequence[int], kernel_size: Sequence[int],
-                    dilation: Sequence[int], head_dim: int, dtype=jnp.float32) -> BlockSizes:
-        """128-row tiles everywhere, spread over the axes by the GPU kernels' rule (double the
-        axis with the most rows left uncovered). ``kernel_size``, ``head_dim`` and ``dtype``
-        are part of the signature so a tuned table can refine the choice."""
-        del kernel_size, head_dim, dtype
-        rows = [-(-n // d) for n, d in zip(shape, dilation)]
-        tile = _grow_tile(rows, LANES)
-        return cls(q=tile, kv=tile, q_bwd=tile, kv_bwd=tile)
+                    dilation: Sequence[int], head_dim: int, dtype=jnp.float32,
+                    stride: Sequence[int] | None = None,
+                    is_causal: Sequence[bool] | None = None) -> BlockSizes:
+        """Per kernel, the candidate tiles (128 to 512 rows on the side it keeps, 128 or 256 on
+        the side it visits, spread over the axes by the GPU kernels' rule) whose launch is
+        fastest by :func:`_costs` at v5e's FLOP/byte balance: NA on TPU is bound by the
+        re-reads of visited tiles, which large own tiles amortize, against the padding and
+        the masked work of large tiles on small maps."""
+        rank = len(shape)
+        return _default_blocks(tuple(shape), tuple(kernel_size), tuple(dilation),
+                               tuple(stride or (1,) * rank),
+                               tuple(is_causal or (False,) * rank), int(head_dim),
+                               jnp.dtype(dtype).itemsize)
+
+
+# Candidate rows of the tile a kernel keeps (own) and of the tiles it visits.
+_OWN_ROWS = (128, 256, 512)
+_VISITED_ROWS = (128, 256)
+# v5e's peak bf16 FLOP/s and HBM bytes/s: the balance the default tiles are chosen for.
+_PEAK_FLOPS, _HBM_BYTES_PER_SECOND = 197e12, 820e9
+
+
+@functools.lru_cache(maxsize=256)
+def _default_blocks(shape, kernel, dilation, stride, causal, head_dim, itemsize) -> BlockSizes:
+    rows = [-(-n // d) for n, d in zip(shape, dilation)]
+    p = NAParams(kernel, stride, dilation, causal, 1.0)
+    lay = _Layout(1, 1, head_dim, head_dim, itemsize)
+
+    def best(kind: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        options = []
+        for own in _OWN_ROWS:
+            for visited in _VISITED_ROWS:
+                own_tile, visited_tile = _grow_tile(rows, own), _grow_tile(rows, visited)
+                q_tile, kv_tile = ((visited_tile, own_tile) if kind == "dkv"
+                                   else (own_tile, visited_tile))
+                cost = _costs(_make_plan(p, shape, q_tile, kv_tile, False), lay, kind, 1)
+                seconds = max(cost.flops / _PEAK_FLOPS,
+                              cost.bytes_accessed / _HBM_BYTES_PER_SECOND)
+                options.append((seconds, own, visited, q_tile, kv_tile))
+        return min(options)[3:]
+
+    (q, kv), (q_dq, kv_dq), (q_dkv, kv_dkv) = best("fwd"), best("dq"), best("dkv")
+    return BlockSizes(q, kv, q_dq, kv_dq, q_dkv, kv_dkv)
 
 
 # --------------------------------------------------------------------- block schedule
@@ -224,24 +264,19 @@ def _rpb_terms(plan: _Plan, q_local, k_local, qt, kt):
     return w, u, c
 
 
-def _table_size(plan: _Plan) -> int:
-    """Bias entries padded to whole 128-lane chunks."""
-    return -(-plan.rpb_size // LANES) * LANES
-
-
-def _gather_bias(rpb_ref, index):
-    """``table[index]`` for an int32 matrix ``index`` (entries outside ``[0, size)`` give
-    arbitrary finite values: only masked pairs have them). One lane gather per 128-entry chunk
-    of the table and 128-lane column block of ``index``."""
+def _gather_bias(table, index):
+    """``table[0, index]`` for a ``(1, size)`` float32 row and an int32 matrix ``index``
+    (entries outside ``[0, size)`` give arbitrary finite values: only masked pairs have them).
+    One lane gather per 128-entry chunk of the table and 128-lane column block of ``index``:
+    Mosaic gathers within a vreg only."""
     rows, cols = index.shape
     width = min(cols, LANES)
-    size = rpb_ref.shape[-1]
     blocks = []
     for c0 in range(0, cols, width):
         idx = index[:, c0:c0 + width]
         out = jnp.zeros(idx.shape, jnp.float32)
-        for t0 in range(0, size, width):
-            chunk = jnp.broadcast_to(rpb_ref[:, t0:t0 + width].astype(jnp.float32), idx.shape)
+        for t0 in range(0, table.shape[-1], width):
+            chunk = jnp.broadcast_to(table[:, t0:t0 + width], idx.shape)
             local = idx - t0
             hit = (local >= 0) & (local < width)
             out = jnp.where(hit, jnp.take_along_axis(chunk, jnp.clip(local, 0, width - 1),
@@ -263,19 +298,46 @@ def _dot_nn(a, b):
                            preferred_element_type=jnp.float32)
 
 
-def _logits(plan: _Plan, s, rpb_ref, qt, kt, q_loc, qc, k_loc, kc, glen):
-    """Scaled logits ``s`` (natural-log units) plus bias, with pairs outside the window set to
-    ``_MASK_VALUE``. Query and key coordinates broadcast against each other, so the same code
-    serves the ``[q, k]`` (forward, dQ) and ``[k, q]`` (dK/dV) orientations."""
-    s = s * plan.scale
-    if rpb_ref is not None:
+def _lanes_of(head: int, width: int) -> slice:
+    """Head ``head``'s features in a block holding a group of heads side by side in lanes."""
+    return slice(head * width, (head + 1) * width)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Pair:
+    """What every head of a (query tile, key tile) pair shares: the window mask (``None`` for a
+    pair entirely inside every window) and the bias table entry of each element."""
+
+    mask: jax.Array | None
+    entry: jax.Array | None
+
+
+def _pair(plan: _Plan, shape, qt, kt, q_loc, qc, k_loc, kc, glen, masked: bool) -> _Pair:
+    """Query and key coordinates broadcast against each other, so the same code serves the
+    ``[q, k]`` (forward, dQ) and ``[k, q]`` (dK/dV) orientations."""
+    mask = jnp.broadcast_to(_window_mask(plan, qc, kc, glen), shape) if masked else None
+    entry = None
+    if plan.has_rpb:
         w, u, c = _rpb_terms(plan, q_loc, k_loc, qt, kt)
-        s = s + _gather_bias(rpb_ref, jnp.broadcast_to(u - w + c, s.shape))
+        entry = jnp.broadcast_to(u - w + c, shape)
+    return _Pair(mask, entry)
 
-    def masked(s):
-        return jnp.where(_window_mask(plan, qc, kc, glen), s, _MASK_VALUE)
 
-    return lax.cond(_pair_inside(plan, qt, kt, glen), lambda s: s, masked, s)
+def _logits(plan: _Plan, s, pair: _Pair, table):
+    """Scaled logits (natural-log units) plus bias; pairs outside the window hold
+    ``_MASK_VALUE``."""
+    s = s * plan.scale
+    if table is not None:
+        s = s + _gather_bias(table, pair.entry)
+    return s if pair.mask is None else jnp.where(pair.mask, s, _MASK_VALUE)
+
+
+def _for_pair_kinds(plan: _Plan, qt, kt, glen, body):
+    """``body(masked)`` for the pair's kind: ``masked=False`` when the key tile lies inside
+    every query's window (no per-element mask, splash attention's "full" block), else True."""
+    inside = _pair_inside(plan, qt, kt, glen)
+    pl.when(inside)(lambda: body(False))
+    pl.when(jnp.logical_not(inside))(lambda: body(True))
 
 
 def _row_to_column(row, rows: int):
@@ -289,9 +351,12 @@ def _column_to_row(col):
 
 
 # --------------------------------------------------------------------------------- kernels
+#
+# Every kernel handles ``heads`` heads side by side in lanes (features ``[h * d, (h + 1) * d)``
+# of its blocks): the mask and bias entries of a tile pair are computed once for all of them.
 
 
-def _fwd_kernel(*refs, plan: _Plan):
+def _fwd_kernel(*refs, plan: _Plan, heads: int, dq: int, dv: int):
     if plan.has_rpb:
         q_ref, k_ref, v_ref, rpb_ref, o_ref, lse_ref, m_ref, l_ref, acc_ref = refs
     else:
@@ -308,32 +373,38 @@ def _fwd_kernel(*refs, plan: _Plan):
         l_ref[...] = jnp.zeros(l_ref.shape, jnp.float32)
         acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
 
-    @pl.when(run)
-    def _accumulate():
+    def accumulate(masked: bool):
         q_loc, qc = _coords(qt, plan.q_tile, (tq, 1), 0)
         k_loc, kc = _coords(kt, plan.kv_tile, (1, tk), 1)
-        v = v_ref[...]
-        s = _logits(plan, _dot_nt(q_ref[...], k_ref[...]), rpb_ref, qt, kt, q_loc, qc, k_loc,
-                    kc, glen)
-        m_prev, l_prev = m_ref[...], l_ref[...]  # (tq, LANES), equal along lanes
-        m_next = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
-        correction = jnp.exp(m_prev - m_next)
-        # A row that has met only masked keys so far (m_next == _MASK_VALUE) accumulates
-        # exp(0) = 1 terms here; its first real key rescales them by exp(-huge) = 0.
-        p = jnp.exp(s - m_next[:, :1])
-        l_ref[...] = l_prev * correction + jnp.sum(p, axis=1, keepdims=True)
-        m_ref[...] = m_next
-        acc_ref[...] = acc_ref[...] * correction[:, :1] + _dot_nn(p.astype(v.dtype), v)
+        pair = _pair(plan, (tq, tk), qt, kt, q_loc, qc, k_loc, kc, glen, masked)
+        for h in range(heads):
+            fq, fv = _lanes_of(h, dq), _lanes_of(h, dv)
+            v = v_ref[:, fv]
+            table = None if rpb_ref is None else rpb_ref[h].astype(jnp.float32)
+            s = _logits(plan, _dot_nt(q_ref[:, fq], k_ref[:, fq]), pair, table)
+            m_prev, l_prev = m_ref[h], l_ref[h]  # (tq, LANES), equal along lanes
+            m_next = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
+            correction = jnp.exp(m_prev - m_next)
+            # A row that has met only masked keys so far (m_next == _MASK_VALUE) accumulates
+            # exp(0) = 1 terms here; its first real key rescales them by exp(-huge) = 0.
+            p = jnp.exp(s - m_next[:, :1])
+            l_ref[h] = l_prev * correction + jnp.sum(p, axis=1, keepdims=True)
+            m_ref[h] = m_next
+            acc_ref[:, fv] = acc_ref[:, fv] * correction[:, :1] + _dot_nn(p.astype(v.dtype), v)
+
+    pl.when(run)(lambda: _for_pair_kinds(plan, qt, kt, glen, accumulate))
 
     @pl.when(step == pl.num_programs(3) - 1)
     def _finish():
         # Every row (padding rows too, which borrow the last real row's window) has a key.
-        l = l_ref[...]
-        o_ref[...] = (acc_ref[...] / l[:, :1]).astype(o_ref.dtype)
-        lse_ref[...] = _column_to_row(m_ref[...] + jnp.log(l))
+        for h in range(heads):
+            fv = _lanes_of(h, dv)
+            l = l_ref[h]
+            o_ref[:, fv] = (acc_ref[:, fv] / l[:, :1]).astype(o_ref.dtype)
+            lse_ref[h] = _column_to_row(m_ref[h] + jnp.log(l))
 
 
-def _dq_kernel(*refs, plan: _Plan):
+def _dq_kernel(*refs, plan: _Plan, heads: int, dq: int, dv: int):
     if plan.has_rpb:
         (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, rpb_ref, dq_ref, drpb_ref,
          lse_col, delta_col, acc_ref, drpb_acc) = refs
@@ -349,24 +420,32 @@ def _dq_kernel(*refs, plan: _Plan):
 
     @pl.when(step == 0)
     def _init():
-        lse_col[...] = _row_to_column(lse_ref[...], tq)
-        delta_col[...] = _row_to_column(delta_ref[...], tq)
+        for h in range(heads):
+            lse_col[h] = _row_to_column(lse_ref[h], tq)
+            delta_col[h] = _row_to_column(delta_ref[h], tq)
         acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
         if drpb_acc is not None:
             drpb_acc[...] = jnp.zeros(drpb_acc.shape, jnp.float32)
 
-    @pl.when(run)
-    def _accumulate():
+    def accumulate(masked: bool):
         q_loc, qc = _coords(qt, plan.q_tile, (tq, 1), 0)
         k_loc, kc = _coords(kt, plan.kv_tile, (1, tk), 1)
-        k = k_ref[...]
-        s = _logits(plan, _dot_nt(q_ref[...], k), rpb_ref, qt, kt, q_loc, qc, k_loc, kc, glen)
-        # Masked pairs: exp(_MASK_VALUE - lse) == 0; padding rows have lse = +inf.
-        p = jnp.exp(s - lse_col[:, :1])
-        ds = p * (_dot_nt(do_ref[...], v_ref[...]) - delta_col[:, :1])
-        acc_ref[...] += _dot_nn(ds.astype(k.dtype), k)
-        if drpb_acc is not None:
-            _accumulate_drpb(plan, drpb_acc, ds, qt, kt, q_loc)
+        pair = _pair(plan, (tq, tk), qt, kt, q_loc, qc, k_loc, kc, glen, masked)
+        drpb = None if drpb_acc is None else _DrpbPlan(plan, qt, kt, q_loc, tk)
+        for h in range(heads):
+            fq, fv = _lanes_of(h, dq), _lanes_of(h, dv)
+            k = k_ref[:, fq]
+            table = None if rpb_ref is None else rpb_ref[h].astype(jnp.float32)
+            s = _logits(plan, _dot_nt(q_ref[:, fq], k), pair, table)
+            # Masked pairs: exp(_MASK_VALUE - lse) == 0. Padding rows have dout == 0 and
+            # delta == 0, so ds == 0 there.
+            p = jnp.exp(s - lse_col[h][:, :1])
+            ds = p * (_dot_nt(do_ref[:, fv], v_ref[:, fv]) - delta_col[h][:, :1])
+            acc_ref[:, fq] += _dot_nn(ds.astype(k.dtype), k)
+            if drpb is not None:
+                drpb.accumulate(drpb_acc, h, ds)
+
+    pl.when(run)(lambda: _for_pair_kinds(plan, qt, kt, glen, accumulate))
 
     @pl.when(step == pl.num_programs(3) - 1)
     def _finish():
@@ -375,30 +454,36 @@ def _dq_kernel(*refs, plan: _Plan):
             drpb_ref[...] = drpb_acc[...]
 
 
-def _accumulate_drpb(plan: _Plan, drpb_acc, ds, qt, kt, q_loc):
-    """Add ``sum over pairs with table entry p of ds`` to ``drpb_acc[0, p]`` for one tile pair.
+class _DrpbPlan:
+    """dRPB of one tile pair, shared by its heads: adds ``sum over pairs with table entry p of
+    ds`` to ``drpb_acc[head, 0, p]``.
 
     ``E = ds @ onehot(u)`` sums each query's ``ds`` over keys of equal ``u``; the entry of
     ``E[q, m]`` is ``m - w(q) + c``, so lane-gathering ``E[q, p + w(q) - c]`` and summing over
     queries gives the entries ``p`` of one 128-lane chunk. Masked pairs have ``ds == 0``."""
-    tq, tk = ds.shape
-    k_loc_col, _ = _coords(kt, plan.kv_tile, (tk, 1), 0)
-    w, u, c = _rpb_terms(plan, q_loc, k_loc_col, qt, kt)  # w (tq, 1), u (tk, 1)
-    u_size = int(sum((t - 1) * s for t, s in zip(plan.kv_tile, _rpb_strides(plan)))) + 1
-    lanes = lax.broadcasted_iota(jnp.int32, (tq, LANES), 1)
-    for e0 in range(0, drpb_acc.shape[-1], LANES):
-        part = jnp.zeros((tq, LANES), jnp.float32)
-        for m0 in range(0, u_size, LANES):
-            onehot = (u == m0 + lax.broadcasted_iota(jnp.int32, (tk, LANES), 1))
-            e = _dot_nn(ds, onehot.astype(jnp.float32))  # (tq, LANES): u in [m0, m0 + 128)
-            idx = lanes + (e0 - m0) + w - c
-            hit = (idx >= 0) & (idx < LANES)
-            part = part + jnp.where(hit, jnp.take_along_axis(e, jnp.clip(idx, 0, LANES - 1),
-                                                             axis=1), 0.0)
-        drpb_acc[:, e0:e0 + LANES] += jnp.sum(part, axis=0, keepdims=True)
+
+    def __init__(self, plan: _Plan, qt, kt, q_loc, tk: int):
+        k_loc, _ = _coords(kt, plan.kv_tile, (tk, 1), 0)
+        self.w, u, self.c = _rpb_terms(plan, q_loc, k_loc, qt, kt)  # w (tq, 1), u (tk, 1)
+        u_size = sum((t - 1) * s for t, s in zip(plan.kv_tile, _rpb_strides(plan))) + 1
+        self.onehots = [(m0, (u == m0 + lax.broadcasted_iota(jnp.int32, (tk, LANES), 1))
+                         .astype(jnp.float32)) for m0 in range(0, u_size, LANES)]
+
+    def accumulate(self, drpb_acc, head: int, ds):
+        tq = ds.shape[0]
+        lanes = lax.broadcasted_iota(jnp.int32, (tq, LANES), 1)
+        sums = [(m0, _dot_nn(ds, onehot)) for m0, onehot in self.onehots]  # (tq, LANES) each
+        for e0 in range(0, drpb_acc.shape[-1], LANES):
+            part = jnp.zeros((tq, LANES), jnp.float32)
+            for m0, e in sums:
+                idx = lanes + (e0 - m0) + self.w - self.c
+                hit = (idx >= 0) & (idx < LANES)
+                part = part + jnp.where(
+                    hit, jnp.take_along_axis(e, jnp.clip(idx, 0, LANES - 1), axis=1), 0.0)
+            drpb_acc[head, :, e0:e0 + LANES] += jnp.sum(part, axis=0, keepdims=True)
 
 
-def _dkv_kernel(*refs, plan: _Plan):
+def _dkv_kernel(*refs, plan: _Plan, heads: int, dq: int, dv: int):
     if plan.has_rpb:
         (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, rpb_ref, dk_ref, dv_ref, dk_acc,
          dv_acc) = refs
@@ -416,17 +501,22 @@ def _dkv_kernel(*refs, plan: _Plan):
         dk_acc[...] = jnp.zeros(dk_acc.shape, jnp.float32)
         dv_acc[...] = jnp.zeros(dv_acc.shape, jnp.float32)
 
-    @pl.when(run)
-    def _accumulate():
+    def accumulate(masked: bool):
         # Transposed: rows are keys, lanes are queries.
         q_loc, qc = _coords(qt, plan.q_tile, (1, tq), 1)
         k_loc, kc = _coords(kt, plan.kv_tile, (tk, 1), 0)
-        q, do = q_ref[...], do_ref[...]
-        s = _logits(plan, _dot_nt(k_ref[...], q), rpb_ref, qt, kt, q_loc, qc, k_loc, kc, glen)
-        p = jnp.exp(s - lse_ref[...])  # masked pairs and padding queries (lse = +inf): 0
-        dv_acc[...] += _dot_nn(p.astype(do.dtype), do)
-        ds = p * (_dot_nt(v_ref[...], do) - delta_ref[...])
-        dk_acc[...] += _dot_nn(ds.astype(q.dtype), q)
+        pair = _pair(plan, (tk, tq), qt, kt, q_loc, qc, k_loc, kc, glen, masked)
+        for h in range(heads):
+            fq, fv = _lanes_of(h, dq), _lanes_of(h, dv)
+            q, do = q_ref[:, fq], do_ref[:, fv]
+            table = None if rpb_ref is None else rpb_ref[h].astype(jnp.float32)
+            s = _logits(plan, _dot_nt(k_ref[:, fq], q), pair, table)
+            p = jnp.exp(s - lse_ref[h])  # masked pairs: 0
+            dv_acc[:, fv] += _dot_nn(p.astype(do.dtype), do)
+            ds = p * (_dot_nt(v_ref[:, fv], do) - delta_ref[h])
+            dk_acc[:, fq] += _dot_nn(ds.astype(q.dtype), q)
+
+    pl.when(run)(lambda: _for_pair_kinds(plan, qt, kt, glen, accumulate))
 
     @pl.when(step == pl.num_programs(3) - 1)
     def _finish():
@@ -437,27 +527,21 @@ def _dkv_kernel(*refs, plan: _Plan):
 # ------------------------------------------------------------------------- pallas_call wrappers
 
 
-def _interpret_arg(interpret):
-    """``pallas_call``'s ``interpret=``: ``False`` (compiled by Mosaic), ``True`` (Pallas's
-    generic interpreter: plain XLA ops, usable under every transformation and inside
-    ``lax.platform_dependent``) or a ``pltpu.InterpretParams`` (TPU interpret mode: simulated
-    VMEM and DMAs, uninitialized memory filled with NaN, out-of-bounds reads raise)."""
-    return interpret
-
-
 def _rows_spec(rows: int, feat: int, tile_of):
-    """``rows`` rows (one tile) of a ``[BG, h, N, feat]`` operand; ``tile_of(z, i, j)`` is the
-    flat tile index for grid point ``(z, head, i, j)``."""
-    return pl.BlockSpec((None, None, rows, feat), lambda z, h, i, j: (z, h, tile_of(z, i, j), 0))
+    """``rows`` rows (one tile) of a ``[BG, head groups, N, feat]`` operand; ``tile_of(z, i,
+    j)`` is the flat tile index for grid point ``(z, group, i, j)``."""
+    return pl.BlockSpec((None, None, rows, feat), lambda z, g, i, j: (z, g, tile_of(z, i, j), 0))
 
 
-def _lanes_spec(rows: int, tile_of):
-    """One tile of a ``[BG, h, 1, N]`` per-query vector (lse, delta), rows on lanes."""
-    return pl.BlockSpec((None, None, 1, rows), lambda z, h, i, j: (z, h, 0, tile_of(z, i, j)))
+def _lanes_spec(rows: int, heads: int, tile_of):
+    """One tile of a head group's ``[BG, h, 1, N]`` per-query vectors (lse, delta), rows on
+    lanes."""
+    return pl.BlockSpec((None, heads, 1, rows),
+                        lambda z, g, i, j: (z, g, 0, tile_of(z, i, j)))
 
 
-def _table_spec(size: int):
-    return pl.BlockSpec((None, 1, size), lambda z, h, i, j: (h, 0, 0))
+def _table_spec(heads: int, size: int):
+    return pl.BlockSpec((heads, 1, size), lambda z, g, i, j: (g, 0, 0))
 
 
 def _own_tile(z, i, j):
@@ -478,25 +562,72 @@ def _q_tile_of(plan: _Plan):
     return tile_of
 
 
-def _call(kernel, plan: _Plan, grid, in_specs, out_specs, out_shape, scratch, args, cost, *,
-          name: str, interpret):
+@dataclasses.dataclass(frozen=True)
+class _Layout:
+    """How heads are laid out for the kernels: ``groups`` programs per (batch, dilation group),
+    each with ``heads`` heads side by side in lanes (``dq``/``dv`` features each)."""
+
+    heads: int
+    groups: int
+    dq: int
+    dv: int
+    itemsize: int
+
+    def row_bytes(self, features: int) -> int:
+        """HBM bytes of one row of ``features`` lanes (padded to whole 128-lane tiles)."""
+        return -(-features // LANES) * LANES * self.itemsize
+
+
+def _layout(heads: int, dq: int, dv: int, dtype) -> _Layout:
+    """The largest divisor of ``heads`` whose features fit one 128-lane vreg row (at least 1):
+    small head dims (NAT's 32) share lanes instead of each padding a vreg to 128 lanes."""
+    width = max(dq, dv)
+    per = max([h for h in range(1, heads + 1) if heads % h == 0 and h * width <= LANES],
+              default=1)
+    return _Layout(per, heads // per, dq, dv, jnp.dtype(dtype).itemsize)
+
+
+def _call(kernel, plan: _Plan, lay: _Layout, grid, in_specs, out_specs, out_shape, scratch,
+          args, cost, *, name: str, interpret):
     return pl.pallas_call(
-        functools.partial(kernel, plan=plan), grid=grid, in_specs=in_specs,
-        out_specs=out_specs, out_shape=out_shape, scratch_shapes=scratch,
+        functools.partial(kernel, plan=plan, heads=lay.heads, dq=lay.dq, dv=lay.dv),
+        grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
+        scratch_shapes=scratch,
         compiler_params=pltpu.CompilerParams(
             dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
-        cost_estimate=cost, interpret=_interpret_arg(interpret), name=name,
+        cost_estimate=cost, interpret=interpret, name=name,
     )(*args)
 
 
-def _nbytes(*arrays) -> int:
-    return int(sum(math.prod(a.shape) * jnp.dtype(a.dtype).itemsize for a in arrays
-                   if a is not None))
+def _costs(plan: _Plan, lay: _Layout, kind: str, batch: int) -> pl.CostEstimate:
+    """FLOPs, exponentials and HBM bytes of one kernel launch (``kind``: "fwd", "dq", "dkv"),
+    counting the padded rows and lanes the kernel really moves: its own tiles once, the other
+    side's tiles once per visited pair (the K/V or Q/dO re-reads of block sparsity)."""
+    tq, tk = math.prod(plan.q_tile), math.prod(plan.kv_tile)
+    own_rows = math.prod(n * t for n, t in zip(plan.nk if kind == "dkv" else plan.nq,
+                                               plan.kv_tile if kind == "dkv" else plan.q_tile))
+    # ``own``: bytes per row of the tiles the kernel keeps; ``visited``: per visited tile.
+    units = batch * plan.groups * lay.groups  # (batch * dilation group, head group) programs
+    pairs = batch * lay.groups * _pairs(plan, inverse=kind == "dkv")  # _pairs sums the groups
+    qk, pv = lay.row_bytes(lay.heads * lay.dq), lay.row_bytes(lay.heads * lay.dv)
+    per_query = 2 * 4 * lay.heads  # lse and delta (float32)
+    if kind == "fwd":
+        flops, own, visited = 2 * (lay.dq + lay.dv), qk + pv + per_query // 2, tk * (qk + pv)
+    elif kind == "dq":
+        flops, own, visited = 2 * (2 * lay.dq + lay.dv), 2 * qk + pv + per_query, tk * (qk + pv)
+    else:
+        flops, own = 4 * (lay.dq + lay.dv), 2 * (qk + pv)
+        visited = tq * (qk + pv + per_query)
+    flops *= lay.heads * tq * tk
+    return pl.CostEstimate(
+        flops=int(pairs * flops), transcendentals=int(pairs * lay.heads * tq * tk),
+        bytes_accessed=int(units * own_rows * own + pairs * visited))
 
 
-def _forward_call(qt, kt, vt, table, plan: _Plan, interpret):
-    """Forward kernel on tiled operands -> ``(out [BG, h, Nq, Fv], lse [BG, h, 1, Nq])``."""
-    bg, h, nrows, fq = qt.shape
+def _forward_call(qt, kt, vt, table, plan: _Plan, lay: _Layout, interpret):
+    """Forward kernel on tiled operands -> ``(out [BG, g, Nq, heads * dv], lse [BG, h, 1,
+    Nq])``."""
+    bg, groups, nrows, fq = qt.shape
     fv = vt.shape[-1]
     tq, tk = math.prod(plan.q_tile), math.prod(plan.kv_tile)
     kv_of = _kv_tile_of(plan)
@@ -504,84 +635,82 @@ def _forward_call(qt, kt, vt, table, plan: _Plan, interpret):
                 _rows_spec(tk, fv, kv_of)]
     args = [qt, kt, vt]
     if plan.has_rpb:
-        in_specs.append(_table_spec(table.shape[-1]))
+        in_specs.append(_table_spec(lay.heads, table.shape[-1]))
         args.append(table)
-    out_shape = [jax.ShapeDtypeStruct((bg, h, nrows, fv), vt.dtype),
-                 jax.ShapeDtypeStruct((bg, h, 1, nrows), jnp.float32)]
-    out_specs = [_rows_spec(tq, fv, _own_tile), _lanes_spec(tq, _own_tile)]
-    scratch = [pltpu.VMEM((tq, LANES), jnp.float32), pltpu.VMEM((tq, LANES), jnp.float32),
+    out_shape = [jax.ShapeDtypeStruct((bg, groups, nrows, fv), vt.dtype),
+                 jax.ShapeDtypeStruct((bg, groups * lay.heads, 1, nrows), jnp.float32)]
+    out_specs = [_rows_spec(tq, fv, _own_tile), _lanes_spec(tq, lay.heads, _own_tile)]
+    scratch = [pltpu.VMEM((lay.heads, tq, LANES), jnp.float32),
+               pltpu.VMEM((lay.heads, tq, LANES), jnp.float32),
                pltpu.VMEM((tq, fv), jnp.float32)]
-    pairs = bg // plan.groups * h * _pairs(plan)
-    cost = pl.CostEstimate(
-        flops=2 * pairs * tq * tk * (fq + fv), transcendentals=pairs * tq * tk,
-        bytes_accessed=_nbytes(qt, *out_shape)
-        + pairs * tk * (fq + fv) * qt.dtype.itemsize)
-    return _call(_fwd_kernel, plan, (bg, h, nrows // tq, _kv_steps(plan)), in_specs, out_specs,
-                 out_shape, scratch, args, cost, name="na_pallas_tpu_fwd", interpret=interpret)
+    return _call(_fwd_kernel, plan, lay, (bg, groups, nrows // tq, _kv_steps(plan)), in_specs,
+                 out_specs, out_shape, scratch, args,
+                 _costs(plan, lay, "fwd", bg // plan.groups),
+                 name="na_pallas_tpu_fwd", interpret=interpret)
 
 
-def _backward_calls(qt, kt, vt, dot, lset, deltat, table, plan: _Plan, interpret):
-    """dQ (+ dRPB partials) and dK/dV kernels on tiled operands. Returns
-    ``(dq, dk, dv, drpb_partial or None)``; the partials are ``[BG, h, nq, 1, table]``."""
-    bg, h, nq_rows, fq = qt.shape
-    nk_rows, fv = kt.shape[2], vt.shape[-1]
+def _dq_call(qt, kt, vt, dot, lset, deltat, table, plan: _Plan, lay: _Layout, interpret):
+    """dQ kernel (with RPB also the dRPB partials ``[BG, h, nq, 1, table]``)."""
+    bg, groups, nrows, fq = qt.shape
+    fv = vt.shape[-1]
     tq, tk = math.prod(plan.q_tile), math.prod(plan.kv_tile)
-    heads = bg // plan.groups * h
-    itemsize = qt.dtype.itemsize
-    table_args = [table] if plan.has_rpb else []
-    table_specs = [_table_spec(table.shape[-1])] if plan.has_rpb else []
-
     kv_of = _kv_tile_of(plan)
+    in_specs = [_rows_spec(tq, fq, _own_tile), _rows_spec(tk, fq, kv_of),
+                _rows_spec(tk, fv, kv_of), _rows_spec(tq, fv, _own_tile),
+                _lanes_spec(tq, lay.heads, _own_tile), _lanes_spec(tq, lay.heads, _own_tile)]
+    args = [qt, kt, vt, dot, lset, deltat]
     out_shape = [jax.ShapeDtypeStruct(qt.shape, qt.dtype)]
     out_specs = [_rows_spec(tq, fq, _own_tile)]
-    scratch = [pltpu.VMEM((tq, LANES), jnp.float32), pltpu.VMEM((tq, LANES), jnp.float32),
+    scratch = [pltpu.VMEM((lay.heads, tq, LANES), jnp.float32),
+               pltpu.VMEM((lay.heads, tq, LANES), jnp.float32),
                pltpu.VMEM((tq, fq), jnp.float32)]
-    nqt = nq_rows // tq
+    nqt = nrows // tq
     if plan.has_rpb:
         size = table.shape[-1]
-        out_shape.append(jax.ShapeDtypeStruct((bg, h, nqt, 1, size), jnp.float32))
-        out_specs.append(pl.BlockSpec((None, None, None, 1, size),
-                                      lambda z, hh, i, j: (z, hh, i, 0, 0)))
-        scratch.append(pltpu.VMEM((1, size), jnp.float32))
-    pairs = heads * _pairs(plan)
-    cost = pl.CostEstimate(
-        flops=2 * pairs * tq * tk * (2 * fq + fv), transcendentals=pairs * tq * tk,
-        bytes_accessed=_nbytes(qt, dot, lset, deltat, *out_shape)
-        + pairs * tk * (fq + fv) * itemsize)
-    dq_out = _call(
-        _dq_kernel, plan, (bg, h, nqt, _kv_steps(plan)),
-        [_rows_spec(tq, fq, _own_tile), _rows_spec(tk, fq, kv_of), _rows_spec(tk, fv, kv_of),
-         _rows_spec(tq, fv, _own_tile), _lanes_spec(tq, _own_tile),
-         _lanes_spec(tq, _own_tile)] + table_specs,
-        out_specs, out_shape, scratch, [qt, kt, vt, dot, lset, deltat] + table_args, cost,
-        name="na_pallas_tpu_dq", interpret=interpret)
-    dq, drpb = (dq_out[0], dq_out[1]) if plan.has_rpb else (dq_out[0], None)
+        in_specs.append(_table_spec(lay.heads, size))
+        args.append(table)
+        out_shape.append(jax.ShapeDtypeStruct((bg, groups * lay.heads, nqt, 1, size),
+                                              jnp.float32))
+        out_specs.append(pl.BlockSpec((None, lay.heads, None, 1, size),
+                                      lambda z, g, i, j: (z, g, i, 0, 0)))
+        scratch.append(pltpu.VMEM((lay.heads, 1, size), jnp.float32))
+    out = _call(_dq_kernel, plan, lay, (bg, groups, nqt, _kv_steps(plan)), in_specs, out_specs,
+                out_shape, scratch, args, _costs(plan, lay, "dq", bg // plan.groups),
+                name="na_pallas_tpu_dq", interpret=interpret)
+    return (out[0], out[1]) if plan.has_rpb else (out[0], None)
 
+
+def _dkv_call(qt, kt, vt, dot, lset, deltat, table, plan: _Plan, lay: _Layout, interpret):
+    """dK/dV kernel on operands tiled for ``plan``."""
+    bg, groups, _, fq = qt.shape
+    nrows, fv = kt.shape[2], vt.shape[-1]
+    tq, tk = math.prod(plan.q_tile), math.prod(plan.kv_tile)
     q_of = _q_tile_of(plan)
-    pairs = heads * _pairs(plan, inverse=True)
-    cost = pl.CostEstimate(
-        flops=4 * pairs * tq * tk * (fq + fv), transcendentals=pairs * tq * tk,
-        bytes_accessed=2 * _nbytes(kt, vt) + pairs * tq * ((fq + fv) * itemsize + 8))
-    dk, dv = _call(
-        _dkv_kernel, plan, (bg, h, nk_rows // tk, _q_steps(plan)),
-        [_rows_spec(tq, fq, q_of), _rows_spec(tk, fq, _own_tile), _rows_spec(tk, fv, _own_tile),
-         _rows_spec(tq, fv, q_of), _lanes_spec(tq, q_of), _lanes_spec(tq, q_of)] + table_specs,
+    in_specs = [_rows_spec(tq, fq, q_of), _rows_spec(tk, fq, _own_tile),
+                _rows_spec(tk, fv, _own_tile), _rows_spec(tq, fv, q_of),
+                _lanes_spec(tq, lay.heads, q_of), _lanes_spec(tq, lay.heads, q_of)]
+    args = [qt, kt, vt, dot, lset, deltat]
+    if plan.has_rpb:
+        in_specs.append(_table_spec(lay.heads, table.shape[-1]))
+        args.append(table)
+    return _call(
+        _dkv_kernel, plan, lay, (bg, groups, nrows // tk, _q_steps(plan)), in_specs,
         [_rows_spec(tk, fq, _own_tile), _rows_spec(tk, fv, _own_tile)],
         [jax.ShapeDtypeStruct(kt.shape, kt.dtype), jax.ShapeDtypeStruct(vt.shape, vt.dtype)],
-        [pltpu.VMEM((tk, fq), jnp.float32), pltpu.VMEM((tk, fv), jnp.float32)],
-        [qt, kt, vt, dot, lset, deltat] + table_args, cost, name="na_pallas_tpu_dkv",
+        [pltpu.VMEM((tk, fq), jnp.float32), pltpu.VMEM((tk, fv), jnp.float32)], args,
+        _costs(plan, lay, "dkv", bg // plan.groups), name="na_pallas_tpu_dkv",
         interpret=interpret)
-    return dq, dk, dv, drpb
 
 
 # ----------------------------------------------------------------------- forward / backward
 
 
-def _plans(query, p: NAParams, rpb, blocks: BlockSizes):
-    lengths = query.shape[1:1 + p.rank]
-    has_rpb = rpb is not None
+def _plans(shape, p: NAParams, has_rpb: bool, blocks: BlockSizes):
+    """Forward, dQ and dK/dV plans for an input of ``shape`` ``[B, *spatial, h, d]``."""
+    lengths = shape[1:1 + p.rank]
     return (_make_plan(p, lengths, blocks.q, blocks.kv, has_rpb),
-            _make_plan(p, lengths, blocks.q_bwd, blocks.kv_bwd, has_rpb))
+            _make_plan(p, lengths, blocks.q_dq, blocks.kv_dq, has_rpb),
+            _make_plan(p, lengths, blocks.q_dkv, blocks.kv_dkv, has_rpb))
 
 
 def _table(rpb: jax.Array) -> jax.Array:
@@ -589,6 +718,18 @@ def _table(rpb: jax.Array) -> jax.Array:
     flat = rpb.reshape(rpb.shape[0], -1).astype(jnp.float32)
     size = -(-flat.shape[1] // LANES) * LANES
     return jnp.pad(flat, [(0, 0), (0, size - flat.shape[1])])[:, None, :]
+
+
+def _tiles(x: jax.Array, plan: _Plan, tile, lay: _Layout) -> jax.Array:
+    """``[B, *spatial, h, d]`` -> ``[BG, head groups, N, heads * d]`` (heads side by side)."""
+    x = x.reshape(*x.shape[:-2], lay.groups, lay.heads * x.shape[-1])
+    return _to_tiles(x, plan, tile)
+
+
+def _untile(y: jax.Array, plan: _Plan, tile, batch: int, lay: _Layout) -> jax.Array:
+    """Inverse of :func:`_tiles`."""
+    x = _from_tiles(y, plan, tile, batch)
+    return x.reshape(*x.shape[:-2], lay.groups * lay.heads, -1)
 
 
 def _lanes(x: jax.Array) -> jax.Array:
@@ -604,68 +745,82 @@ def _retile(x, plan_from: _Plan, tile_from, plan_to: _Plan, tile_to, batch: int)
 
 
 def _forward(query, key, value, rpb, p: NAParams, blocks: BlockSizes, interpret):
-    """Returns ``(out, lse, residuals)`` where the residuals are the tiled operands."""
-    plan, _ = _plans(query, p, rpb, blocks)
-    qt = _to_tiles(query, plan, plan.q_tile)
-    kt = _to_tiles(key, plan, plan.kv_tile)
-    vt = _to_tiles(value, plan, plan.kv_tile)
+    """Returns ``(out, lse, residuals, raw)``: the residuals are the tiled operands and lse, raw
+    the kernel's own (tiled, padded) outputs."""
+    plan, _, _ = _plans(query.shape, p, rpb is not None, blocks)
+    lay = _layout(query.shape[-2], query.shape[-1], value.shape[-1], query.dtype)
+    qt = _tiles(query, plan, plan.q_tile, lay)
+    kt = _tiles(key, plan, plan.kv_tile, lay)
+    vt = _tiles(value, plan, plan.kv_tile, lay)
     table = _table(rpb) if rpb is not None else None
-    out_t, lse_t = _forward_call(qt, kt, vt, table, plan, interpret)
+    out_t, lse_t = _forward_call(qt, kt, vt, table, plan, lay, interpret)
     b = query.shape[0]
-    out = _from_tiles(out_t, plan, plan.q_tile, b)
+    out = _untile(out_t, plan, plan.q_tile, b, lay)
     lse = _from_tiles(lse_t[:, :, 0, :], plan, plan.q_tile, b)
-    return out, lse, (qt, kt, vt, out_t, lse_t[:, :, 0, :])
+    return out, lse, (qt, kt, vt, lse_t[:, :, 0, :]), (out_t, lse_t)
 
 
-def _backward(residuals, rpb, dout, dlse, p: NAParams, blocks: BlockSizes, interpret):
-    """Gradients from the forward's tiled residuals (``dout`` gives the untiled shape)."""
-    qt, kt, vt, out_t, lse_t = residuals
-    b = dout.shape[0]
-    fwd, plan = _plans(dout, p, rpb, blocks)
-    qt = _retile(qt, fwd, fwd.q_tile, plan, plan.q_tile, b)
-    kt = _retile(kt, fwd, fwd.kv_tile, plan, plan.kv_tile, b)
-    vt = _retile(vt, fwd, fwd.kv_tile, plan, plan.kv_tile, b)
-    out_t = _retile(out_t, fwd, fwd.q_tile, plan, plan.q_tile, b)
-    lse_t = _retile(lse_t, fwd, fwd.q_tile, plan, plan.q_tile, b)
-    dot = _to_tiles(dout.astype(vt.dtype), plan, plan.q_tile)
+def _backward(residuals, rpb, out, dout, dlse, p: NAParams, blocks: BlockSizes, interpret):
+    """Gradients from the forward's tiled residuals and its output."""
+    qt, kt, vt, lse_t = residuals
+    b, heads = dout.shape[0], dout.shape[-2]
+    fwd, plan_dq, plan_dkv = _plans(dout.shape, p, rpb is not None, blocks)
+    lay = _layout(heads, qt.shape[-1] * qt.shape[1] // heads, dout.shape[-1], qt.dtype)
     # Padding query rows have dout == 0, hence delta == 0 and ds == 0: no contribution.
-    delta = jnp.sum(out_t.astype(jnp.float32) * dot.astype(jnp.float32), axis=-1)
+    delta = jnp.sum(out.astype(jnp.float32) * dout.astype(jnp.float32), axis=-1)
     if dlse is not None:
         # d lse / d logits = p, so a cotangent on lse only shifts delta.
-        delta = delta - _to_tiles(dlse.astype(jnp.float32), plan, plan.q_tile)
+        delta = delta - dlse.astype(jnp.float32)
     table = _table(rpb) if rpb is not None else None
-    dqt, dkt, dvt, drpb_t = _backward_calls(qt, kt, vt, dot, _lanes(lse_t), _lanes(delta),
-                                            table, plan, interpret)
-    dq = _from_tiles(dqt, plan, plan.q_tile, b)
-    dk = _from_tiles(dkt, plan, plan.kv_tile, b)
-    dv = _from_tiles(dvt, plan, plan.kv_tile, b)
+
+    def operands(plan):
+        """q, k, v, dout, lse, delta tiled for ``plan`` (the forward's tiles reused as is)."""
+        return (_retile(qt, fwd, fwd.q_tile, plan, plan.q_tile, b),
+                _retile(kt, fwd, fwd.kv_tile, plan, plan.kv_tile, b),
+                _retile(vt, fwd, fwd.kv_tile, plan, plan.kv_tile, b),
+                _tiles(dout.astype(vt.dtype), plan, plan.q_tile, lay),
+                _lanes(_retile(lse_t, fwd, fwd.q_tile, plan, plan.q_tile, b)),
+                _lanes(_to_tiles(delta, plan, plan.q_tile)))
+
+    dqt, drpb_t = _dq_call(*operands(plan_dq), table, plan_dq, lay, interpret)
+    dkt, dvt = _dkv_call(*operands(plan_dkv), table, plan_dkv, lay, interpret)
+    dq = _untile(dqt, plan_dq, plan_dq.q_tile, b, lay)
+    dk = _untile(dkt, plan_dkv, plan_dkv.kv_tile, b, lay)
+    dv = _untile(dvt, plan_dkv, plan_dkv.kv_tile, b, lay)
     drpb = None
     if rpb is not None:
         # Partials of (batch * group, head, query tile) summed by an XLA reduce: no atomics.
-        drpb = drpb_t.sum(axis=(0, 2, 3))[:, :plan.rpb_size].reshape(rpb.shape)
+        drpb = drpb_t.sum(axis=(0, 2, 3))[:, :plan_dq.rpb_size].reshape(rpb.shape)
         drpb = drpb.astype(rpb.dtype)
     return dq, dk, dv, drpb, (dqt, dkt, dvt, drpb_t)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnames=("p", "blocks", "interpret"))
 def _na_pallas_tpu(query, key, value, rpb, p: NAParams, blocks: BlockSizes, interpret):
-    out, lse, _ = _forward(query, key, value, rpb, p, blocks, interpret)
+    out, lse, _, _ = _forward(query, key, value, rpb, p, blocks, interpret)
     return out, lse
 
 
 def _na_pallas_tpu_fwd(query, key, value, rpb, p, blocks, interpret):
-    out, lse, tiled = _forward(query, key, value, rpb, p, blocks, interpret)
-    return (out, lse), (tiled, rpb)
+    out, lse, tiled, _ = _forward(query, key, value, rpb, p, blocks, interpret)
+    return (out, lse), (tiled, rpb, out)
 
 
 def _na_pallas_tpu_bwd(p, blocks, interpret, res, cts):
-    tiled, rpb = res
+    tiled, rpb, out = res
     dout, dlse = cts
-    dq, dk, dv, drpb, _ = _backward(tiled, rpb, dout, dlse, p, blocks, interpret)
+    dq, dk, dv, drpb, _ = _backward(tiled, rpb, out, dout, dlse, p, blocks, interpret)
     return dq, dk, dv, drpb
 
 
 _na_pallas_tpu.defvjp(_na_pallas_tpu_fwd, _na_pallas_tpu_bwd)
+
+
+def default_block_sizes(query, value, p: NAParams) -> BlockSizes:
+    """:meth:`BlockSizes.get_default` for a call's arguments."""
+    return BlockSizes.get_default(query.shape[1:1 + p.rank], p.kernel_size, p.dilation,
+                                  max(query.shape[-1], value.shape[-1]), query.dtype, p.stride,
+                                  p.is_causal)
 
 
 def check_block_sizes(blocks: BlockSizes, p: NAParams) -> None:
@@ -694,9 +849,7 @@ def na_fused(query: jax.Array, key: jax.Array, value: jax.Array, p: NAParams,
       Gradients flow to query, key, value and rpb (and through lse).
     """
     if block_sizes is None:
-        block_sizes = BlockSizes.get_default(query.shape[1:1 + p.rank], p.kernel_size,
-                                             p.dilation, max(query.shape[-1], value.shape[-1]),
-                                             query.dtype)
+        block_sizes = default_block_sizes(query, value, p)
     check_block_sizes(block_sizes, p)
     if interpret is not None:
         return _na_pallas_tpu(query, key, value, rpb, p, block_sizes, interpret)
@@ -717,15 +870,14 @@ def kernel_outputs(query, key, value, p: NAParams, rpb=None, dout=None, dlse=Non
     write stays NaN in ``raw_*``."""
     if interpret is None:
         interpret = pltpu.InterpretParams()
-    blocks = block_sizes or BlockSizes.get_default(query.shape[1:1 + p.rank], p.kernel_size,
-                                                   p.dilation, query.shape[-1])
+    blocks = block_sizes or default_block_sizes(query, value, p)
     check_block_sizes(blocks, p)
-    out, lse, tiled = _forward(query, key, value, rpb, p, blocks, interpret)
+    out, lse, tiled, (out_t, lse_t) = _forward(query, key, value, rpb, p, blocks, interpret)
     if dout is None:
         dout = jnp.ones_like(out)
-    dq, dk, dv, drpb, (dqt, dkt, dvt, drpb_t) = _backward(tiled, rpb, dout, dlse, p, blocks,
-                                                          interpret)
-    res = dict(out=out, lse=lse, dq=dq, dk=dk, dv=dv, raw_out=tiled[3], raw_lse=tiled[4],
+    dq, dk, dv, drpb, (dqt, dkt, dvt, drpb_t) = _backward(tiled, rpb, out, dout, dlse, p,
+                                                          blocks, interpret)
+    res = dict(out=out, lse=lse, dq=dq, dk=dk, dv=dv, raw_out=out_t, raw_lse=lse_t,
                raw_dq=dqt, raw_dk=dkt, raw_dv=dvt)
     if rpb is not None:
         res.update(drpb=drpb, raw_drpb=drpb_t)

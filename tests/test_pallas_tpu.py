@@ -37,7 +37,7 @@ def tpu_blocks(c):
     narrow = (2,) * (rank - 1)
     long = pallas_tpu.LANES // 2 ** (rank - 1)
     q, kv = (*narrow, long), (long, *narrow)
-    return pallas_tpu.BlockSizes(q=q, kv=kv, q_bwd=kv, kv_bwd=q)
+    return pallas_tpu.BlockSizes(q=q, kv=kv, q_dq=kv, kv_dq=q, q_dkv=q, kv_dkv=q)
 
 
 # 1-D maps long enough for several 128-row tiles per dilation group.
@@ -54,6 +54,8 @@ QUICK = [
     (na_cases.RPB[2], True),  # 2-D RPB with dilation
     (na_cases.QUICK[7], False),  # 3-D mixed
     (na_cases.RPB[4], True),  # 3-D RPB
+    # Two programs of two heads each, side by side in lanes at an unaligned offset (48).
+    (na_cases.case((12, 11), 5, dilation=(1, 2), heads=4, head_dim=48), True),
 ]
 SLOW = ([(c, False) for c in na_cases.QUICK if all(c is not q for q, _ in QUICK)]
         + [(c, True) for c in na_cases.RPB if all(c is not q for q, _ in QUICK)]
@@ -100,11 +102,13 @@ class TestPallasTPU:
         self.check_case(rng, c, jnp.bfloat16, with_rpb)
 
     @pytest.mark.parametrize("c,with_rpb,blocks", [
-        (na_cases.RPB[1], True, pallas_tpu.BlockSizes(q=(6, 64), kv=(4, 32), q_bwd=(12, 32),
-                                                      kv_bwd=(2, 64))),
+        (na_cases.RPB[1], True, pallas_tpu.BlockSizes(q=(6, 64), kv=(4, 32), q_dq=(12, 32),
+                                                      kv_dq=(2, 64), q_dkv=(4, 96),
+                                                      kv_dkv=(8, 48))),
         pytest.param(na_cases.QUICK[8], False,
-                     pallas_tpu.BlockSizes(q=(2, 8, 8), kv=(4, 4, 8), q_bwd=(8, 2, 8),
-                                           kv_bwd=(1, 16, 8)), marks=pytest.mark.slow),
+                     pallas_tpu.BlockSizes(q=(2, 8, 8), kv=(4, 4, 8), q_dq=(8, 2, 8),
+                                           kv_dq=(1, 16, 8), q_dkv=(4, 8, 4),
+                                           kv_dkv=(2, 2, 32)), marks=pytest.mark.slow),
     ], ids=case_id)
     def test_unequal_tiles(self, rng, c, with_rpb, blocks):
         """Tiles that are not powers of two per axis, query and key tiles of different shapes,
@@ -259,22 +263,29 @@ def test_schedule_visits_exactly_the_needed_tiles(shape, kernel, stride, dilatio
 
 
 def test_block_sizes_validation_and_defaults():
-    b = pallas_tpu.BlockSizes.get_default((56, 56), (7, 7), (1, 1), 32)
-    assert b.q == (8, 16) and b.kv == (8, 16) and b.rank == 2
-    assert hash(b) == hash(pallas_tpu.BlockSizes(b.q, b.kv, b.q_bwd, b.kv_bwd))
+    b = pallas_tpu.BlockSizes.get_default((56, 56), (7, 7), (1, 1), 32, jnp.bfloat16)
+    assert b.rank == 2 and hash(b) == hash(pallas_tpu.BlockSizes(
+        b.q, b.kv, b.q_dq, b.kv_dq, b.q_dkv, b.kv_dkv))
+    # Large maps: each kernel keeps a larger tile than the ones it visits (fewer re-reads).
+    assert math.prod(b.q) >= math.prod(b.kv) and math.prod(b.q_dq) >= math.prod(b.kv_dq)
+    assert math.prod(b.kv_dkv) >= math.prod(b.q_dkv)
+    assert math.prod(b.q) > 128
+    # A 7x7 map fits one 128-row tile; larger tiles would only add padding.
     assert pallas_tpu.BlockSizes.get_default((7, 7), (7, 7), (1, 1), 32).q == (8, 16)
-    assert pallas_tpu.BlockSizes.get_default((1000,), (13,), (3,), 32).q == (128,)
-    pallas_tpu.BlockSizes(q=(6, 64), kv=(3, 128), q_bwd=(128, 1), kv_bwd=(1, 128))
+    assert pallas_tpu.BlockSizes.get_default((1000,), (13,), (3,), 32).q[0] % 128 == 0
+    six = dict(q=(6, 64), kv=(3, 128), q_dq=(128, 1), kv_dq=(1, 128), q_dkv=(2, 64),
+               kv_dkv=(4, 32))
+    pallas_tpu.BlockSizes(**six)
     with pytest.raises(ValueError, match="multiple of 128"):
-        pallas_tpu.BlockSizes(q=(8, 8), kv=(8, 16), q_bwd=(8, 16), kv_bwd=(8, 16))
+        pallas_tpu.BlockSizes(**dict(six, kv_dq=(8, 8)))
     with pytest.raises(ValueError, match="positive ints"):
-        pallas_tpu.BlockSizes(q=(0, 128), kv=(8, 16), q_bwd=(8, 16), kv_bwd=(8, 16))
+        pallas_tpu.BlockSizes(**dict(six, q=(0, 128)))
     with pytest.raises(ValueError, match="one entry per spatial axis"):
-        pallas_tpu.BlockSizes(q=(128,), kv=(8, 16), q_bwd=(8, 16), kv_bwd=(8, 16))
+        pallas_tpu.BlockSizes(**dict(six, q=(128,)))
     with pytest.raises(ValueError, match="rank"):
         q = jnp.zeros((1, 16, 16, 1, 16))
         pallas_tpu.na_fused(q, q, q, make_params((16, 16), 16, 3),
-                            block_sizes=pallas_tpu.BlockSizes((128,), (128,), (128,), (128,)))
+                            block_sizes=pallas_tpu.BlockSizes(*[(128,)] * 6))
 
 
 def test_supports_predicate():
@@ -298,15 +309,25 @@ def test_supports_predicate():
 def test_interpret_mode_detects_unwritten_outputs(rng, monkeypatch):
     """The NaN check of the grid is not vacuous: rows a kernel never writes stay NaN."""
 
-    def lazy_kernel(*refs, plan):
-        o_ref, lse_ref = refs[3], refs[4]
+    def lazy_kernel(*refs, plan, heads, dq, dv):
+        o_ref = refs[3]
         o_ref[...] = jnp.zeros(o_ref.shape, o_ref.dtype)  # lse never written
 
     monkeypatch.setattr(pallas_tpu, "_fwd_kernel", lazy_kernel)
     c = na_cases.case((10,), 3, heads=1)
     (q, k, v, *_), _ = make_inputs(rng, c, jnp.float32, False)
     p = make_params(c["shape"], 16, 3)
-    _, _, tiled = pallas_tpu._forward(q, k, v, None, p, tpu_blocks(c),  # noqa: SLF001
-                                      pltpu.InterpretParams())
-    assert not np.isnan(np.asarray(tiled[3])).any()
-    assert np.isnan(np.asarray(tiled[4])).all()
+    _, _, _, (out_t, lse_t) = pallas_tpu._forward(  # noqa: SLF001
+        q, k, v, None, p, tpu_blocks(c), pltpu.InterpretParams())
+    assert not np.isnan(np.asarray(out_t)).any()
+    assert np.isnan(np.asarray(lse_t)).all()
+
+
+def test_heads_share_lanes():
+    """Small head dims are packed side by side in lanes (NAT's 32: four heads per 128 lanes),
+    large ones get programs of their own."""
+    assert pallas_tpu._layout(2, 32, 32, jnp.bfloat16).heads == 2  # noqa: SLF001
+    assert pallas_tpu._layout(16, 32, 32, jnp.bfloat16).heads == 4  # noqa: SLF001
+    assert pallas_tpu._layout(6, 32, 32, jnp.bfloat16).heads == 3  # noqa: SLF001
+    assert pallas_tpu._layout(4, 128, 64, jnp.float32).heads == 1  # noqa: SLF001
+    assert pallas_tpu._layout(3, 24, 40, jnp.float32).heads == 3  # noqa: SLF001
