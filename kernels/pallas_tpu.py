@@ -67,7 +67,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from nat_jax.kernels import reference, windows
+from nat_jax.kernels import reference, sharding, windows
 from nat_jax.kernels.params import NAParams
 # Backend-neutral tiling geometry and layout shared with the GPU kernels.
 from nat_jax.kernels.pallas import (_from_tiles, _group_lengths, _grow_tile, _make_plan,
@@ -915,7 +915,9 @@ def _backend_fn(query, key, value, p: NAParams, rpb=None):
     why = unsupported(query, value, p, rpb)
     if why:
         raise ValueError(why)
-    return na_fused(query, key, value, p, rpb)
+    # Mosaic kernels cannot be partitioned by XLA: under a context mesh they run per shard.
+    return sharding.run_sharded(lambda q, k, v, r: na_fused(q, k, v, p, r), query, key, value,
+                                rpb)
 
 
 def _register() -> None:

@@ -183,6 +183,32 @@ class TestPallasTPU:
         assert_close(lse[:, 0], want_lse, 1e-4, 1e-5, "lse")
 
 
+def test_sharded_batch_runs_per_shard(rng):
+    """Under a context mesh (as the trainer traces its steps) the op runs the kernels per batch
+    shard under ``shard_map``: XLA cannot partition a Mosaic call. Values and all four
+    gradients equal the unsharded call's."""
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+    mesh = Mesh(np.asarray(jax.devices()[:2]).reshape(1, 2), ("data", "fsdp"))
+    c = na_cases.case((10, 9), 3, dilation=(2, 1), batch=2, heads=2, head_dim=16)
+    (q, k, v, dout, _, rpb), _ = make_inputs(rng, c, jnp.float32, True)
+
+    def loss(q, k, v, rpb):
+        out = kernels.na2d(q, k, v, 3, dilation=(2, 1), rpb=rpb, backend="pallas_tpu")
+        return jnp.sum(out * dout)
+
+    grad = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3)))
+    want = grad(q, k, v, rpb)
+    batch = NamedSharding(mesh, P(("data", "fsdp")))
+    with jax.set_mesh(mesh):
+        args = [jax.device_put(x, batch) for x in (q, k, v)] + [rpb]
+        assert "shard_map" in str(jax.make_jaxpr(loss)(*args))
+        got = grad(*args)
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-5)
+    for g, w in zip(got[1], want[1]):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.skipif(jax.default_backend() != "tpu",
                     reason="Mosaic-compiled kernels need a TPU (run with JAX_PLATFORMS=tpu)")
 class TestPallasTPUCompiled(TestPallasTPU):

@@ -28,8 +28,9 @@ LAYER = dict(preset="dinat_mini", size=56, dim=64, heads=2, dilation=8)
 
 def layer_program(topology: str, backend: str, per_device_batch: int) -> dict:
     """Worker task: compile one NA layer's forward + backward (loss gradient w.r.t. the
-    parameters, mean over devices, and the input) with the batch split over every chip of
-    ``topology`` (``shard_map``: the Pallas kernel sees its per-device slice)."""
+    parameters and the input) with the batch split over every chip of ``topology``, the way
+    the trainer runs the model: XLA partitions the projections, the NA op runs the Pallas
+    kernels per shard (``nat_jax.kernels.sharding``)."""
     import flax.nnx as nnx
     import jax
     import jax.numpy as jnp
@@ -45,19 +46,12 @@ def layer_program(topology: str, backend: str, per_device_batch: int) -> dict:
     graphdef, params = nnx.split(layer)
     params = nnx.to_pure_dict(params)
 
-    def local(params, x):
+    def step(params, x):
         def loss(params, x):
             y, _ = nnx.merge(graphdef, params)(x)
             return jnp.mean(jnp.square(y.astype(jnp.float32)))
 
-        value, (dparams, dx) = jax.value_and_grad(loss, argnums=(0, 1))(params, x)
-        return value[None], jax.lax.pmean(dparams, "data"), dx
-
-    def step(params, x):
-        # check_vma=False: a pallas_call's outputs carry no varying-axes type (as in
-        # nat_jax.kernels.sharding).
-        return jax.shard_map(local, mesh=mesh, in_specs=(P(), P("data")),
-                             out_specs=(P("data"), P(), P("data")), check_vma=False)(params, x)
+        return jax.value_and_grad(loss, argnums=(0, 1))(params, x)
 
     batch = per_device_batch * len(mesh.devices.flat)
     x = jax.ShapeDtypeStruct((batch, LAYER["size"], LAYER["size"], LAYER["dim"]), jnp.bfloat16,
