@@ -187,3 +187,42 @@ def test_kernel_sweep():
     failed = [(r["case"], r["topology"], r.get("backend"), tpu_gate.problems(r)) for r in rows
               if tpu_gate.problems(r)]
     assert not failed
+
+
+# ------------------------------------------------------------------ whole models (deviceless)
+
+
+def test_model_jobs_and_table():
+    from nat_jax.train import deviceless_tpu
+
+    selected = deviceless_tpu.jobs(["nat_mini"], ["v5e-8"], ["train", "inference"],
+                                   ["xla", "pallas_tpu"])
+    assert [j.name for j in selected] == [
+        "nat_mini-train-v5e-8-dp-xla", "nat_mini-train-v5e-8-dp-pallas_tpu",
+        "nat_mini-train-v5e-8-fsdp-xla", "nat_mini-train-v5e-8-fsdp-pallas_tpu",
+        "nat_mini-inference-v5e-8-dp-xla", "nat_mini-inference-v5e-8-dp-pallas_tpu"]
+    row = dict(config="nat_mini", program="train", topology="v5e-8", fsdp=False, backend="xla",
+               per_device_batch=128, peak_bytes=20 * 2 ** 30, hbm_bytes=16 * 2 ** 30,
+               fits=False, flops=2e12, model_flops=1.9e12, bytes_accessed=3e11,
+               roofline_seconds=0.37, bound="memory")
+    failed = dict(row, error="TimeoutError: timed out after 10 s")
+    table = deviceless_tpu.markdown([row, failed]).splitlines()
+    assert table[2] == ("| nat_mini | train | v5e-8 | data parallel | xla | 128 | 20.0 of 16 "
+                        "(**does not fit**) | 2.00 / 1.90 | 300.0 | 370.0 (memory) |")
+    assert "did not compile: TimeoutError" in table[3]
+
+
+@pytest.mark.slow
+def test_model_train_step_compiles():
+    """The trainer's own train step of nat_mini on v5e-8 (8 images per chip), on both paths:
+    compiles, fits, counts at least the model's FLOPs, and on pallas_tpu launches the Mosaic
+    kernels per shard (no all-gather of activations over the batch)."""
+    from nat_jax.train import deviceless_tpu
+
+    selected = deviceless_tpu.jobs(["nat_mini"], ["v5e-8"], ["train"], ["xla", "pallas_tpu"],
+                                   global_batch=64, shardings=(False,))
+    xla, kernel = deviceless_tpu.run(selected, timeout=3600)
+    for row in (xla, kernel):
+        assert not row.get("error"), row.get("error")
+        assert row["fits"] and row["flops"] >= row["model_flops"]
+    assert xla["mosaic_kernels"] == 0 and kernel["mosaic_kernels"] >= 3 * 18  # 18 NA layers

@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import json
 import sys
 import time
 from collections.abc import Sequence
@@ -158,13 +159,15 @@ def compile_job(job: Job) -> dict[str, Any]:
 
 def jobs(configs: Sequence[str], topologies: Sequence[str] = ("v5e-8", "v4-8"),
          programs: Sequence[str] = PROGRAMS, backends: Sequence[str] = BACKENDS,
-         global_batch: int | None = None) -> list[Job]:
-    """Every combination; FSDP only for the train step (inference parameters are small)."""
+         global_batch: int | None = None, shardings: Sequence[bool] = (False, True)
+         ) -> list[Job]:
+    """Every combination; ``shardings``: data parallel (False) and/or FSDP (True), FSDP only
+    for the train step (inference parameters are small)."""
     out = []
     for config in configs:
         for topology in topologies:
             for program in programs:
-                for fsdp in ((False, True) if program == "train" else (False,)):
+                for fsdp in (shardings if program == "train" else (False,)):
                     for backend in backends:
                         out.append(Job(config, topology, program, fsdp, backend, global_batch))
     return out
@@ -216,15 +219,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--backend", default=",".join(BACKENDS))
     parser.add_argument("--global-batch", type=int, default=None,
                         help="override the recipe batch")
+    only = parser.add_mutually_exclusive_group()
+    only.add_argument("--no-fsdp", action="store_true", help="data parallel train steps only")
+    only.add_argument("--only-fsdp", action="store_true", help="FSDP train steps only")
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per compile")
     parser.add_argument("--json", type=Path, default=None, help="write the report here")
+    parser.add_argument("--append", action="store_true",
+                        help="keep the rows already in --json (a job compiled again replaces "
+                             "its row)")
     args = parser.parse_args(argv)
 
     def split(text: str) -> list[str]:
         return [x.strip() for x in text.split(",") if x.strip()]
 
+    shardings = (False,) if args.no_fsdp else (True,) if args.only_fsdp else (False, True)
     selected = jobs(split(args.config), split(args.topology), split(args.program),
-                    split(args.backend), args.global_batch)
+                    split(args.backend), args.global_batch, shardings)
     start = time.perf_counter()
     rows = run(selected, args.timeout,
                progress=lambda done, total: print(f"{done}/{total} compiled", flush=True))
@@ -232,8 +242,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.json:
         from nat_jax.timing import write_json
 
-        write_json(args.json, {"environment": tpu_gate.environment(),
-                               "seconds": round(time.perf_counter() - start, 1),
+        seconds = round(time.perf_counter() - start, 1)
+        if args.append and args.json.exists():
+            old = json.loads(args.json.read_text())
+            new_jobs = {r["job"] for r in rows}
+            rows = [r for r in old["rows"] if r["job"] not in new_jobs] + rows
+            seconds += old.get("seconds", 0)
+        write_json(args.json, {"environment": tpu_gate.environment(), "seconds": seconds,
                                "rows": rows})
     return 1 if any(r.get("error") or not r["fits"] for r in rows) else 0
 
