@@ -45,6 +45,8 @@ bench: $(VENV)/.installed
 # path beside it), then the NAT/DiNAT train steps and inference forwards at recipe batch.
 tpu-gate: $(VENV)/.installed
 	$(BIN)/python -m nat_jax.kernels.tpu_gate --json benchmarks/results/tpu_kernel_gate.json
+	$(BIN)/python -m nat_jax.train.deviceless_tpu --config nat_mini,dinat_mini \
+		--json benchmarks/results/tpu_gate_models.json
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info
