@@ -237,7 +237,18 @@ def load_safetensors_file(path: Path, *, progress: bool = False) -> dict[str, np
 # Files and directories
 
 
+def _readable(path: Path) -> Path:
+    """``path`` if this process may open it for reading; else a ConversionError saying why
+    (the readers below would report a permission problem as a corrupt file)."""
+    try:
+        with open(path, "rb"):
+            return path
+    except OSError as e:
+        raise ConversionError(f"cannot read {path}: {e.strerror or e}") from None
+
+
 def _load_weight_file(path: Path, progress: bool) -> tuple[dict[str, np.ndarray], list[str]]:
+    _readable(path)
     suffix = path.suffix.lower()
     if suffix == SAFETENSORS_SUFFIX:
         return load_safetensors_file(path, progress=progress), []
@@ -266,6 +277,7 @@ def _load_index(index: Path, progress: bool) -> tuple[dict[str, np.ndarray], lis
 
 def read_hf_config(path: Path) -> dict[str, Any]:
     """Parsed ``config.json``; a ConversionError if it is unreadable or not a JSON object."""
+    _readable(path)
     try:
         config = json.loads(path.read_text())
     except (OSError, ValueError) as e:
@@ -288,21 +300,24 @@ def load_checkpoint(src: str | Path, *, progress: bool = False) -> Checkpoint:
       The :class:`Checkpoint`. Raises ConversionError for anything unreadable or unsafe.
     """
     src = Path(src)
-    if not src.exists():
-        raise ConversionError(f"SRC {src} does not exist")
     config_path = None
-    if src.is_dir():
-        found = [src / name for name in HF_WEIGHT_FILES if (src / name).is_file()]
-        if not found:
-            raise ConversionError(f"{src} is a directory without weights: expected one of "
-                                  f"{', '.join(HF_WEIGHT_FILES)}")
-        weights = found[0]
-        config_path = src / "config.json" if (src / "config.json").is_file() else None
-    else:
-        weights = src
-        beside = src.parent / "config.json"
-        if src.name in HF_WEIGHT_FILES and beside.is_file():
-            config_path = beside
+    try:  # a directory we may not search raises PermissionError here, not "missing"
+        if not src.exists():
+            raise ConversionError(f"SRC {src} does not exist")
+        if src.is_dir():
+            found = [src / name for name in HF_WEIGHT_FILES if (src / name).is_file()]
+            if not found:
+                raise ConversionError(f"{src} is a directory without weights: expected one "
+                                      f"of {', '.join(HF_WEIGHT_FILES)}")
+            weights = found[0]
+            config_path = src / "config.json" if (src / "config.json").is_file() else None
+        else:
+            weights = src
+            beside = src.parent / "config.json"
+            if src.name in HF_WEIGHT_FILES and beside.is_file():
+                config_path = beside
+    except OSError as e:
+        raise ConversionError(f"cannot read SRC {src}: {e.strerror or e}") from None
     notes: list[str] = []
     if weights.name.endswith(".index.json"):
         tensors, files = _load_index(weights, progress)

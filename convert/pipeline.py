@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,7 +27,7 @@ from nat_jax import configs
 from nat_jax.convert import hf_config, keymap
 from nat_jax.convert.loading import (Checkpoint, ConversionError, load_checkpoint,
                                      read_hf_config)
-from nat_jax.pretrained import abstract_model, atomic_directory
+from nat_jax.pretrained import abstract_model, atomic_directory, unwritable_reason
 
 DTYPES = ("float32", "bfloat16")
 # Max |ours - PyTorch| allowed by --verify, relative to max(1, max |PyTorch output|).
@@ -197,7 +198,8 @@ def verify_against_torch(model: Any, config: configs._BaseConfig, head: str,
     """Run transformers' model with ``hf_state`` and ours on one random image.
 
     Returns ``(max_abs_diff, scale)`` with ``scale = max(1, max |PyTorch output|)``. The PyTorch
-    model runs in float32 with the stand-in NATTEN functions of :mod:`torch_natten`.
+    model runs in float32 with the stand-in NATTEN functions of :mod:`torch_natten`. Raises
+    ConversionError if either output holds a NaN or inf.
     """
     try:
         import torch
@@ -224,6 +226,14 @@ def verify_against_torch(model: Any, config: configs._BaseConfig, head: str,
     if ours.shape != theirs.shape:
         raise ConversionError(f"--verify: output shapes differ: ours {ours.shape}, "
                               f"PyTorch {theirs.shape}")
+    # NaN compares false with everything, so a difference check alone would pass NaN outputs.
+    bad = {name: int(np.size(x) - np.count_nonzero(np.isfinite(x)))
+           for name, x in (("ours", ours), ("PyTorch", theirs))}
+    if any(bad.values()):
+        raise ConversionError(
+            f"--verify failed: non-finite outputs (NaN/inf: {bad['ours']} of {ours.size} in "
+            f"ours, {bad['PyTorch']} of {theirs.size} in PyTorch's); the weights hold "
+            "non-finite values or the model overflows")
     return float(np.max(np.abs(ours - theirs))), float(max(1.0, np.max(np.abs(theirs))))
 
 
@@ -243,10 +253,33 @@ def _phase(message: str, enabled: bool) -> Iterator[None]:
 
 
 def _check_out(out: Path, overwrite: bool, flag: str = "--overwrite") -> None:
+    """OUT is absent (or may be replaced) and can be created: no file in place of a parent
+    directory, and a writable parent."""
     if out.exists() and not overwrite:
         raise ConversionError(f"{out} already exists; pass {flag} to replace it")
     if out.exists() and not out.is_dir():
         raise ConversionError(f"{out} exists and is not a directory")
+    # OUT is written as a temporary sibling renamed into place: its parent must be writable.
+    reason = unwritable_reason(out.absolute().parent)
+    if reason is not None:
+        raise ConversionError(f"cannot write {out}: {reason}")
+
+
+def _check_apart(out: Path, out_name: str, inputs: dict[str, Path | None]) -> None:
+    """OUT must not be, contain or lie inside an input: writing OUT (``--overwrite`` replaces
+    it) would delete the input, or the input directory would get our output mixed in."""
+    target = out.resolve()
+    for name, path in inputs.items():
+        if path is None:
+            continue
+        source = path.resolve()
+        if target == source or target in source.parents:
+            relation = "is" if target == source else "contains"
+            raise ConversionError(f"{out_name} {out} {relation} {name} {path}: writing it "
+                                  f"would delete the input; choose another {out_name}")
+        if source in target.parents and source.is_dir():
+            raise ConversionError(f"{out_name} {out} lies inside {name} {path}; choose an "
+                                  f"{out_name} outside it")
 
 
 def convert(src: str | Path, out: str | Path, arch: str | None = None, dtype: str = "float32",
@@ -265,10 +298,12 @@ def convert(src: str | Path, out: str | Path, arch: str | None = None, dtype: st
       dtype: "float32" or "bfloat16" (parameters and the saved config's compute dtype).
       verify: run the HF PyTorch model on a random image and compare outputs; a difference above
         ``tolerance * max(1, max |PyTorch output|)`` raises ConversionError (nothing written).
-      overwrite: replace an existing ``out``.
+      overwrite: replace an existing ``out`` (never one that is, contains or lies inside
+        ``src`` or ``config``: that is refused).
       progress: progress bar for large files and a spinner for slow steps, on stderr.
-      verify_size: image side for ``verify`` (default: the config's ``image_size``).
-      tolerance: for ``verify`` (default :data:`DEFAULT_TOLERANCE` per dtype).
+      verify_size: image side for ``verify`` (default: the config's ``image_size``); >= 1.
+      tolerance: for ``verify`` (default :data:`DEFAULT_TOLERANCE` per dtype); finite, >= 0.
+        Non-finite outputs on either side always fail ``verify``.
 
     Returns:
       A :class:`Result`. Every bad input raises ConversionError, with ``out`` left absent.
@@ -276,7 +311,12 @@ def convert(src: str | Path, out: str | Path, arch: str | None = None, dtype: st
     start = time.perf_counter()
     if dtype not in DTYPES:
         raise ConversionError(f"--dtype {dtype!r} must be one of {', '.join(DTYPES)}")
+    if verify_size is not None and verify_size < 1:
+        raise ConversionError(f"--verify-size {verify_size}: the image side must be >= 1")
+    if tolerance is not None and not (math.isfinite(tolerance) and tolerance >= 0):
+        raise ConversionError(f"--tolerance {tolerance}: must be a finite number >= 0")
     src, out = Path(src), Path(out)
+    _check_apart(out, "OUT", {"SRC": src, "--config": None if config is None else Path(config)})
     _check_out(out, overwrite)
     ckpt = load_checkpoint(src, progress=progress)
     if config is not None:
@@ -302,12 +342,15 @@ def convert(src: str | Path, out: str | Path, arch: str | None = None, dtype: st
     if verify:
         hf_state = ckpt.tensors if source.scheme == "hf" else \
             keymap.translate(ckpt.tensors, rows, "original", "hf")
-        size = verify_size or config.image_size
+        size = config.image_size if verify_size is None else verify_size
         tol = DEFAULT_TOLERANCE[dtype] if tolerance is None else tolerance
         with _phase(f"verifying against transformers at {size}x{size}", progress):
-            diff, scale = verify_against_torch(model, config, head, hf_state, size)
+            try:
+                diff, scale = verify_against_torch(model, config, head, hf_state, size)
+            except ConversionError as e:
+                raise ConversionError(f"{e}; nothing written to {out}") from None
         result.verify_diff, result.verify_tolerance = diff / scale, tol
-        if diff > tol * scale:
+        if not diff <= tol * scale:
             raise ConversionError(f"--verify failed: max |ours - PyTorch| = {diff:.3g} "
                                   f"(relative {diff / scale:.3g}) exceeds tolerance {tol:g}; "
                                   f"nothing written to {out}")
@@ -351,6 +394,7 @@ def export(ckpt: str | Path, out_dir: str | Path, format: str = "hf",
     if format != "hf":
         raise ConversionError(f"--format {format!r}: only 'hf' is supported")
     ckpt, out_dir = Path(ckpt), Path(out_dir)
+    _check_apart(out_dir, "OUT_DIR", {"CKPT": ckpt})
     _check_out(out_dir, overwrite)
     if not ckpt.is_dir():
         raise ConversionError(f"CKPT {ckpt} is not a directory written by nat-jax convert / "

@@ -2,8 +2,9 @@
 
 :func:`tune` times a few :class:`~nat_jax.kernels.pallas.BlockSizes` candidates (forward plus
 backward) on the GPU and caches the fastest per shape key: in memory, and optionally in a JSON
-file (default ``~/.cache/nat_jax/pallas_blocks.json``). ``na_fused`` consults the cache at trace
-time through :func:`cached_block_sizes`, so tune once eagerly, then jit as usual::
+file (default ``~/.cache/nat_jax/pallas_blocks.json``). The dispatcher (``backend="pallas"`` or
+``"auto"``) looks the shape up with :func:`cached_block_sizes` before it traces the kernels and
+passes the choice as a static argument, so tune once eagerly, then jit as usual::
 
     autotune.tune(q, k, v, params, rpb)          # eager, on the GPU
     out = na2d(q, k, v, 7, backend="pallas")     # uses the tuned tiles
@@ -13,6 +14,7 @@ On CPU (no GPU to time on) :func:`tune` returns the defaults without timing anyt
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -49,29 +51,33 @@ def cached_block_sizes(query, value, p: NAParams, has_rpb: bool | None = None
     return None
 
 
+# Forward (query rows, key rows) alternatives to the default, per dtype family; each one is in
+# the GPU compile gate's sweep (spill-free on sm_80 and sm_90).
+_ALTERNATIVES = {
+    "16bit": ((128, 64), (64, 32), (64, 16), (128, 16), (32, 32), (128, 128)),
+    "float32": ((32, 16), (16, 16), (64, 32)),
+}
+
+
 def candidates(query, value, p: NAParams) -> list[pallas.BlockSizes]:
     """The default plus a few alternatives (larger / smaller query and key tiles; the backward
-    tiles stay at the default size)."""
+    tiles and warps stay at the default). Large tiles are left out where they would not fit
+    the registers (head_dim > 128 in 16-bit, head_dim > 32 in float32)."""
     spatial = query.shape[1:1 + p.rank]
     rows = [-(-n // d) for n, d in zip(spatial, p.dilation)]
     head_dim = max(query.shape[-1], value.shape[-1])
+    default = pallas.BlockSizes.get_default(spatial, p.kernel_size, p.dilation, head_dim,
+                                            query.dtype)
+    family = "float32" if query.dtype == jnp.float32 else "16bit"
+    budget = {"16bit": 64 * 32 if head_dim > 128 else None,
+              "float32": 32 * 32 if head_dim > 32 else None}[family]
     grow = pallas._grow_tile  # noqa: SLF001 (the same tile shaping as the defaults)
-    out = [pallas.BlockSizes.get_default(spatial, p.kernel_size, p.dilation, head_dim,
-                                         query.dtype)]
-    bwd = 32 if head_dim <= 128 else 16
-    # Small key tiles (16 rows, e.g. 4x4) waste less of the box on small windows; large ones
-    # amortize loop overhead on large windows.
-    for q_rows, kv_rows in ((128, 64), (64, 32), (64, 16), (128, 16), (32, 32), (128, 128)):
-        if head_dim > 128 and q_rows * kv_rows > 64 * 32:
+    out = [default]
+    for q_rows, kv_rows in _ALTERNATIVES[family]:
+        if budget is not None and q_rows * kv_rows > budget:
             continue
-        out.append(pallas.BlockSizes(q=grow(rows, q_rows), kv=grow(rows, kv_rows),
-                                     q_bwd=grow(rows, bwd), kv_bwd=grow(rows, bwd)))
-    seen, unique = set(), []
-    for c in out:
-        if c not in seen:
-            seen.add(c)
-            unique.append(c)
-    return unique
+        out.append(dataclasses.replace(default, q=grow(rows, q_rows), kv=grow(rows, kv_rows)))
+    return list(dict.fromkeys(out))
 
 
 def _measure(blocks: pallas.BlockSizes, query, key, value, p: NAParams, rpb,
@@ -119,7 +125,7 @@ def tune(query, key, value, p: NAParams, rpb=None, *, cache_file: str | Path | N
             _CACHE[key_str] = stored[key_str]
             return stored[key_str]
     cands = candidates(query, value, p)
-    if pallas.default_interpret():
+    if jax.default_backend() != "gpu":
         return cands[0]  # no GPU: nothing meaningful to time
     timings = []
     for blocks in cands:

@@ -6,40 +6,83 @@ spatial axes. Arguments follow NATTEN (heads-last layout, per-axis kernel/stride
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 
 import jax
 
-from nat_jax.kernels import reference, xla
+from nat_jax.kernels import autotune, pallas, pallas_tpu, reference, sharding, xla
 from nat_jax.kernels.params import (BoolOrTuple, IntOrTuple, NAParams, check_qkv, check_rpb,
                                     make_params)
 
-# name -> fn(query, key, value, params, rpb) -> (out, lse). Backends may add themselves
-# (``register_backend``) together with a predicate saying which arguments they support.
-FusedFn = Callable[..., tuple[jax.Array, jax.Array]]
-_BACKENDS: dict[str, FusedFn] = {
-    "reference": reference.na_fused,
-    "xla": xla.na_fused,
-}
-_SUPPORTS: dict[str, Callable[..., bool]] = {}
-# Preference order for backend="auto": the first registered backend whose predicate accepts the
-# call on the current platform wins; "xla" runs everywhere and is the fallback.
-_AUTO_ORDER: list[str] = []
 
+@dataclasses.dataclass(frozen=True)
+class Backend:
+    """A fused NA implementation the ops can dispatch to.
 
-def register_backend(name: str, fn: FusedFn, supports: Callable[..., bool] | None = None,
-                     auto: bool = False) -> None:
-    """Register a fused NA implementation under ``name``.
-
-    ``supports(query, key, value, params, rpb, platform) -> bool`` says whether it handles a call;
-    with ``auto=True`` it is tried (in registration order) before ``xla`` for ``backend="auto"``.
+    Attributes:
+      fn: ``fn(query, key, value, p, rpb, config) -> (out, lse)``.
+      platforms: lowering platforms (``"cuda"``, ``"tpu"``, ...) on which ``backend="auto"``
+        prefers it over ``"xla"``, in registration order.
+      unsupported: ``unsupported(query, value, p, rpb) -> str | None``: why it cannot take a
+        call (``None``: it can). ``auto`` then falls back to ``"xla"``; naming the backend
+        explicitly raises ``ValueError`` with the reason.
+      config: ``config(query, value, p, rpb) -> hashable`` static configuration resolved
+        outside the jitted call (e.g. autotuned block sizes), so a jit cache entry can never
+        hold a stale choice.
+      partitionable: whether XLA can partition it under sharding; kernels it cannot partition
+        (custom calls) run under ``shard_map`` when a mesh is set (:mod:`sharding`).
     """
-    _BACKENDS[name] = fn
-    if supports is not None:
-        _SUPPORTS[name] = supports
-    if auto and name not in _AUTO_ORDER:
-        _AUTO_ORDER.append(name)
+
+    fn: Callable[..., tuple[jax.Array, jax.Array]]
+    platforms: tuple[str, ...] = ()
+    unsupported: Callable[..., str | None] | None = None
+    config: Callable[..., Hashable] | None = None
+    partitionable: bool = True
+
+
+def _reference(query, key, value, p, rpb, config):
+    return reference.na_fused(query, key, value, p, rpb)
+
+
+def _xla(query, key, value, p, rpb, config):
+    return xla.na_fused(query, key, value, p, rpb)
+
+
+def _pallas(query, key, value, p, rpb, config):
+    return pallas.na_fused(query, key, value, p, rpb, block_sizes=config)
+
+
+def _pallas_blocks(query, value, p, rpb):
+    return (autotune.cached_block_sizes(query, value, p, rpb is not None)
+            or pallas.default_block_sizes(query, value, p))
+
+
+def _pallas_tpu(query, key, value, p, rpb, config):
+    return pallas_tpu.na_fused(query, key, value, p, rpb, block_sizes=config)
+
+
+def _pallas_tpu_blocks(query, value, p, rpb):
+    return pallas_tpu.default_block_sizes(query, value, p)
+
+
+# Every backend, explicitly (no registration on import). "auto" walks them in this order.
+_BACKENDS: dict[str, Backend] = {
+    "reference": Backend(_reference),
+    "xla": Backend(_xla),
+    "pallas": Backend(_pallas, platforms=("cuda",), unsupported=pallas.unsupported,
+                      config=_pallas_blocks, partitionable=False),
+    "pallas_tpu": Backend(_pallas_tpu, platforms=("tpu",), unsupported=pallas_tpu.unsupported,
+                          config=_pallas_tpu_blocks, partitionable=False),
+}
+
+
+def register_backend(name: str, backend: Backend) -> None:
+    """Add (or replace) a fused NA implementation under ``name``."""
+    if name == "auto":
+        raise ValueError("'auto' is reserved for the dispatcher")
+    _BACKENDS[name] = backend
 
 
 def available_backends() -> tuple[str, ...]:
@@ -47,17 +90,28 @@ def available_backends() -> tuple[str, ...]:
     return tuple(_BACKENDS)
 
 
-def resolve_backend(backend: str, query, key, value, p: NAParams, rpb) -> str:
-    """Concrete backend name for a call (``"auto"`` -> the best one for the platform)."""
+def _auto_choices(query, key, value, p: NAParams, rpb) -> tuple[tuple[str, str], ...]:
+    """``(platform, backend)`` pairs that ``auto`` uses instead of ``xla`` for this call."""
+    choices: dict[str, str] = {}
+    for name, b in _BACKENDS.items():
+        if b.unsupported is not None and b.unsupported(query, value, p, rpb) is not None:
+            continue
+        for platform in b.platforms:
+            choices.setdefault(platform, name)
+    return tuple(choices.items())
+
+
+def resolve_backend(backend: str, query, key, value, p: NAParams, rpb,
+                    platform: str | None = None) -> str:
+    """The backend a call runs on when lowered for ``platform`` (default: the default
+    backend's platform, ``"cuda"`` for GPUs). ``"auto"`` picks per lowering platform."""
     if backend != "auto":
         if backend not in _BACKENDS:
             raise ValueError(f"{backend=} is not one of {('auto',) + available_backends()}")
         return backend
-    platform = jax.default_backend()
-    for name in _AUTO_ORDER:
-        if _SUPPORTS.get(name, lambda *a: True)(query, key, value, p, rpb, platform):
-            return name
-    return "xla"
+    platform = platform or jax.default_backend()
+    platform = {"gpu": "cuda"}.get(platform, platform)
+    return dict(_auto_choices(query, key, value, p, rpb)).get(platform, "xla")
 
 
 def _prepare(rank, query, key, value, kernel_size, stride, dilation, is_causal, scale, rpb):
@@ -69,9 +123,25 @@ def _prepare(rank, query, key, value, kernel_size, stride, dilation, is_causal, 
     return p
 
 
-@functools.partial(jax.jit, static_argnames=("p", "backend"))
-def _fused(query, key, value, rpb, p: NAParams, backend: str):
-    return _BACKENDS[backend](query, key, value, p, rpb)
+def _run(name: str, config, query, key, value, rpb, p: NAParams):
+    b = _BACKENDS[name]
+    if b.partitionable:
+        return b.fn(query, key, value, p, rpb, config)
+    return sharding.run_sharded(lambda q, k, v, r: b.fn(q, k, v, p, r, config), query, key,
+                                value, rpb)
+
+
+@functools.partial(jax.jit, static_argnames=("p", "backend", "config"))
+def _fused(query, key, value, rpb, p: NAParams, backend: str | tuple, config):
+    """``backend`` is a name, or for ``auto`` a tuple of ``(platform, name)`` choices whose
+    ``config`` is the matching tuple; the platform is decided when lowering."""
+    if isinstance(backend, str):
+        return _run(backend, config, query, key, value, rpb, p)
+    branches = {platform: functools.partial(_run, name, cfg, p=p)
+                for (platform, name), cfg in zip(backend, config)}
+    return jax.lax.platform_dependent(query, key, value, rpb,
+                                      default=functools.partial(_run, "xla", None, p=p),
+                                      **branches)
 
 
 def neighborhood_attention(query: jax.Array, key: jax.Array, value: jax.Array,
@@ -92,11 +162,27 @@ def neighborhood_attention(query: jax.Array, key: jax.Array, value: jax.Array,
                backend, return_lse)
 
 
+def _config(name: str, query, value, p: NAParams, rpb):
+    b = _BACKENDS[name]
+    return None if b.config is None else b.config(query, value, p, rpb)
+
+
 def _na(rank, query, key, value, kernel_size, stride, dilation, is_causal, scale, rpb, backend,
         return_lse):
     p = _prepare(rank, query, key, value, kernel_size, stride, dilation, is_causal, scale, rpb)
-    name = resolve_backend(backend, query, key, value, p, rpb)
-    out, lse = _fused(query, key, value, rpb, p, name)
+    if backend == "auto":
+        choices = _auto_choices(query, key, value, p, rpb)
+        if choices:
+            config = tuple(_config(name, query, value, p, rpb) for _, name in choices)
+            out, lse = _fused(query, key, value, rpb, p, choices, config)
+        else:
+            out, lse = _fused(query, key, value, rpb, p, "xla", None)
+    else:
+        name = resolve_backend(backend, query, key, value, p, rpb)
+        why = _BACKENDS[name].unsupported and _BACKENDS[name].unsupported(query, value, p, rpb)
+        if why:
+            raise ValueError(f"{backend=}: {why}")
+        out, lse = _fused(query, key, value, rpb, p, name, _config(name, query, value, p, rpb))
     return (out, lse) if return_lse else out
 
 

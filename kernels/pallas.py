@@ -89,6 +89,33 @@ def _grow_tile(rows: Sequence[int], total: int) -> tuple[int, ...]:
     return tuple(tile)
 
 
+# Default tile rows (forward query, forward key, backward query, backward key) and warps by
+# dtype family and padded head_dim, chosen with the GPU compile gate (kernels/gpu_gate.py) so
+# that every kernel compiles without register spills on sm_80 and sm_90 with XLA's own Triton.
+# float32 products run as exact FMA loops (no TF32), whose operand layouts take far more
+# registers than tensor-core dots: smaller tiles and 8 warps. float32 with a padded head_dim
+# of 256 has no spill-free dK/dV configuration (16-row tiles at 4, 8 or 16 warps still spill
+# 0.6-2 KB), so :func:`unsupported` sends it to the xla backend.
+DEFAULT_TILES: dict[str, dict[int, tuple[int, int, int, int, int]]] = {
+    "16bit": {16: (64, 64, 32, 32, 4), 32: (64, 64, 32, 32, 4), 64: (64, 64, 32, 32, 4),
+              128: (64, 32, 32, 32, 8), 256: (64, 32, 16, 16, 8)},
+    "float32": {16: (32, 32, 32, 32, 4), 32: (32, 32, 32, 32, 4), 64: (32, 32, 16, 16, 8),
+                128: (32, 32, 16, 16, 8)},
+}
+
+
+def default_tiles(head_dim: int, dtype) -> tuple[int, int, int, int, int]:
+    """``(q, kv, q_bwd, kv_bwd, num_warps)`` rows for a head_dim (the larger of query and value)
+    and dtype, from :data:`DEFAULT_TILES`."""
+    family = "float32" if jnp.dtype(dtype) == jnp.float32 else "16bit"
+    table = DEFAULT_TILES[family]
+    feat = _feat(head_dim)
+    if feat not in table:
+        raise ValueError(f"head_dim={head_dim} with {jnp.dtype(dtype).name}: the pallas kernels "
+                         f"support padded head dims {sorted(table)} for this dtype")
+    return table[feat]
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class BlockSizes:
     """Tile shapes (group rows per spatial axis) of the Pallas NA kernels.
@@ -133,16 +160,15 @@ class BlockSizes:
     @classmethod
     def get_default(cls, shape: Sequence[int], kernel_size: Sequence[int],
                     dilation: Sequence[int], head_dim: int, dtype=jnp.float32) -> BlockSizes:
-        """Per-shape defaults: 64-row forward tiles (32 for the key tile when head_dim > 64),
-        32-row backward tiles (16 when head_dim > 128), spread over the axes by
-        :func:`_grow_tile`. ``kernel_size`` and ``dtype`` are part of the signature so a tuned
-        table can refine the choice."""
-        del kernel_size, dtype
+        """Per-shape defaults from :data:`DEFAULT_TILES` (by dtype and padded head_dim), each
+        tile spread over the axes by :func:`_grow_tile`. ``kernel_size`` is part of the
+        signature so a tuned table can refine the choice."""
+        del kernel_size
         rows = [-(-n // d) for n, d in zip(shape, dilation)]
-        kv = 64 if head_dim <= 64 else 32
-        bwd = 32 if head_dim <= 128 else 16
-        return cls(q=_grow_tile(rows, 64), kv=_grow_tile(rows, kv), q_bwd=_grow_tile(rows, bwd),
-                   kv_bwd=_grow_tile(rows, bwd))
+        q, kv, q_bwd, kv_bwd, warps = default_tiles(head_dim, dtype)
+        return cls(q=_grow_tile(rows, q), kv=_grow_tile(rows, kv),
+                   q_bwd=_grow_tile(rows, q_bwd), kv_bwd=_grow_tile(rows, kv_bwd),
+                   num_warps=warps)
 
     def warps(self, head_dim: int) -> int:
         return self.num_warps or (4 if head_dim <= 64 else 8)
@@ -211,6 +237,80 @@ def _make_plan(p: NAParams, lengths, q_tile, kv_tile, has_rpb: bool) -> _Plan:
                  tuple(q_tile), tuple(kv_tile), p.scale, has_rpb)
 
 
+def _offsets_visited(plan: _Plan) -> int:
+    """Relative offsets the dRPB kernel visits, summed over the query tiles and dilation groups
+    of one (batch, head). Per axis, :func:`windows.offset_range` gives each tile's count; a
+    multi-dimensional tile visits the product, so the total is the product of per-axis sums."""
+    total = 1
+    for a in range(plan.rank):
+        n, k, _, d, causal = plan._axis(a)  # noqa: SLF001
+        lengths = windows.group_length(n, d, np.arange(d))
+        first = np.arange(plan.nq[a])[None, :] * plan.q_tile[a]
+        lo, hi = windows.offset_range(first, first + plan.q_tile[a] - 1, lengths[:, None], k,
+                                      causal)
+        total *= int((hi - lo + 1).sum())
+    return total
+
+
+def kernel_costs(q_shape: Sequence[int], head_dim_v: int, dtype, p: NAParams, has_rpb: bool,
+                 blocks: BlockSizes) -> dict[str, dict[str, int]]:
+    """FLOPs, transcendentals and bytes of each kernel of one call (``fwd``, ``dq``, ``dkv``,
+    ``drpb``), from the static launch geometry.
+
+    ``flops`` counts the tiles the kernels actually compute (masked pairs and padding included);
+    ``flops_needed`` only the (query, key) pairs inside windows, by NATTEN's convention
+    (``prod(kernel_size)`` keys per query, causal masking not subtracted). ``bytes`` counts every
+    load and store a launch issues (key/value tiles once per visit). The ``pl.CostEstimate`` of
+    each ``pallas_call`` takes ``flops_needed``, ``transcendentals`` and ``bytes``.
+    """
+    rank = p.rank
+    b, h, dq = q_shape[0], q_shape[-2], q_shape[-1]
+    fq, fv = _feat(dq), _feat(head_dim_v)
+    es = jnp.dtype(dtype).itemsize
+    lengths = tuple(q_shape[1:1 + rank])
+    pairs = b * h * math.prod(lengths) * p.window  # needed (query, key) pairs
+    fwd = _make_plan(p, lengths, blocks.q, blocks.kv, has_rpb)
+    bwd = _make_plan(p, lengths, blocks.q_bwd, blocks.kv_bwd, has_rpb)
+    streams = b * fwd.groups * h  # (batch * group, head) programs per tile
+
+    def geometry(plan: _Plan, box, tiles):
+        return streams * math.prod(tiles), math.prod(box), math.prod(plan.q_tile), \
+            math.prod(plan.kv_tile)
+
+    rpb_bytes = 4 * _pow2(fwd.rpb_size) if has_rpb else 0
+    n, visits, tq, tk = geometry(fwd, fwd.box, fwd.nq)
+    costs = {"fwd": dict(
+        programs=n, flops=n * visits * 2 * tq * tk * (fq + fv),
+        flops_needed=2 * pairs * (dq + head_dim_v), transcendentals=n * visits * tq * tk,
+        bytes=n * (tq * fq * es + visits * tk * (fq + fv) * es + tq * fv * es + 4 * tq
+                   + rpb_bytes))}
+    # dQ: recompute q.k, then do.v and ds.k; reads q, do, lse, delta once per query tile.
+    n, visits, tq, tk = geometry(bwd, bwd.box, bwd.nq)
+    costs["dq"] = dict(
+        programs=n, flops=n * visits * 2 * tq * tk * (2 * fq + fv),
+        flops_needed=2 * pairs * (2 * dq + head_dim_v), transcendentals=n * visits * tq * tk,
+        bytes=n * (tq * (2 * fq + fv) * es + 8 * tq + visits * tk * (fq + fv) * es + rpb_bytes))
+    # dK/dV: per key tile, q.k, p^T.do, do.v and ds^T.q over the query tiles that see it.
+    n, visits, tq, tk = geometry(bwd, bwd.inverse_box, bwd.nk)
+    costs["dkv"] = dict(
+        programs=n, flops=n * visits * 2 * tq * tk * (2 * fq + 2 * fv),
+        flops_needed=2 * pairs * (2 * dq + 2 * head_dim_v),
+        transcendentals=n * visits * tq * tk,
+        bytes=n * (2 * tk * (fq + fv) * es + visits * tq * (fq + fv) * es + visits * 8 * tq
+                   + rpb_bytes))
+    if has_rpb:
+        # One row-wise q.k and do.v per query and visited offset, on gathered key/value rows.
+        offsets = b * h * _offsets_visited(bwd)
+        tq = math.prod(bwd.q_tile)
+        n = streams * math.prod(bwd.nq)
+        costs["drpb"] = dict(
+            programs=n, flops=offsets * tq * 2 * (fq + fv),
+            flops_needed=2 * pairs * (dq + head_dim_v), transcendentals=offsets * tq,
+            bytes=n * (tq * (fq + fv) * es + 8 * tq + 2 * rpb_bytes)
+            + offsets * tq * (fq + fv) * es)
+    return costs
+
+
 # --------------------------------------------------------------------- in-kernel index math
 
 
@@ -277,7 +377,9 @@ def _rpb_index(plan: _Plan, qc: Sequence, kc: Sequence, glen: Sequence):
 
 
 def _dot(a, b, trans_b: bool = False):
-    """float32-accumulated matmul; float32 inputs use full precision (no TF32)."""
+    """float32-accumulated matmul; float32 inputs use full precision (no TF32). (3xTF32 on
+    tensor cores was measured by the GPU gate as well: it needs *more* registers than the FMA
+    dot, 255 + spills for head_dim 128 where the FMA dot took 158.)"""
     precision = lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
     if trans_b:
         b = b.T
@@ -532,26 +634,38 @@ def _rpb_table(rpb: jax.Array) -> jax.Array:
 
 
 def _call(kernel, plan: _Plan, grid, in_specs, out_specs, out_shape, args, *, name: str,
-          num_warps: int, num_stages: int, interpret: bool, poison: bool):
-    """``pl.pallas_call`` with Triton compiler params. With ``poison`` every output starts as a
+          num_warps: int, num_stages: int, interpret: bool | None, poison: bool,
+          cost: dict | None):
+    """``pl.pallas_call`` with Triton compiler params and a cost estimate (``cost``, one entry
+    of :func:`kernel_costs`). ``interpret=None`` compiles the kernel where the program is lowered
+    for CUDA and interprets it on every other platform. With ``poison`` every output starts as a
     NaN buffer (aliased input), so an element the kernel fails to write stays NaN."""
-    body = functools.partial(kernel, plan=plan)
     aliases = {}
+    nin = len(args)
     if poison:
-        nin = len(args)
         args = list(args) + [jnp.full(s.shape, jnp.nan, s.dtype) for s in out_shape]
         in_specs = list(in_specs) + list(out_specs)
         aliases = {nin + i: i for i in range(len(out_shape))}
-        inner = body
 
-        def body(*refs):
-            return inner(*refs[:nin], *refs[nin + len(out_shape):])
+    def body(*refs):  # the poison buffers (aliased to the outputs) are not kernel arguments
+        return kernel(*refs[:nin], *refs[len(refs) - len(out_shape):], plan=plan)
 
-    return pl.pallas_call(
-        body, grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
-        input_output_aliases=aliases, interpret=interpret, name=name,
-        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
-    )(*args)
+    def launch(*args, interpret: bool):
+        return pl.pallas_call(
+            body, grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
+            input_output_aliases=aliases, interpret=interpret, name=name,
+            compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+            cost_estimate=None if cost is None else pl.CostEstimate(
+                flops=cost["flops_needed"], transcendentals=cost["transcendentals"],
+                bytes_accessed=cost["bytes"]),
+        )(*args)
+
+    if interpret is not None:
+        return launch(*args, interpret=interpret)
+    # Decided when lowering, not from jax.default_backend(): a CPU host exporting for CUDA gets
+    # the compiled kernels, and CPU/TPU programs get the interpreter.
+    return lax.platform_dependent(*args, cuda=functools.partial(launch, interpret=False),
+                                  default=functools.partial(launch, interpret=True))
 
 
 def _specs_rows(rows: int, feat: int | None):
@@ -572,8 +686,8 @@ def _rpb_spec(table: jax.Array):
     return pl.BlockSpec((None, table.shape[1]), lambda i, z, h: (h, 0))
 
 
-def _forward_call(qt, kt, vt, table, plan: _Plan, blocks: BlockSizes, interpret: bool,
-                  poison: bool = False):
+def _forward_call(qt, kt, vt, table, plan: _Plan, blocks: BlockSizes, interpret: bool | None,
+                  poison: bool = False, costs: dict | None = None):
     """Forward kernel on tiled operands -> ``(out [BG, h, Nq, Fv], lse [BG, h, Nq] float32)``."""
     bg, h, nrows, fq = qt.shape
     fv = vt.shape[-1]
@@ -586,11 +700,12 @@ def _forward_call(qt, kt, vt, table, plan: _Plan, blocks: BlockSizes, interpret:
     out_specs = [_specs_rows(tq, fv), _specs_rows(tq, None)]
     return _call(_fwd_kernel, plan, (nrows // tq, bg, h), in_specs, out_specs, out_shape, args,
                  name="na_pallas_fwd", num_warps=blocks.warps(max(fq, fv)),
-                 num_stages=blocks.num_stages, interpret=interpret, poison=poison)
+                 num_stages=blocks.num_stages, interpret=interpret, poison=poison,
+                 cost=(costs or {}).get("fwd"))
 
 
 def _backward_calls(qt, kt, vt, dot, lset, deltat, table, plan: _Plan, blocks: BlockSizes,
-                    interpret: bool, poison: bool = False):
+                    interpret: bool | None, poison: bool = False, costs: dict | None = None):
     """dQ, dK/dV (and dRPB partials) kernels on tiled operands (tiles ``plan.q_tile`` /
     ``plan.kv_tile``). Returns ``(dq, dk, dv, drpb_partial or None)``."""
     bg, h, nq_rows, fq = qt.shape
@@ -607,7 +722,8 @@ def _backward_calls(qt, kt, vt, dot, lset, deltat, table, plan: _Plan, blocks: B
         [_specs_rows(tq, fq), _specs_all(kt), _specs_all(vt), _specs_rows(tq, fv),
          _specs_rows(tq, None), _specs_rows(tq, None)] + rpb_specs,
         [_specs_rows(tq, fq)], [jax.ShapeDtypeStruct(qt.shape, qt.dtype)],
-        [qt, kt, vt, dot, lset, deltat] + rpb_args, name="na_pallas_dq", **common)
+        [qt, kt, vt, dot, lset, deltat] + rpb_args, name="na_pallas_dq",
+        cost=(costs or {}).get("dq"), **common)
 
     dk, dv = _call(
         _dkv_kernel, plan, (nk_rows // tk, bg, h),
@@ -615,7 +731,8 @@ def _backward_calls(qt, kt, vt, dot, lset, deltat, table, plan: _Plan, blocks: B
          _specs_all(lset), _specs_all(deltat)] + rpb_specs,
         [_specs_rows(tk, fq), _specs_rows(tk, fv)],
         [jax.ShapeDtypeStruct(kt.shape, kt.dtype), jax.ShapeDtypeStruct(vt.shape, vt.dtype)],
-        [qt, kt, vt, dot, lset, deltat] + rpb_args, name="na_pallas_dkv", **common)
+        [qt, kt, vt, dot, lset, deltat] + rpb_args, name="na_pallas_dkv",
+        cost=(costs or {}).get("dkv"), **common)
 
     drpb = None
     if plan.has_rpb:
@@ -626,7 +743,8 @@ def _backward_calls(qt, kt, vt, dot, lset, deltat, table, plan: _Plan, blocks: B
              _specs_rows(tq, None), _specs_rows(tq, None), _rpb_spec(table)],
             [pl.BlockSpec((None, None, None, table.shape[1]), lambda i, z, hh: (i, z, hh, 0))],
             [jax.ShapeDtypeStruct((nqt, bg, h, table.shape[1]), jnp.float32)],
-            [qt, kt, vt, dot, lset, deltat, table], name="na_pallas_drpb", **common)
+            [qt, kt, vt, dot, lset, deltat, table], name="na_pallas_drpb",
+            cost=(costs or {}).get("drpb"), **common)
     return dq, dk, dv, drpb
 
 
@@ -640,7 +758,7 @@ def _plans(query, p: NAParams, rpb, blocks: BlockSizes):
             _make_plan(p, lengths, blocks.q_bwd, blocks.kv_bwd, has_rpb))
 
 
-def _forward(query, key, value, rpb, p: NAParams, blocks: BlockSizes, interpret: bool,
+def _forward(query, key, value, rpb, p: NAParams, blocks: BlockSizes, interpret: bool | None,
              poison: bool = False):
     plan, _ = _plans(query, p, rpb, blocks)
     fq, fv = _feat(query.shape[-1]), _feat(value.shape[-1])
@@ -648,7 +766,8 @@ def _forward(query, key, value, rpb, p: NAParams, blocks: BlockSizes, interpret:
     kt = _to_tiles(key, plan, plan.kv_tile, feat=fq)
     vt = _to_tiles(value, plan, plan.kv_tile, feat=fv)
     table = _rpb_table(rpb) if rpb is not None else None
-    out_t, lse_t = _forward_call(qt, kt, vt, table, plan, blocks, interpret, poison)
+    costs = kernel_costs(query.shape, value.shape[-1], query.dtype, p, rpb is not None, blocks)
+    out_t, lse_t = _forward_call(qt, kt, vt, table, plan, blocks, interpret, poison, costs)
     b = query.shape[0]
     out = _from_tiles(out_t, plan, plan.q_tile, b, feat=value.shape[-1])
     lse = _from_tiles(lse_t, plan, plan.q_tile, b)
@@ -656,7 +775,7 @@ def _forward(query, key, value, rpb, p: NAParams, blocks: BlockSizes, interpret:
 
 
 def _backward(query, key, value, rpb, out, lse, dout, dlse, p: NAParams, blocks: BlockSizes,
-              interpret: bool, poison: bool = False):
+              interpret: bool | None, poison: bool = False):
     _, plan = _plans(query, p, rpb, blocks)
     fq, fv = _feat(query.shape[-1]), _feat(value.shape[-1])
     delta = jnp.sum(out.astype(jnp.float32) * dout.astype(jnp.float32), axis=-1)
@@ -671,8 +790,9 @@ def _backward(query, key, value, rpb, out, lse, dout, dlse, p: NAParams, blocks:
     kt = _to_tiles(key, plan, plan.kv_tile, feat=fq)
     vt = _to_tiles(value, plan, plan.kv_tile, feat=fv)
     table = _rpb_table(rpb) if rpb is not None else None
+    costs = kernel_costs(query.shape, value.shape[-1], query.dtype, p, rpb is not None, blocks)
     dqt, dkt, dvt, drpb_t = _backward_calls(qt, kt, vt, dot, lset, deltat, table, plan, blocks,
-                                            interpret, poison)
+                                            interpret, poison, costs)
     b = query.shape[0]
     dq = _from_tiles(dqt, plan, plan.q_tile, b, feat=query.shape[-1])
     dk = _from_tiles(dkt, plan, plan.kv_tile, b, feat=key.shape[-1])
@@ -685,7 +805,7 @@ def _backward(query, key, value, rpb, out, lse, dout, dlse, p: NAParams, blocks:
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnames=("p", "blocks", "interpret"))
-def _na_pallas(query, key, value, rpb, p: NAParams, blocks: BlockSizes, interpret: bool):
+def _na_pallas(query, key, value, rpb, p: NAParams, blocks: BlockSizes, interpret: bool | None):
     out, lse, _ = _forward(query, key, value, rpb, p, blocks, interpret)
     return out, lse
 
@@ -706,18 +826,10 @@ def _na_pallas_bwd(p, blocks, interpret, res, cts):
 _na_pallas.defvjp(_na_pallas_fwd, _na_pallas_bwd)
 
 
-def default_interpret() -> bool:
-    """Interpret mode wherever there is no GPU to lower to (CPU, TPU)."""
-    return jax.default_backend() not in ("gpu", "cuda")
-
-
-def block_sizes_for(query: jax.Array, value: jax.Array, p: NAParams) -> BlockSizes:
-    """Block sizes for a call: the autotuned choice if one is cached, else the defaults."""
-    from nat_jax.kernels import autotune  # local: autotune imports this module
-
-    return autotune.cached_block_sizes(query, value, p) or BlockSizes.get_default(
-        query.shape[1:1 + p.rank], p.kernel_size, p.dilation,
-        max(query.shape[-1], value.shape[-1]), query.dtype)
+def default_block_sizes(query, value, p: NAParams) -> BlockSizes:
+    """:meth:`BlockSizes.get_default` for a call's shapes."""
+    return BlockSizes.get_default(query.shape[1:1 + p.rank], p.kernel_size, p.dilation,
+                                  max(query.shape[-1], value.shape[-1]), query.dtype)
 
 
 def na_fused(query: jax.Array, key: jax.Array, value: jax.Array, p: NAParams,
@@ -731,21 +843,23 @@ def na_fused(query: jax.Array, key: jax.Array, value: jax.Array, p: NAParams,
       value: ``[B, *spatial, heads, head_dim_v]``, ``head_dim_v <= 256``.
       p: normalized parameters (:func:`params.make_params`).
       rpb: optional ``[heads, 2K-1, ...]`` relative positional bias.
-      block_sizes: tiles; default: the autotuned choice if cached, else
-        :meth:`BlockSizes.get_default`.
-      interpret: run the kernels in Pallas interpret mode; default: on CPU/TPU (no GPU).
+      block_sizes: tiles (a static argument); default :meth:`BlockSizes.get_default`. The
+        dispatcher (``backend="pallas"``/``"auto"``) passes the autotuned choice when
+        :mod:`autotune` has one for the shape.
+      interpret: ``True`` runs the kernel bodies in Pallas interpret mode, ``False`` compiles
+        them with Triton. ``None`` (default) decides per lowering platform: compiled kernels
+        where the program is lowered for CUDA (on a GPU, and in ``jax.export(...,
+        platforms=["cuda"])`` on a CPU host), interpret mode anywhere else.
 
     Returns:
       ``(out [B, *spatial, heads, head_dim_v] in value.dtype, lse [B, *spatial, heads] float32)``.
       Gradients flow to query, key, value and rpb (and through lse).
     """
     if block_sizes is None:
-        block_sizes = block_sizes_for(query, value, p)
+        block_sizes = default_block_sizes(query, value, p)
     if block_sizes.rank != p.rank:
         raise ValueError(f"block_sizes={block_sizes} has rank {block_sizes.rank}, the input has "
                          f"{p.rank} spatial axes")
-    if interpret is None:
-        interpret = default_interpret()
     return _na_pallas(query, key, value, rpb, p, block_sizes, interpret)
 
 
@@ -755,7 +869,7 @@ def kernel_outputs(query, key, value, p: NAParams, rpb=None, dout=None, dlse=Non
     """Forward and backward results for tests, computed directly (no custom_vjp), plus the raw
     tiled, padded output of every kernel under ``raw_*``. With ``poison`` each kernel output
     buffer starts as NaN, so any element a kernel does not write stays NaN in ``raw_*``."""
-    blocks = block_sizes or block_sizes_for(query, value, p)
+    blocks = block_sizes or default_block_sizes(query, value, p)
     out, lse, (out_t, lse_t) = _forward(query, key, value, rpb, p, blocks, interpret, poison)
     if dout is None:
         dout = jnp.ones_like(out)
@@ -776,35 +890,22 @@ def na_reference(query, key, value, p: NAParams, rpb=None):
 # ------------------------------------------------------------------------------- dispatch
 
 
-def supports(query, key, value, p: NAParams, rpb, platform: str) -> bool:
-    """Whether ``backend="auto"`` should pick these kernels: GPU only, supported dtypes and
-    head dims."""
-    if platform not in ("gpu", "cuda"):
-        return False
+def unsupported(query, value, p: NAParams, rpb) -> str | None:
+    """Why these kernels cannot take a call (``None``: they can). Everything else is covered by
+    the GPU compile gate (:mod:`gpu_gate`): every rank, feature, dtype and head_dim up to 256."""
     if query.dtype not in SUPPORTED_DTYPES:
-        return False
+        return f"query.dtype={query.dtype}: the pallas backend supports float32, bfloat16, float16"
     if query.shape[-1] > MAX_HEAD_DIM or value.shape[-1] > MAX_HEAD_DIM:
-        return False
+        return (f"head_dim={query.shape[-1]}/{value.shape[-1]}: the pallas backend supports "
+                f"head_dim <= {MAX_HEAD_DIM}")
+    if query.dtype == jnp.float32 and _feat(max(query.shape[-1], value.shape[-1])) > 128:
+        return (f"head_dim={query.shape[-1]}/{value.shape[-1]} in float32: the dK/dV kernel "
+                "spills registers above 128 (see DEFAULT_TILES); use bfloat16/float16 or the "
+                "xla backend")
     # CUDA caps the 2nd and 3rd grid dimensions (batch * groups, heads) at 65535.
     if query.shape[0] * math.prod(p.dilation) > _MAX_GRID or query.shape[-2] > _MAX_GRID:
-        return False
-    return rpb is None or rpb.dtype in SUPPORTED_DTYPES
-
-
-def _backend_fn(query, key, value, p: NAParams, rpb=None):
-    if query.dtype not in SUPPORTED_DTYPES:
-        raise ValueError(f"query.dtype={query.dtype}: the pallas backend supports float32, "
-                         "bfloat16 and float16")
-    if query.shape[-1] > MAX_HEAD_DIM or value.shape[-1] > MAX_HEAD_DIM:
-        raise ValueError(f"head_dim={query.shape[-1]}/{value.shape[-1]}: the pallas backend "
-                         f"supports head_dim <= {MAX_HEAD_DIM}")
-    return na_fused(query, key, value, p, rpb)
-
-
-def _register() -> None:
-    from nat_jax.kernels.ops import register_backend
-
-    register_backend("pallas", _backend_fn, supports=supports, auto=True)
-
-
-_register()
+        return (f"batch * prod(dilation)={query.shape[0] * math.prod(p.dilation)} and "
+                f"heads={query.shape[-2]} must each be <= {_MAX_GRID} (CUDA grid limit)")
+    if rpb is not None and rpb.dtype not in SUPPORTED_DTYPES:
+        return f"rpb.dtype={rpb.dtype}: the pallas backend supports float32, bfloat16, float16"
+    return None

@@ -67,7 +67,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from nat_jax.kernels import reference, sharding, windows
+from nat_jax.kernels import reference, windows
 from nat_jax.kernels.params import NAParams
 # Backend-neutral tiling geometry and layout shared with the GPU kernels.
 from nat_jax.kernels.pallas import (_from_tiles, _group_lengths, _grow_tile, _make_plan,
@@ -893,7 +893,9 @@ def na_reference(query, key, value, p: NAParams, rpb=None):
 
 
 def unsupported(query, value, p: NAParams, rpb) -> str | None:
-    """Why these kernels cannot take a call (``None``: they can)."""
+    """Why these kernels cannot take a call (``None``: they can). ``backend="auto"`` picks them
+    on TPU for everything else: every configuration the TPU gate compiles for v5e and v4
+    (ranks 1-3, each feature, both dtypes, head dims 16 to 256)."""
     if query.dtype not in SUPPORTED_DTYPES:
         return (f"query.dtype={query.dtype}: the pallas_tpu backend supports float32 and "
                 "bfloat16")
@@ -903,27 +905,3 @@ def unsupported(query, value, p: NAParams, rpb) -> str | None:
         return (f"head_dim={query.shape[-1]}/{value.shape[-1]}: the pallas_tpu backend supports "
                 f"head_dim <= {MAX_HEAD_DIM}")
     return None
-
-
-def supports(query, key, value, p: NAParams, rpb, platform: str) -> bool:
-    """Whether ``backend="auto"`` should pick these kernels: on TPU, for what
-    :func:`unsupported` accepts (every configuration the TPU gate compiles for v5e and v4)."""
-    return platform == "tpu" and unsupported(query, value, p, rpb) is None
-
-
-def _backend_fn(query, key, value, p: NAParams, rpb=None):
-    why = unsupported(query, value, p, rpb)
-    if why:
-        raise ValueError(why)
-    # Mosaic kernels cannot be partitioned by XLA: under a context mesh they run per shard.
-    return sharding.run_sharded(lambda q, k, v, r: na_fused(q, k, v, p, r), query, key, value,
-                                rpb)
-
-
-def _register() -> None:
-    from nat_jax.kernels.ops import register_backend
-
-    register_backend("pallas_tpu", _backend_fn, supports=supports, auto=True)
-
-
-_register()

@@ -73,6 +73,10 @@ class _BaseConfig:
         if len(self.depths) != len(self.num_heads):
             raise ValueError(f"depths={self.depths} and num_heads={self.num_heads} must have "
                              "one entry per stage")
+        for name in ("embed_dim", "num_channels", "depths", "num_heads"):
+            value = getattr(self, name)
+            if not value or min(value if isinstance(value, tuple) else (value,)) < 1:
+                raise ValueError(f"{name}={value} must be >= 1 (every entry)")
         for i, h in enumerate(self.num_heads):
             if self.stage_dims[i] % h:
                 raise ValueError(f"num_heads[{i}]={h} must divide the stage width "

@@ -138,9 +138,11 @@ class Embeddings(nnx.Module):
         self.dropout = _dropout(config.hidden_dropout_prob, rngs=rngs)
 
     def __call__(self, pixel_values: jax.Array, *, deterministic: bool = True) -> jax.Array:
-        if pixel_values.ndim != 4 or pixel_values.shape[-1] != self.num_channels:
+        if (pixel_values.ndim != 4 or pixel_values.shape[-1] != self.num_channels
+                or 0 in pixel_values.shape):  # empty inputs: NaN pooling or kernel errors
             raise ValueError(f"pixel_values.shape={tuple(pixel_values.shape)} must be "
-                             f"[batch, height, width, {self.num_channels}] (NHWC)")
+                             f"[batch, height, width, {self.num_channels}] (NHWC), every size "
+                             ">= 1")
         x = self.norm(self.patch_embeddings(pixel_values))
         return self.dropout(x, deterministic=deterministic)
 

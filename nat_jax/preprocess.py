@@ -17,7 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "imagenet_labels", "predict", "preprocess", "top_k"]
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "imagenet_labels", "predict", "preprocess", "to_rgb",
+           "top_k"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -32,18 +33,41 @@ def imagenet_labels() -> tuple[str, ...]:
     return labels
 
 
-def _to_pil(image):
+def to_rgb(image) -> np.ndarray:
+    """Any image -> uint8 ``[H, W, 3]``: the one conversion of inference and training.
+
+    Accepts a PIL image of any mode (L, LA, P, RGBA, CMYK, ...; 16-bit, 32-bit integer and
+    float images are scaled so their peak is 255, clipped to [0, 255]) or a uint8 array
+    ``[H, W]``, ``[H, W, 1]``, ``[H, W, 3]`` or ``[H, W, 4]`` (a 4th channel is alpha, dropped).
+    """
     from PIL import Image
     if isinstance(image, Image.Image):
-        return image.convert("RGB")
-    arr = np.asarray(image)
-    if arr.dtype != np.uint8:
-        raise ValueError(f"image dtype {arr.dtype}: pass uint8 arrays (0..255) or PIL images")
-    if arr.ndim == 2:
-        arr = np.stack([arr] * 3, axis=-1)
-    if arr.ndim != 3 or arr.shape[-1] not in (3, 4):
-        raise ValueError(f"image shape {arr.shape}: expected [H, W], [H, W, 3] or [H, W, 4]")
-    return Image.fromarray(arr[..., :3])
+        if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+            # PIL's own RGB conversion clips these at 255 (a 16-bit image turns white).
+            array = np.asarray(image, dtype=np.float32)
+            peak = max(float(array.max()), 1.0) if array.size else 1.0
+            array = np.clip(array * (255.0 / peak), 0, 255).astype(np.uint8)
+            image = Image.fromarray(array)
+        return np.asarray(image.convert("RGB"), dtype=np.uint8)
+    array = np.asarray(image)
+    if array.dtype != np.uint8:
+        raise ValueError(f"image dtype={array.dtype} must be uint8 (0..255); PIL images of "
+                         "any mode are converted")
+    if array.ndim == 2:
+        array = array[:, :, None]
+    if array.ndim != 3 or array.shape[-1] not in (1, 3, 4):
+        raise ValueError(f"image shape={array.shape} must be [H, W] or [H, W, 1|3|4]")
+    if array.shape[-1] == 1:
+        array = np.repeat(array, 3, axis=-1)
+    return np.ascontiguousarray(array[:, :, :3])
+
+
+def _to_pil(image):
+    from PIL import Image
+    rgb = to_rgb(image)
+    if 0 in rgb.shape:
+        raise ValueError(f"image of shape {rgb.shape} is empty")
+    return Image.fromarray(rgb)
 
 
 def _resize_crop(image, image_size: int, crop_pct: float) -> np.ndarray:
@@ -66,8 +90,8 @@ def preprocess(images, image_size: int = 224, crop_pct: float = 0.875) -> np.nda
     """timm eval transform for one image or a batch.
 
     Args:
-      images: a PIL image, a uint8 array ``[H, W(, 3|4)]``, a uint8 batch ``[B, H, W, 3]``, or a
-        list of those single images.
+      images: a PIL image (any mode, see :func:`to_rgb`), a uint8 array ``[H, W(, 1|3|4)]``, a
+        uint8 batch ``[B, H, W, 3]``, or a non-empty list of those single images.
       image_size: output side (224; 384 for the large fine-tunes).
       crop_pct: resize the shorter side to ``floor(image_size / crop_pct)`` before the center
         crop (0.875 at 224; 1.0 for the 384 models).
@@ -81,13 +105,20 @@ def preprocess(images, image_size: int = 224, crop_pct: float = 0.875) -> np.nda
         images = list(images)
     elif not isinstance(images, (list, tuple)):
         images = [images]
+    if not images:
+        raise ValueError("no images to preprocess")
     batch = np.stack([_resize_crop(_to_pil(im), image_size, crop_pct) for im in images])
     return (batch - np.asarray(IMAGENET_MEAN, np.float32)) / np.asarray(IMAGENET_STD, np.float32)
 
 
 def top_k(logits, k: int = 5, labels: Sequence[str] | None = None
           ) -> list[list[tuple[int, str, float]]]:
-    """Per row of ``logits [B, num_classes]``: the ``k`` best ``(index, label, probability)``."""
+    """Per row of ``logits [B, num_classes]``: the ``k`` best ``(index, label, probability)``.
+
+    ``k >= 1``; a ``k`` above the number of classes gives all of them.
+    """
+    if k < 1:
+        raise ValueError(f"k={k} must be >= 1")
     probs = np.asarray(jax.nn.softmax(jnp.asarray(logits, jnp.float32), axis=-1))
     if probs.ndim == 1:
         probs = probs[None]
@@ -109,6 +140,8 @@ def predict(model, images, k: int = 5) -> list[list[tuple[int, str, float]]]:
     ``images`` as for :func:`preprocess`, or an already preprocessed float ``[B, H, W, 3]``
     batch. The forward pass is jit-compiled once per model structure and input shape.
     """
+    if k < 1:  # checked before the forward pass
+        raise ValueError(f"k={k} must be >= 1")
     config = model.config
     if isinstance(images, (np.ndarray, jax.Array)) and images.ndim == 4 and \
             jnp.issubdtype(images.dtype, jnp.floating):

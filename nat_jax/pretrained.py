@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import shutil
+import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,7 +30,8 @@ from flax import nnx
 
 from nat_jax.configs import _BaseConfig, model_class_for
 
-__all__ = ["FORMAT", "load_config", "load_pretrained", "save_pretrained"]
+__all__ = ["FORMAT", "load_config", "load_pretrained", "save_pretrained",
+           "unwritable_reason"]
 
 FORMAT = "nat-jax/1"
 _HEAD_OF = {"ForImageClassification": "classification", "Backbone": "backbone", "Model": "base"}
@@ -92,6 +95,33 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
+def unwritable_reason(path: str | os.PathLike) -> str | None:
+    """Why the directory ``path`` cannot be created and written into (a few words), or None.
+
+    Looks at the deepest part of ``path`` that exists: a file there (``path`` itself or one of
+    its parents) is a reason, and so is a directory in which no file can be created, which is
+    tried for real with a temporary file (permission bits, read-only mounts, pseudo file
+    systems and root all answer the same way).
+    """
+    existing = Path(path).absolute()
+    while True:
+        try:
+            existing.stat()
+            break
+        except (FileNotFoundError, NotADirectoryError):
+            existing = existing.parent  # the filesystem root always exists
+        except OSError as e:
+            return f"cannot access {existing} ({e.strerror or e})"
+    if not existing.is_dir():
+        return f"{existing} is a file, not a directory"
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as e:
+        return f"cannot write in {existing} ({e.strerror or e})"
+    return None
+
+
 def load_config(path: str | os.PathLike) -> tuple[_BaseConfig, str]:
     """``(config, head)`` stored in a :func:`save_pretrained` directory."""
     meta = json.loads((Path(path) / "config.json").read_text())
@@ -109,8 +139,10 @@ def load_pretrained(path: str | os.PathLike, *, head: str | None = None, dtype: 
 
     Args:
       path: a directory written by :func:`save_pretrained` (or the converter).
-      head: "classification", "base" or "backbone"; defaults to the saved model's. A classifier
-        checkpoint loads into "base" (its ``nat``/``dinat`` subtree) too.
+      head: "classification", "base" or "backbone"; defaults to the saved model's. A checkpoint
+        loads into a smaller head too, dropping the weights that head does not use (classifier
+        -> base or backbone, base -> backbone; a backbone's feature-map norms are then newly
+        initialized, with a warning, as transformers does); a larger head is a ValueError.
       dtype, param_dtype, na_backend: override the saved config (e.g. ``dtype="bfloat16"``).
       seed: seeds the dropout streams (used only with ``deterministic=False``).
 
@@ -130,17 +162,47 @@ def load_pretrained(path: str | os.PathLike, *, head: str | None = None, dtype: 
     head = head or saved_head
     graphdef, abstract_params, rest = abstract_model(config, head, seed)
 
+    if head not in _LOADS_INTO[saved_head]:
+        raise ValueError(f"checkpoint {path} holds a {saved_head!r} model, which lacks weights "
+                         f"the {head!r} head needs; load it with head= one of "
+                         f"{', '.join(map(repr, _LOADS_INTO[saved_head]))}")
     with ocp.StandardCheckpointer() as ckpt:
         stored = _tree_meta(ckpt.metadata(path / "params"))
         target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), stored)
         values = ckpt.restore(path / "params", target)
-    if saved_head == "classification" and head == "base":
-        values = values[config.model_type]  # the classifier's backbone subtree
     want = nnx.to_pure_dict(abstract_params)
+    if head != saved_head:
+        values = _into_smaller_head(values, want, saved_head, config, seed, path)
     _check_tree(want, values, path)
     values = jax.tree.map(lambda t, v: jnp.asarray(v, t.dtype), want, _like(want, values))
     nnx.replace_by_pure_dict(abstract_params, values)
     return nnx.merge(graphdef, abstract_params, rest)
+
+
+# Which heads a checkpoint of each head loads into: the same, or a smaller one (the saved
+# weights it does not use are dropped; a backbone's feature norms are new, as in transformers).
+_LOADS_INTO = {"classification": ("classification", "base", "backbone"),
+               "base": ("base", "backbone"), "backbone": ("backbone",)}
+_NEW_IN_BACKBONE = "hidden_states_norms"
+
+
+def _into_smaller_head(values: dict, want: dict, saved_head: str, config: _BaseConfig,
+                       seed: int, path: Path) -> dict:
+    """The saved ``values`` reduced to the entries of a smaller head's tree ``want``."""
+    if saved_head == "classification":
+        values = values[config.model_type]  # the classifier's base-model subtree
+    dropped = sorted(set(values) - set(want))
+    values = {k: v for k, v in values.items() if k in want}
+    if _NEW_IN_BACKBONE in want and _NEW_IN_BACKBONE not in values:
+        # The feature-map norms exist only in backbones: initialized like a new model's.
+        cls = model_class_for(config, "backbone")
+        values[_NEW_IN_BACKBONE] = jax.jit(lambda: nnx.to_pure_dict(nnx.state(
+            cls(config, rngs=nnx.Rngs(seed)), nnx.Param))[_NEW_IN_BACKBONE])()
+        logging.getLogger(__name__).warning(
+            "%s: %s newly initialized (a %s checkpoint has no backbone feature norms); "
+            "unused saved weights dropped: %s", path, _NEW_IN_BACKBONE, saved_head,
+            ", ".join(dropped) or "none")
+    return values
 
 
 def abstract_model(config: _BaseConfig, head: str = "classification", seed: int = 0):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import shutil
 
 import numpy as np
 import pytest
@@ -184,8 +185,81 @@ def test_existing_out_needs_overwrite(nat_hf, tmp_path, capsys):
     assert run_cli("convert", root / "hf", out, "--quiet", "--overwrite") == 0
     assert not (out / "keep.txt").exists() and (out / "config.json").is_file()
     # export refuses an existing OUT_DIR the same way
-    assert run_cli("export", out, out, "--quiet") == 1
+    (tmp_path / "exported").mkdir()
+    assert run_cli("export", out, tmp_path / "exported", "--quiet") == 1
     assert "already exists" in capsys.readouterr().err
+
+
+def _tree(root):
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file()}
+
+
+def test_out_that_is_contains_or_lies_inside_src_is_refused(nat_hf, tmp_path, capsys):
+    """Even with --overwrite: OUT == SRC (the source would be deleted), OUT containing SRC, OUT
+    inside SRC; the same for export's OUT_DIR and CKPT. The source stays byte for byte."""
+    root, _ = nat_hf
+    src = tmp_path / "models" / "hf"
+    shutil.copytree(root / "hf", src)
+    (tmp_path / "models" / "config.json").write_text((src / "config.json").read_text())
+    before = _tree(tmp_path)
+    cases = [((src, src), "is SRC"), ((src / "model.safetensors", src), "contains SRC"),
+             ((src, tmp_path / "models"), "contains SRC"), ((src, src / "sub"), "lies inside SRC"),
+             ((root / "hf", tmp_path / "models", "--config", tmp_path / "models" / "config.json"),
+              "contains --config")]
+    for args, needle in cases:
+        assert run_cli("convert", *args, "--overwrite", "--quiet") == 1, args
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and needle in err, err
+        assert _tree(tmp_path) == before, args
+    assert run_cli("convert", src, tmp_path / "ckpt", "--quiet") == 0
+    before = _tree(tmp_path)
+    for out, needle in [(tmp_path / "ckpt", "is CKPT"), (tmp_path, "contains CKPT"),
+                        (tmp_path / "ckpt" / "hf", "lies inside CKPT")]:
+        assert run_cli("export", tmp_path / "ckpt", out, "--overwrite", "--quiet") == 1
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and needle in err, err
+        assert _tree(tmp_path) == before, out
+
+
+@pytest.mark.parametrize("case", ["weights_file", "src_directory", "out_parent"])
+def test_unreadable_src_and_unwritable_out(nat_hf, tmp_path, case):
+    """Permission problems are named as such (not "corrupt", "missing" or "exists"), in one
+    line, with nothing written; the kernel refuses for real (see tests/permissions.py)."""
+    from permissions import nat_jax_cli
+
+    root, _ = nat_hf
+    src, out = tmp_path / "hf", tmp_path / "out"
+    shutil.copytree(root / "hf", src)
+    locked, mode, needle = {
+        "weights_file": (src / "model.safetensors", 0o000,
+                         f"cannot read {src / 'model.safetensors'}: Permission denied"),
+        "src_directory": (src, 0o000, f"cannot read SRC {src}: Permission denied"),
+        "out_parent": (tmp_path / "locked", 0o555,
+                       f"cannot write in {tmp_path / 'locked'} (Permission denied)"),
+    }[case]
+    if case == "out_parent":
+        locked.mkdir()
+        out = locked / "out"
+    locked.chmod(mode)
+    try:
+        proc = nat_jax_cli("convert", src, out, "--quiet")
+    finally:
+        locked.chmod(0o755)
+    err = proc.stderr.strip()
+    assert proc.returncode == 1 and len(err.splitlines()) == 1, err
+    assert needle in err, err
+    assert not out.exists()
+
+
+def test_out_under_a_file(nat_hf, tmp_path, capsys):
+    root, _ = nat_hf
+    (tmp_path / "file").write_text("x")
+    out = tmp_path / "file" / "out"
+    err = assert_clean_failure(capsys, ["convert", root / "hf", out], tmp_path / "nothing",
+                               f"cannot write {out}: {tmp_path / 'file'} is a file, not a "
+                               "directory")
+    assert "exists" not in err and (tmp_path / "file").read_text() == "x"
 
 
 def test_missing_unexpected_and_mismatched_keys_reported_together(nat_hf, tmp_path, capsys):
@@ -209,6 +283,34 @@ def test_failed_verify_writes_nothing(nat_hf, tmp_path, capsys):
     out = tmp_path / "out"
     assert_clean_failure(capsys, ["convert", root / "hf", out, "--verify", "--verify-size", "32",
                                   "--tolerance", "0"], out, "--verify failed", "nothing written")
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_verify_fails_on_non_finite_outputs(nat_hf, tmp_path, capsys, value):
+    """One non-finite classifier bias makes both outputs non-finite: NaN differences must not
+    pass the tolerance check."""
+    _, model = nat_hf
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    state["classifier.bias"][3] = value
+    torch.save(state, tmp_path / "bad.bin")
+    (tmp_path / "config.json").write_text(json.dumps(hf_config.config_to_hf(NAT_SMALL)))
+    out = tmp_path / "out"
+    assert_clean_failure(capsys, ["convert", tmp_path / "bad.bin", out, "--config",
+                                  tmp_path / "config.json", "--verify", "--verify-size", "32"],
+                         out, "--verify failed: non-finite outputs", "nothing written")
+
+
+@pytest.mark.parametrize("flag,value,message", [
+    ("--verify-size", "0", "--verify-size 0: the image side must be >= 1"),
+    ("--verify-size", "-32", "--verify-size -32: the image side must be >= 1"),
+    ("--tolerance", "nan", "--tolerance nan: must be a finite number >= 0"),
+    ("--tolerance", "-1e-4", "--tolerance -0.0001: must be a finite number >= 0"),
+])
+def test_verify_settings_are_checked(nat_hf, tmp_path, capsys, flag, value, message):
+    root, _ = nat_hf
+    out = tmp_path / "out"
+    assert_clean_failure(capsys, ["convert", root / "hf", out, "--verify", f"{flag}={value}"],
+                         out, message)
 
 
 def test_export_rejects_non_checkpoints(nat_hf, tmp_path, capsys):

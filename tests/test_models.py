@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import re
 
 import jax
 import jax.numpy as jnp
@@ -267,3 +268,19 @@ def test_wrong_inputs_raise(rng):
         nat_jax.NatModel(TINY, rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="head"):
         nat_jax.build_model(TINY, rngs=nnx.Rngs(0), head="segmentation")
+
+
+@pytest.mark.parametrize("shape", [(0, 32, 32, 3), (1, 0, 0, 3), (2, 32, 0, 3), (1, 32, 32, 0)])
+def test_zero_sized_inputs_raise(shape):
+    """Empty batches and images are a ValueError naming the shape (were a ZeroDivisionError in
+    the attention, or NaN logits from pooling nothing)."""
+    model = nat_jax.build_model(_tiny_nat(), rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match=re.escape(f"pixel_values.shape={shape} must be")):
+        model(jnp.zeros(shape))
+
+
+@pytest.mark.parametrize("field,value", [("num_heads", (0, 2, 4, 8)), ("embed_dim", 0),
+                                         ("depths", (1, 0, 1, 1)), ("num_channels", 0)])
+def test_zero_sized_configs_raise(field, value):
+    with pytest.raises(ValueError, match=re.escape(f"{field}={value} must be >= 1")):
+        NatConfig(**{field: value})

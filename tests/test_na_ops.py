@@ -340,9 +340,11 @@ def test_av_checks_weights_shape():
 
 
 def test_auto_backend_resolves_to_a_registered_backend():
-    c = na_cases.case((8, 8), 3)
-    p = kernels.make_params(c["shape"], 16, 3)
-    name = kernels.resolve_backend("auto", None, None, None, p, None)
+    q, k, v = _qkv()
+    p = kernels.make_params(q.shape[1:3], q.shape[-1], 3)
+    name = kernels.resolve_backend("auto", q, k, v, p, None)
     assert name in kernels.available_backends()
     if jax.default_backend() == "cpu":
         assert name == "xla"
+    with pytest.raises(ValueError, match="is not one of"):
+        kernels.resolve_backend("fastest", q, k, v, p, None)

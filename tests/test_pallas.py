@@ -167,7 +167,8 @@ class TestPallasNA:
         c = na_cases.case((12, 10), (5, 3), dilation=(2, 1), heads=2, head_dim=16)
         (q, k, v, dout, dlse, rpb), (q64, k64, v64, _, _, rpb64) = make_inputs(
             rng, c, jnp.float32, True)
-        assert kernels.resolve_backend("auto", q, k, v, None, rpb) == (
+        p = make_params(c["shape"], c["head_dim"], c["kernel"], dilation=c["dilation"])
+        assert kernels.resolve_backend("auto", q, k, v, p, rpb) == (
             "xla" if self.INTERPRET else "pallas")
 
         def loss(q, k, v, rpb, backend):
@@ -286,12 +287,19 @@ def test_window_index_math_stays_int32():
 
 
 def test_block_sizes_validation_and_defaults():
-    b = pallas.BlockSizes.get_default((56, 56), (7, 7), (1, 1), 64)
+    b = pallas.BlockSizes.get_default((56, 56), (7, 7), (1, 1), 64, jnp.bfloat16)
     assert b.q == (8, 8) and b.rank == 2 and hash(b) == hash(pallas.BlockSizes(**{
         f: getattr(b, f) for f in ("q", "kv", "q_bwd", "kv_bwd", "num_warps", "num_stages")}))
-    wide = pallas.BlockSizes.get_default((3, 100), (3, 7), (1, 1), 256)
+    wide = pallas.BlockSizes.get_default((3, 100), (3, 7), (1, 1), 256, jnp.bfloat16)
     assert wide.q == (1, 64) and wide.kv == (1, 32) and wide.q_bwd == (1, 16)
-    assert pallas.BlockSizes.get_default((5,), (3,), (2,), 16).q == (64,)  # tiny: padded rows
+    assert wide.num_warps == 8
+    tiny = pallas.BlockSizes.get_default((5,), (3,), (2,), 16, jnp.bfloat16)
+    assert tiny.q == (64,) and tiny.num_warps == 4  # tiny map: padded rows
+    # float32 (exact FMA dots) takes smaller tiles; a padded head_dim of 256 has none.
+    f32 = pallas.BlockSizes.get_default((56, 56), (7, 7), (1, 1), 128, jnp.float32)
+    assert f32.q == (4, 8) and f32.kv_bwd == (4, 4) and f32.num_warps == 8
+    with pytest.raises(ValueError, match="head_dim=200 with float32"):
+        pallas.BlockSizes.get_default((56, 56), (7, 7), (1, 1), 200, jnp.float32)
     with pytest.raises(ValueError, match="powers of two"):
         pallas.BlockSizes(q=(6, 8), kv=(8, 8), q_bwd=(4, 4), kv_bwd=(4, 4))
     with pytest.raises(ValueError, match="at least 16"):
@@ -327,12 +335,17 @@ def test_autotune_picks_fastest_and_dispatch_uses_it(monkeypatch, tmp_path):
         return fake[blocks]
 
     monkeypatch.setattr(autotune, "_measure", measure)
-    monkeypatch.setattr(pallas, "default_interpret", lambda: False)
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    used = []
+    na_fused = pallas.na_fused
+    monkeypatch.setattr(pallas, "na_fused", lambda *a, block_sizes, **kw: (
+        used.append(block_sizes), na_fused(*a, block_sizes=block_sizes, **kw))[1])
     autotune.clear()
     try:
         assert autotune.tune(q, q, q, p, cache_file=tmp_path / "c.json") == cands[2]
         assert autotune.cached_block_sizes(q, q, p) == cands[2]
-        assert pallas.block_sizes_for(q, q, p) == cands[2]
+        kernels.na2d(q, q, q, 5, backend="pallas")
+        assert used == [cands[2]]
         autotune.clear()
         monkeypatch.setattr(autotune, "_measure", None)  # must not time again: file hit
         assert autotune.tune(q, q, q, p, cache_file=tmp_path / "c.json") == cands[2]
@@ -340,16 +353,21 @@ def test_autotune_picks_fastest_and_dispatch_uses_it(monkeypatch, tmp_path):
         autotune.clear()
 
 
-def test_supports_predicate():
-    """backend="auto" may pick the kernels only on GPU and only for supported arguments."""
+def test_auto_picks_pallas_only_for_cuda_and_supported_calls():
+    """backend="auto" picks the kernels only where the program is lowered for CUDA and only for
+    arguments the kernels support; naming "pallas" for an unsupported call says why."""
     q = jnp.zeros((2, 16, 16, 4, 64), jnp.bfloat16)
     p = make_params((16, 16), 64, 5)
-    assert pallas.supports(q, q, q, p, None, "gpu")
-    assert not pallas.supports(q, q, q, p, None, "cpu")
+    assert pallas.unsupported(q, q, p, None) is None
+    assert kernels.resolve_backend("auto", q, q, q, p, None, platform="cuda") == "pallas"
+    assert kernels.resolve_backend("auto", q, q, q, p, None, platform="gpu") == "pallas"
+    for platform in ("cpu", "tpu"):
+        assert kernels.resolve_backend("auto", q, q, q, p, None, platform=platform) == "xla"
     big = jnp.zeros((1, 16, 16, 1, 512), jnp.bfloat16)
-    assert not pallas.supports(big, big, big, p, None, "gpu")
+    assert "head_dim" in pallas.unsupported(big, big, p, None)
+    assert kernels.resolve_backend("auto", big, big, big, p, None, platform="cuda") == "xla"
     ints = jax.ShapeDtypeStruct((1, 16, 16, 1, 32), jnp.int8)
-    assert not pallas.supports(ints, ints, ints, p, None, "gpu")
+    assert "dtype" in pallas.unsupported(ints, ints, p, None)
     with pytest.raises(ValueError, match="head_dim"):
         kernels.na2d(big, big, big, 5, backend="pallas")
 

@@ -148,7 +148,7 @@ class TestPallasTPU:
         (q, k, v, dout, dlse, rpb), (q64, k64, v64, _, _, rpb64) = make_inputs(
             rng, c, jnp.float32, True)
         p = make_params(c["shape"], 16, c["kernel"], dilation=c["dilation"])
-        assert pallas_tpu.supports(q, k, v, p, rpb, "tpu")
+        assert kernels.resolve_backend("auto", q, k, v, p, rpb, platform="tpu") == "pallas_tpu"
         assert kernels.resolve_backend("auto", q, k, v, p, rpb) == (
             "xla" if self.INTERPRET else "pallas_tpu")
 
@@ -313,18 +313,20 @@ def test_block_sizes_validation_and_defaults():
                             block_sizes=pallas_tpu.BlockSizes(*[(128,)] * 6))
 
 
-def test_supports_predicate():
-    """backend="auto" may pick the kernels only on TPU and only for supported arguments; naming
-    the backend with unsupported arguments raises with the reason."""
+def test_dispatch_on_tpu():
+    """backend="auto" picks the kernels when lowering for a TPU, for supported arguments only;
+    naming the backend with unsupported arguments raises with the reason."""
     q = jnp.zeros((2, 16, 16, 4, 32), jnp.bfloat16)
     p = make_params((16, 16), 32, 5)
-    assert pallas_tpu.supports(q, q, q, p, None, "tpu")
-    assert not pallas_tpu.supports(q, q, q, p, None, "cpu")
-    assert not pallas_tpu.supports(q, q, q, p, None, "gpu")
+    resolve = kernels.resolve_backend
+    assert resolve("auto", q, q, q, p, None, platform="tpu") == "pallas_tpu"
+    assert resolve("auto", q, q, q, p, None, platform="cpu") == "xla"
+    assert resolve("auto", q, q, q, p, None, platform="gpu") == "pallas"
     half = q.astype(jnp.float16)
-    assert not pallas_tpu.supports(half, half, half, p, None, "tpu")
+    assert "float16" in pallas_tpu.unsupported(half, half, p, None)
+    assert resolve("auto", half, half, half, p, None, platform="tpu") == "xla"
     big = jnp.zeros((1, 16, 16, 1, 512), jnp.bfloat16)
-    assert not pallas_tpu.supports(big, big, big, p, None, "tpu")
+    assert resolve("auto", big, big, big, p, None, platform="tpu") == "xla"
     with pytest.raises(ValueError, match="head_dim"):
         kernels.na2d(big, big, big, 5, backend="pallas_tpu")
     with pytest.raises(ValueError, match="float16"):

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import logging
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -87,6 +89,43 @@ def test_mismatched_checkpoint_is_rejected(tmp_path, model):
         nat_jax.load_pretrained(path)
 
 
+def _params(module) -> dict:
+    return nnx.to_pure_dict(nnx.state(module, nnx.Param))
+
+
+def test_checkpoints_load_into_smaller_heads_only(tmp_path, model, rng, caplog):
+    """As transformers does: a classifier checkpoint loads as a backbone (classifier and final
+    norm dropped, the feature-map norms newly initialized, with a warning) and as a base
+    model; a base checkpoint as a backbone. Larger heads are a clear ValueError."""
+    path = nat_jax.save_pretrained(model, tmp_path / "classifier")
+    with caplog.at_level(logging.WARNING, logger="nat_jax.pretrained"):
+        backbone = nat_jax.load_pretrained(path, head="backbone")
+    assert isinstance(backbone, nat_jax.DinatBackbone)
+    got, saved = _params(backbone), _params(model)["dinat"]
+    assert sorted(got) == ["embeddings", "encoder", "hidden_states_norms"]
+    for part in ("embeddings", "encoder"):
+        jax.tree.map(np.testing.assert_array_equal, got[part], saved[part])
+    norm = got["hidden_states_norms"]["stage4"]
+    np.testing.assert_array_equal(norm["scale"], np.ones(norm["scale"].shape))
+    np.testing.assert_array_equal(norm["bias"], np.zeros(norm["bias"].shape))
+    warned = " ".join(r.getMessage() for r in caplog.records)
+    assert "hidden_states_norms newly initialized" in warned and "layernorm" in warned
+    x = jnp.asarray(rng.standard_normal((1, 32, 32, 3)), jnp.float32)
+    assert backbone(x).feature_maps[0].shape == (1, 128, 1, 1)  # stage 4 of 32x32: 1x1
+
+    base_path = nat_jax.save_pretrained(nat_jax.load_pretrained(path, head="base"),
+                                        tmp_path / "base")
+    from_base = nat_jax.load_pretrained(base_path, head="backbone")
+    jax.tree.map(np.testing.assert_array_equal, _params(from_base)["encoder"], saved["encoder"])
+    backbone_path = nat_jax.save_pretrained(backbone, tmp_path / "backbone")
+    for ckpt, head, allowed in [(base_path, "classification", "'base', 'backbone'"),
+                                (backbone_path, "classification", "'backbone'"),
+                                (backbone_path, "base", "'backbone'")]:
+        with pytest.raises(ValueError, match=f"lacks weights the '{head}' head needs; load it "
+                                             f"with head= one of {allowed}"):
+            nat_jax.load_pretrained(ckpt, head=head)
+
+
 # ------------------------------------------------------------------ preprocessing
 
 
@@ -116,6 +155,46 @@ def test_preprocess_matches_timm_eval_transform():
     assert nat_jax.preprocess(np.stack([img, img]), 384, crop_pct=1.0).shape == (2, 384, 384, 3)
     with pytest.raises(ValueError, match="uint8"):
         nat_jax.preprocess(img.astype(np.float32))
+
+
+def test_preprocess_high_bit_depth_images_like_training(tmp_path):
+    """16-bit, 32-bit and float PIL images are scaled to their peak, as the training pipeline
+    decodes them (PIL's own RGB conversion clipped a 16-bit image to white)."""
+    from PIL import Image
+
+    from nat_jax.train import input_pipeline
+
+    rng = np.random.default_rng(3)
+    values = rng.integers(0, 4000, (40, 48))
+    images = {"I;16": Image.fromarray(values.astype(np.uint16)),
+              "I": Image.fromarray(values.astype(np.int32)),
+              "F": Image.fromarray((values / 4000).astype(np.float32))}
+    for mode, image in images.items():
+        assert image.mode == mode
+        array = np.asarray(image, np.float64)
+        gray = np.floor(array * 255 / max(array.max(), 1.0) + 1e-6).astype(np.uint8)
+        expected = nat_jax.preprocess(np.dstack([gray] * 3), 32, crop_pct=1.0)
+        np.testing.assert_allclose(nat_jax.preprocess(image, 32, crop_pct=1.0), expected,
+                                   atol=1e-5, err_msg=mode)
+    # The training pipeline decodes the same 16-bit image (as a PNG file) to the same pixels.
+    images["I;16"].save(tmp_path / "deep.png")
+    decoded = input_pipeline.decode({"file": str(tmp_path / "deep.png"), "label": 0})["image"]
+    np.testing.assert_array_equal(
+        decoded, np.dstack([np.floor(values * 255 / values.max() + 1e-6).astype(np.uint8)] * 3))
+    assert decoded.max() == 255  # the peak, not a clipped white image
+
+
+def test_empty_inputs_and_bad_k_are_rejected(model):
+    with pytest.raises(ValueError, match="no images to preprocess"):
+        nat_jax.preprocess([])
+    with pytest.raises(ValueError, match=r"image of shape \(0, 0, 3\) is empty"):
+        nat_jax.preprocess(np.zeros((0, 0, 3), np.uint8))
+    pixels = np.zeros((1, 32, 32, 3), np.float32)
+    for k in (0, -1):
+        with pytest.raises(ValueError, match=f"k={k} must be >= 1"):
+            nat_jax.predict(model, pixels, k=k)
+        with pytest.raises(ValueError, match=f"k={k} must be >= 1"):
+            nat_jax.top_k(np.zeros((1, 4)), k)
 
 
 def test_top_k_and_predict(model):

@@ -1,12 +1,13 @@
 """TPU compile gate: NA programs and the Pallas TPU kernels compiled for v5e-8 and v4-8 with
 libtpu, on this CPU-only machine (``nat_jax.kernels.tpu_gate``).
 
-Default tier (a small, deterministic sample, one worker process for all of it): one DiNAT
-attention layer (qkv, dilated NA with RPB, output projection) forward and backward, data
-parallel over every chip of each topology, on the ``xla`` path and on ``pallas_tpu``; and a few
-kernel configurations the layer does not reach (1-D, 3-D, float32, other head dims). The
-``slow`` tier compiles the whole kernel sweep. Whole-model train steps belong to ``make
-tpu-gate`` (a full-model TPU compile takes minutes each here).
+Default tier (a small, deterministic sample): one DiNAT attention layer (qkv, dilated NA with
+RPB, output projection) forward and backward, data parallel over every chip of each topology,
+on the ``xla`` path and on ``pallas_tpu``; a few kernel configurations the layer does not reach
+(1-D, 3-D, float32, other head dims); and the trainer's own train step of the small ``digits``
+config on v4-8 with FSDP. The ``slow`` tier compiles the whole kernel sweep and nat_mini's train
+step; ``make tpu-gate`` the minis' train steps and inference forwards at the recipe batch
+(a whole-model TPU compile takes 7-20 minutes here).
 """
 
 from __future__ import annotations
@@ -164,7 +165,8 @@ def test_problems_and_roofline():
     r = tpu_gate.roofline(4e11, 1e9, chip)
     assert r["bound"] == "compute" and r["roofline_seconds"] == pytest.approx(2e-3)
     assert tpu_gate.roofline(1e9, 1e10, chip)["bound"] == "memory"
-    row = dict(backend="pallas_tpu", fits=False, peak_bytes=2, hbm_bytes=1, mosaic_kernels=2)
+    row = dict(backend="pallas_tpu", fits=False, peak_bytes=2, memory_per_device=1,
+               mosaic_kernels=2)
     assert len(tpu_gate.problems(row)) == 2
     assert tpu_gate.problems(dict(row, fits=True, mosaic_kernels=3)) == []
     assert tpu_gate.problems({"error": "MosaicError: boom\nmore"}) == ["MosaicError: boom"]
@@ -192,37 +194,49 @@ def test_kernel_sweep():
 # ------------------------------------------------------------------ whole models (deviceless)
 
 
-def test_model_jobs_and_table():
-    from nat_jax.train import deviceless_tpu
+def test_trainer_step_of_digits_compiles_for_v4_8_fsdp():
+    """The trainer's own train step (the small digits DiNAT) on v4-8 with FSDP and the
+    pallas_tpu kernels: every NA layer's three Mosaic kernels run per shard, no activation is
+    gathered over the batch, and it fits."""
+    from nat_jax.train import deviceless
 
-    selected = deviceless_tpu.jobs(["nat_mini"], ["v5e-8"], ["train", "inference"],
-                                   ["xla", "pallas_tpu"])
-    assert [j.name for j in selected] == [
-        "nat_mini-train-v5e-8-dp-xla", "nat_mini-train-v5e-8-dp-pallas_tpu",
-        "nat_mini-train-v5e-8-fsdp-xla", "nat_mini-train-v5e-8-fsdp-pallas_tpu",
-        "nat_mini-inference-v5e-8-dp-xla", "nat_mini-inference-v5e-8-dp-pallas_tpu"]
-    row = dict(config="nat_mini", program="train", topology="v5e-8", fsdp=False, backend="xla",
-               per_device_batch=128, peak_bytes=20 * 2 ** 30, hbm_bytes=16 * 2 ** 30,
-               fits=False, flops=2e12, model_flops=1.9e12, bytes_accessed=3e11,
-               roofline_seconds=0.37, bound="memory")
-    failed = dict(row, error="TimeoutError: timed out after 10 s")
-    table = deviceless_tpu.markdown([row, failed]).splitlines()
-    assert table[2] == ("| nat_mini | train | v5e-8 | data parallel | xla | 128 | 20.0 of 16 "
-                        "(**does not fit**) | 2.00 / 1.90 | 300.0 | 370.0 (memory) |")
-    assert "did not compile: TimeoutError" in table[3]
+    report = deviceless.compile_program(
+        "v4-8", "digits", per_device_batch=8, program="train", timeout=900,
+        overrides={"fsdp": -1, "model_overrides.na_backend": "pallas_tpu"})
+    assert report["fits"] and report["device_kind"] == "TPU v4"
+    assert report["mosaic_kernels"] == 3 * 4 and not report["batch_all_gathers"]
+    assert report["flops"] >= report["model_flops"] > 0
 
 
 @pytest.mark.slow
-def test_model_train_step_compiles():
-    """The trainer's own train step of nat_mini on v5e-8 (8 images per chip), on both paths:
-    compiles, fits, counts at least the model's FLOPs, and on pallas_tpu launches the Mosaic
-    kernels per shard (no all-gather of activations over the batch)."""
-    from nat_jax.train import deviceless_tpu
+@pytest.mark.parametrize("backend", ["xla", "pallas_tpu"])
+def test_trainer_step_compiles_for_v5e_8(backend):
+    """The trainer's own train step of nat_mini on v5e-8 (8 images per chip) on both paths:
+    compiles, fits, counts at least the model's FLOPs, and on pallas_tpu launches the three
+    Mosaic kernels of every NA layer per shard (no all-gather of activations over the batch)."""
+    from nat_jax.train import deviceless
 
-    selected = deviceless_tpu.jobs(["nat_mini"], ["v5e-8"], ["train"], ["xla", "pallas_tpu"],
-                                   global_batch=64, shardings=(False,))
-    xla, kernel = deviceless_tpu.run(selected, timeout=3600)
-    for row in (xla, kernel):
-        assert not row.get("error"), row.get("error")
-        assert row["fits"] and row["flops"] >= row["model_flops"]
-    assert xla["mosaic_kernels"] == 0 and kernel["mosaic_kernels"] >= 3 * 18  # 18 NA layers
+    report = deviceless.compile_program(
+        "v5e-8", "nat_mini", per_device_batch=8, program="train", timeout=3600,
+        overrides={"model_overrides.na_backend": backend})
+    assert report["fits"] and report["flops"] >= report["model_flops"]
+    assert not report["batch_all_gathers"], report["batch_all_gathers"]
+    assert report["mosaic_kernels"] == (3 * 18 if backend == "pallas_tpu" else 0)
+    assert report["device_kind"] == "TPU v5 lite" and report["roofline_seconds"] > 0
+
+
+def test_hlo_summary_sees_combined_async_gathers():
+    """XLA may combine gathers into one all-gather-start with a tuple result (as it does for the
+    GPU NA program without a mesh); a batch-sized array anywhere in it is a batch gather."""
+    from nat_jax.train import deviceless
+
+    hlo = """
+  %all-gather-start.1 = ((bf16[4,4,1024,32]{3,2,1,0}, bf16[4,4,1024,32]{3,2,1,0}), (bf16[32,4,1024,32]{3,2,1,0}, bf16[32,4,1024,32]{3,2,1,0})) all-gather-start(%a, %b), channel_id=2
+  %all-gather-done.1 = (bf16[32,4,1024,32]{3,2,1,0}, bf16[32,4,1024,32]{3,2,1,0}) all-gather-done(%all-gather-start.1)
+  %ag = f32[8,64]{1,0} all-gather(%x), dimensions={0}
+  %k = bf16[4,1024,64]{2,1,0} custom-call(%q), custom_call_target="tpu_custom_call"
+"""
+    summary = deviceless.hlo_summary(hlo, global_batch=32)
+    assert summary["all_gathers"] == 2 and summary["mosaic_kernels"] == 1
+    assert len(summary["batch_all_gathers"]) == 1
+    assert summary["batch_all_gathers"][0].startswith("%all-gather-start.1")

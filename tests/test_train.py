@@ -4,6 +4,7 @@ The resume / preemption tests live in test_train_resume.py.
 """
 
 import json
+import logging
 import math
 import os
 
@@ -16,6 +17,7 @@ import pytest
 
 from nat_jax.train import configs, sharding, trainer
 from nat_jax.train.configs import get_config
+from nat_jax.train.errors import UserInputError
 
 import tensorflow_datasets as tfds  # noqa: E402  (train extra: fail, never skip)
 
@@ -81,6 +83,81 @@ def test_overrides_coerce_types_and_reject_unknown_fields():
         configs.apply_overrides(c, {"learning_rat": "1"})
     with pytest.raises(ValueError, match="global_batch_size"):
         configs.apply_overrides(c, {"global_batch_size": "many"})
+    configs.apply_overrides(c, {"aug.crop_ratio": "(1, 2)", "num_train_steps": "1e3",
+                                "model_overrides.depths": "(1, 1, 1)"})
+    assert c.aug.crop_ratio == (1.0, 2.0) and c.num_train_steps == 1000
+    assert c.model_overrides.depths == (1, 1, 1)
+
+
+@pytest.mark.parametrize("override,problem", [
+    ("aug.crop_scale=0.5", "expected a tuple like (0.7, 1.0), got '0.5'"),
+    ("aug.crop_scale=(0.5,)", "expected 2 values like (0.7, 1.0), got 1"),
+    ("aug.mean=('a', 'b', 'c')", "expected numbers like (0.5, 0.5, 0.5)"),
+    ("model_overrides.depths=2", "expected a tuple like (2, 2), got '2'"),
+    ("num_train_steps=1.5", "expected an integer, got '1.5'"),
+    ("learning_rate=fast", "expected a number, got 'fast'"),
+    ("progress_bar=maybe", "expected a boolean"),
+    ("learning_rat=1", "no field 'learning_rat' (known: aug, b1"),
+    ("aug.hflip.x=1", "aug.hflip is not a group of fields"),
+])
+def test_bad_overrides_are_one_line_errors(tmp_path, capsys, override, problem):
+    """Through the CLI: exit 1, one line naming the override and the problem, nothing written
+    (a scalar for a tuple field used to become a 1-tuple silently)."""
+    from nat_jax.cli import main
+
+    code = main(["train", "--config", "digits", "--workdir", str(tmp_path / "w"),
+                 f"--config.{override}"])
+    err = capsys.readouterr().err.strip()
+    assert code == 1 and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert f"config override {override.split('=')[0]}" in err and problem in err, err
+    assert not (tmp_path / "w").exists()
+
+
+@pytest.mark.parametrize("setting,problem", [
+    ("--config.global_batch_size=0", "global_batch_size=0 must be >= 1"),  # ZeroDivisionError
+    ("--config.global_batch_size=-8", "global_batch_size=-8 must be >= 1"),
+    ("--config.log_every_steps=0", "log_every_steps=0 must be >= 1"),
+    ("--config.global_batch_size=12", "global_batch_size=12 must be divisible by the number "
+                                      "of devices (8)"),
+    ("--config.fsdp=3", "fsdp=3 must be -1 or a positive divisor of the device count 8"),
+])
+def test_settings_that_cannot_run_are_one_line_errors(tmp_path, capsys, setting, problem):
+    from nat_jax.cli import main
+
+    code = main(["train", "--config", "digits", "--workdir", str(tmp_path / "w"), setting,
+                 "--config.progress_bar=false"])
+    err = capsys.readouterr().err.strip()
+    assert code == 1 and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert problem in err, err
+
+
+def test_workdir_under_a_file_is_one_line_error(tmp_path, capsys):
+    from nat_jax.cli import main
+
+    (tmp_path / "file").write_text("not a directory")
+    for workdir in (tmp_path / "file", tmp_path / "file" / "run"):
+        code = main(["train", "--config", "digits", "--workdir", str(workdir)])
+        err = capsys.readouterr().err.strip()
+        assert code == 1 and len(err.splitlines()) == 1, err
+        assert f"cannot use --workdir {workdir}: {tmp_path / 'file'} is a file" in err, err
+    assert (tmp_path / "file").read_text() == "not a directory"
+
+
+def test_unwritable_workdir_is_one_line_error(tmp_path):
+    """A workdir the process may not write (permission bits, obeyed even by root here)."""
+    from permissions import nat_jax_cli
+
+    workdir = tmp_path / "read_only"
+    workdir.mkdir()
+    workdir.chmod(0o555)
+    try:
+        proc = nat_jax_cli("train", "--config", "digits", "--workdir", workdir)
+    finally:
+        workdir.chmod(0o755)
+    err = proc.stderr.strip()
+    assert proc.returncode == 1 and len(err.splitlines()) == 1, err
+    assert f"cannot use --workdir {workdir}: cannot write in {workdir} (Permission denied)" in err
+    assert os.listdir(workdir) == []
 
 
 def test_cli_parses_config_overrides():
@@ -93,12 +170,27 @@ def test_cli_parses_config_overrides():
     assert args.config_overrides == {"learning_rate": "5e-4", "aug.hflip": "0.5"}
 
 
-def test_durations_steps_or_epochs():
+def test_durations_steps_or_epochs(caplog):
     c = get_config("nat_mini")
     total, warmup, cooldown = trainer.resolve_durations(c, steps_per_epoch=1251)
     assert (total, warmup, cooldown) == (310 * 1251, 20 * 1251, 10 * 1251)
-    c.num_train_steps = 100
-    with pytest.raises(ValueError, match="exactly one of num_train_steps"):
+    # A step count given alone wins over the recipe's epochs (logged); the 20-epoch warmup and
+    # the 10-epoch cooldown are longer than the 6-step run: clamped, with a warning each.
+    c.num_train_steps = 6
+    with caplog.at_level(logging.INFO, logger="nat_jax.train.trainer"):
+        assert trainer.resolve_durations(c, steps_per_epoch=4) == (12, 6, 6)
+    text = "\n".join(r.getMessage() for r in caplog.records)
+    assert "num_train_steps=6 takes precedence over num_epochs=300 (1200 steps" in text
+    assert "warmup of 80 steps is longer than the run (6 steps): clamped to 6" in text
+    assert "cooldown of 40 steps is longer than the run (6 steps): clamped to 6" in text
+    assert [r.levelname for r in caplog.records if "clamped" in r.getMessage()] == ["WARNING"] * 2
+    c.warmup_steps, c.cooldown_steps = 2, 0
+    assert trainer.resolve_durations(c, steps_per_epoch=4) == (6, 2, 0)
+    c.num_train_steps = c.num_epochs = -1
+    with pytest.raises(UserInputError, match="num_train_steps and num_epochs are both -1"):
+        trainer.resolve_durations(c, 10)
+    c.num_train_steps = 0
+    with pytest.raises(UserInputError, match="the run has 0 steps"):
         trainer.resolve_durations(c, 10)
 
 
@@ -242,6 +334,35 @@ def test_non_finite_loss_stops_with_the_step(tmp_path, capsys):
     assert code == 1
     assert "non-finite loss nan at step 1" in err and "last good checkpoint" in err
     assert not os.path.exists(os.path.join(workdir, "checkpoints", "2"))
+
+
+@pytest.mark.slow
+def test_image_folder_run_with_unreadable_files_and_a_missing_val_class(tmp_path, capsys,
+                                                                       caplog):
+    """Training on an image folder whose train split holds a broken symlink and a corrupt file
+    and whose val split lacks a class: the run finishes, each bad file is warned about once,
+    the eval counts the readable images and predictions name the training classes."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, classes in {"train": ["cat", "dog", "fish"], "val": ["dog", "fish"]}.items():
+        for cls in classes:
+            (tmp_path / "data" / split / cls).mkdir(parents=True)
+            for i in range(4):
+                Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(
+                    tmp_path / "data" / split / cls / f"{i}.png")
+    (tmp_path / "data" / "train" / "cat" / "gone.jpg").symlink_to(tmp_path / "nowhere.jpg")
+    (tmp_path / "data" / "train" / "fish" / "bad.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    c = tiny_config(dataset="image_folder", data_dir=str(tmp_path / "data"), num_classes=-1,
+                    eval_split="val", global_batch_size=8, predict_after_training=3,
+                    checkpoint_every_steps=4)  # 32 examples: over 2 epochs of 14 files
+    with caplog.at_level(logging.WARNING, logger="nat_jax.train.input_pipeline"):
+        metrics = trainer.train_and_evaluate(c, str(tmp_path / "run"))
+    assert metrics["step"] == 4 and metrics["eval_count"] == 8
+    warned = [r.getMessage() for r in caplog.records if "unreadable image" in r.getMessage()]
+    assert len(warned) == 2 and any("gone.jpg" in w for w in warned), warned
+    printed = capsys.readouterr().out
+    assert printed.count("true    dog") + printed.count("true   fish") == 3, printed
 
 
 @pytest.mark.slow

@@ -2,6 +2,7 @@
 
 import io
 import logging
+import os
 
 import jax
 import jax.numpy as jnp
@@ -99,7 +100,7 @@ def _encode(array, fmt, mode=None):
     return buf.getvalue()
 
 
-def test_decode_corrupt_grayscale_cmyk(rng, caplog):
+def test_decode_corrupt_grayscale_cmyk(rng):
     rgb = _image(rng, 12, 10)
     good = {
         "jpeg_rgb": _encode(rgb, "JPEG"),
@@ -112,10 +113,9 @@ def test_decode_corrupt_grayscale_cmyk(rng, caplog):
         out = input_pipeline.decode({"image": data, "label": 3})
         assert out["image"].shape == (12, 10, 3) and out["label"] == 3, name
     truncated = good["jpeg_rgb"][: len(good["jpeg_rgb"]) // 3]
-    with caplog.at_level(logging.WARNING, logger="nat_jax.train.input_pipeline"):
-        for bad in (b"not an image", b"", truncated):
-            assert input_pipeline.decode({"image": bad, "label": 0, "name": "x.jpg"}) is None
-    assert sum("skipping unreadable image" in r.message for r in caplog.records) == 3
+    for bad in (b"not an image", b"", truncated):
+        with pytest.raises(input_pipeline.UnreadableImageError, match="x.jpg"):
+            input_pipeline.decode({"image": bad, "label": 0, "name": "x.jpg"})
 
 
 def test_image_folder_pipeline_skips_corrupt_images(rng, tmp_path, caplog):
@@ -147,6 +147,77 @@ def test_image_folder_pipeline_skips_corrupt_images(rng, tmp_path, caplog):
         assert b["erase"].shape == (4, 4)
     assert sum(int(b["mask"].sum()) for b in evals) == 10  # 12 files, 2 corrupt
     assert any("skipping unreadable image" in r.message for r in caplog.records)
+
+
+def _image_folder(root, rng, layout: dict[str, list[str]], per_class: int = 2):
+    """``root/<split>/<class>/<i>.png`` for each split's class list."""
+    for split, classes in layout.items():
+        for cls in classes:
+            d = root / split / cls
+            d.mkdir(parents=True)
+            for i in range(per_class):
+                (d / f"{i}.png").write_bytes(_encode(_image(rng, 8, 8), "PNG"))
+
+
+def test_image_folder_labels_come_from_the_training_split(rng, tmp_path):
+    """A validation split lacking a class keeps the training labels; an unknown class is an
+    error; an explicit class list in the config fixes the order."""
+    _image_folder(tmp_path, rng, {"train": ["cat", "dog", "fish"], "val": ["dog", "fish"],
+                                  "test": ["cat", "bird"]})
+    config = get_config("nat_mini")
+    config.update(dataset="image_folder", data_dir=str(tmp_path), eval_split="val")
+    train = input_pipeline.make_source(config, "train")
+    val = input_pipeline.make_source(config, "val")
+    assert train.class_names == val.class_names == ["cat", "dog", "fish"]
+    assert sorted(set(train.labels)) == [0, 1, 2]
+    labels = {path.split(os.sep)[-2]: label for path, label in zip(val.paths, val.labels)}
+    assert labels == {"dog": 1, "fish": 2}
+    with pytest.raises(ValueError, match="bird are not among the 3 training classes"):
+        input_pipeline.make_source(config, "test")
+
+    config.class_names = ("fish", "dog", "cat", "bird")
+    val = input_pipeline.make_source(config, "val")
+    labels = {path.split(os.sep)[-2]: label for path, label in zip(val.paths, val.labels)}
+    assert labels == {"dog": 1, "fish": 0}
+    test = input_pipeline.make_source(config, "test")
+    assert sorted(set(test.labels)) == [2, 3]
+
+
+def test_unreadable_files_are_skipped_and_warned_once_each(rng, tmp_path, caplog):
+    """A broken symlink and a corrupt file: training batches stay full (the next readable image
+    takes the place), and over three epochs (decoded in two worker processes) and two eval
+    passes (in this process) each bad file is warned about exactly once, counted per file."""
+    _image_folder(tmp_path, rng, {"train": ["cat", "dog"], "val": ["cat", "dog"]}, per_class=3)
+    (tmp_path / "train" / "cat" / "link.jpg").symlink_to(tmp_path / "missing.jpg")
+    (tmp_path / "train" / "dog" / "broken.jpg").write_bytes(b"\xff\xd8\xff garbage")
+    (tmp_path / "val" / "dog" / "link.png").symlink_to(tmp_path / "missing.png")
+    config = get_config("nat_mini")
+    config.update(dataset="image_folder", data_dir=str(tmp_path), image_size=16,
+                  global_batch_size=4, num_workers=2, eval_split="val")
+    source = input_pipeline.make_source(config, "train")
+    assert len(source) == 8  # 6 readable + 2 bad
+    it = iter(input_pipeline.train_dataset(config, source))
+    batches = [next(it) for _ in range(6)]  # 24 examples: 3 epochs
+    it.close()
+    unreadable = input_pipeline.UnreadableFiles()
+    with caplog.at_level(logging.WARNING, logger="nat_jax.train.input_pipeline"):
+        batches = [unreadable.take(b) for b in batches]
+        config.num_workers = 0  # evaluation in this process (worker start-up is slow)
+        val = input_pipeline.make_source(config, "val")
+        evals = [list(input_pipeline.eval_batches(config, val, unreadable=unreadable))
+                 for _ in range(2)]
+    for b in batches:
+        assert sorted(b) == ["erase", "image", "label"] and b["image"].shape == (4, 16, 16, 3)
+    assert [sum(int(b["mask"].sum()) for b in e) for e in evals] == [6, 6]
+    warnings = [r.getMessage() for r in caplog.records if "unreadable image" in r.getMessage()]
+    bad = ["train/cat/link.jpg", "train/dog/broken.jpg", "val/dog/link.png"]
+    assert sorted(unreadable.files) == sorted(str(tmp_path / b) for b in bad)
+    assert len(warnings) == 3, warnings
+    for name in bad:
+        assert sum(name in w for w in warnings) == 1, (name, warnings)
+    assert [w.split("; ")[-1] for w in warnings] == [
+        f"{n} unreadable file(s) so far" for n in (1, 2, 3)]
+    assert "FileNotFoundError" in unreadable.files[str(tmp_path / bad[0])]
 
 
 def test_train_dataset_is_deterministic_and_resumable():

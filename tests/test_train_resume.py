@@ -2,6 +2,7 @@
 the same parameters as an uninterrupted run with the same seed and steps."""
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,6 +15,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from nat_jax.train import trainer
+from nat_jax.train.errors import UserInputError
 
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 
@@ -100,10 +102,15 @@ def compilation_cache(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def reference_run(tmp_path_factory, compilation_cache):
+def reference_workdir(tmp_path_factory, compilation_cache):
     workdir = str(tmp_path_factory.mktemp("uninterrupted"))
     trainer.train_and_evaluate(resume_config(), workdir)
-    return final_state(workdir)
+    return workdir
+
+
+@pytest.fixture(scope="module")
+def reference_run(reference_workdir):
+    return final_state(reference_workdir)
 
 
 def test_sigkill_then_restart_resumes_exactly(tmp_path, reference_run, capsys):
@@ -139,3 +146,34 @@ def test_sigterm_saves_and_resumes_exactly(tmp_path, reference_run):
     metrics = trainer.train_and_evaluate(resume_config(), workdir)
     assert metrics["resumed_from"] == saved
     assert_same_state(final_state(workdir), reference_run)
+
+
+def _files(root) -> dict[str, bytes]:
+    return {os.path.relpath(os.path.join(d, f), root): open(os.path.join(d, f), "rb").read()
+            for d, _, files in os.walk(root) for f in files}
+
+
+@pytest.mark.parametrize("change,named", [
+    # a changed width (the old code died in Orbax after overwriting config.json)
+    (dict(embed_dim=32), ["embed_dim 16 -> 32"]),
+    # the same parameters, another computation (the old code resumed it silently)
+    (dict(layer_norm_eps=1e-6), ["layer_norm_eps 1e-05 -> 1e-06"]),
+    # another family and its dilations
+    (dict(model="dinat_mini", dilations=((2,), (1,))), ["dilations None -> [[2], [1]]",
+                                                        "model_type nat -> dinat"]),
+])
+def test_resume_with_another_model_is_refused_touching_nothing(tmp_path, reference_workdir,
+                                                               change, named):
+    workdir = str(tmp_path / "run")
+    shutil.copytree(reference_workdir, workdir)
+    before = _files(workdir)
+    config = resume_config()
+    config.model = change.pop("model", config.model)
+    config.model_overrides.update(change)
+    with pytest.raises(UserInputError) as error:
+        trainer.train_and_evaluate(config, workdir)
+    message = str(error.value)
+    assert "holds checkpoints of a different model" in message and "\n" not in message
+    for field in named:
+        assert field in message, message
+    assert _files(workdir) == before  # config.json and everything else untouched

@@ -2,7 +2,8 @@
 
 Host side (uint8 ``[H, W, 3]`` in, uint8 ``[S, S, 3]`` out, one ``np.random.Generator`` per
 image so every image is reproducible from (seed, index)):
-  :func:`to_rgb` (grayscale / alpha / CMYK / palette -> RGB), :func:`random_resized_crop`,
+  :func:`to_rgb` (any PIL mode or uint8 array -> RGB; :func:`nat_jax.preprocess.to_rgb`, the
+  same conversion inference uses), :func:`random_resized_crop`,
   :func:`hflip`, :class:`RandAugment` (timm's ``rand-m9-mstd0.5-inc1``), :func:`erasing_box`
   (only draws the box; the fill happens on device), :func:`center_crop` for eval.
 
@@ -21,6 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image, ImageEnhance, ImageOps
 
+from nat_jax.preprocess import to_rgb  # noqa: F401  (part of this module's host-side API)
+
 _FILL = (124, 116, 104)  # timm: ImageNet mean in uint8, fill for rotated/sheared borders
 _RANDOM_INTERP = (Image.BILINEAR, Image.BICUBIC)
 
@@ -28,30 +31,6 @@ _RANDOM_INTERP = (Image.BILINEAR, Image.BICUBIC)
 # ---------------------------------------------------------------------------------------------
 # Host side
 # ---------------------------------------------------------------------------------------------
-
-def to_rgb(image) -> np.ndarray:
-    """Any decoded image -> uint8 ``[H, W, 3]``.
-
-    Accepts a PIL image (any mode: L, LA, P, RGBA, CMYK, I;16, ...) or an array ``[H, W]``,
-    ``[H, W, 1]``, ``[H, W, 3]`` or ``[H, W, 4]`` (the 4th channel is taken as alpha and dropped).
-    """
-    if isinstance(image, Image.Image):
-        if image.mode in ("I;16", "I;16B", "I", "F"):
-            array = np.asarray(image, dtype=np.float32)
-            peak = max(float(array.max()), 1.0)
-            image = Image.fromarray((array * (255.0 / peak)).astype(np.uint8))
-        return np.asarray(image.convert("RGB"), dtype=np.uint8)
-    array = np.asarray(image)
-    if array.dtype != np.uint8:
-        raise ValueError(f"image dtype={array.dtype} must be uint8")
-    if array.ndim == 2:
-        array = array[:, :, None]
-    if array.ndim != 3 or array.shape[-1] not in (1, 3, 4):
-        raise ValueError(f"image shape={array.shape} must be [H, W] or [H, W, 1|3|4]")
-    if array.shape[-1] == 1:
-        array = np.repeat(array, 3, axis=-1)
-    return np.ascontiguousarray(array[:, :, :3])
-
 
 def random_resized_crop(image: np.ndarray, rng: np.random.Generator, size: int,
                         scale: tuple[float, float] = (0.08, 1.0),

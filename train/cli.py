@@ -70,18 +70,24 @@ def split_overrides(argv: list[str]) -> tuple[list[str], dict[str, str]]:
 
 def run(args: argparse.Namespace) -> int:
     from nat_jax.train import configs, trainer
+    from nat_jax.train.errors import UserInputError
 
-    config = configs.get_config(args.config)
-    configs.apply_overrides(config, getattr(args, "config_overrides", {}))
+    try:
+        config = configs.get_config(args.config)
+        configs.apply_overrides(config, getattr(args, "config_overrides", {}))
+    except UserInputError as e:
+        print(f"nat-jax train: {e}", file=sys.stderr)
+        return 1
     if args.distributed:
         config.distributed = True
     if args.print_config:
         print(config)
         return 0
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("nat_jax.train").setLevel(logging.INFO)  # derived durations etc.
     try:
         metrics = trainer.train_and_evaluate(config, args.workdir)
-    except trainer.NonFiniteLossError as e:
+    except (trainer.NonFiniteLossError, UserInputError) as e:
         print(f"nat-jax train: {e}", file=sys.stderr)
         return 1
     shown = {k: None if isinstance(v, float) and not math.isfinite(v) else v

@@ -14,6 +14,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from nat_jax.train.errors import UserInputError
+
 DATA_AXES = ("data", "fsdp")  # the batch dimension is split over both mesh axes
 
 
@@ -26,7 +28,8 @@ def make_mesh(fsdp: int = 1, devices=None) -> Mesh:
     count = len(devices)
     fsdp = count if fsdp == -1 else fsdp
     if fsdp < 1 or count % fsdp:
-        raise ValueError(f"{fsdp=} must be -1 or a positive divisor of the device count {count}")
+        raise UserInputError(f"{fsdp=} must be -1 or a positive divisor of the device count "
+                             f"{count}")
     grid = np.asarray(devices).reshape(count // fsdp, fsdp)
     return Mesh(grid, ("data", "fsdp"))
 
@@ -34,6 +37,25 @@ def make_mesh(fsdp: int = 1, devices=None) -> Mesh:
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     """Leading (batch) dimension split over every device."""
     return NamedSharding(mesh, P(DATA_AXES))
+
+
+def host_batch_block(mesh: Mesh) -> tuple[int, int]:
+    """``(i, n)``: this process's devices hold block ``i`` of ``n`` equal, contiguous row blocks
+    of every batch sharded with :func:`batch_sharding` (``n`` = the process count).
+
+    The input pipeline computes exactly that block of each global batch. Raises ValueError if
+    the mesh gives a process rows that are not one contiguous block.
+    """
+    count = jax.process_count()
+    per_device = {index[0].start or 0 for index in
+                  batch_sharding(mesh).addressable_devices_indices_map((mesh.size,)).values()}
+    rows = sorted(per_device)
+    size = mesh.size // count
+    if len(rows) != size or rows != list(range(rows[0], rows[0] + size)) or rows[0] % size:
+        raise ValueError(f"process {jax.process_index()} holds batch rows {rows} of {mesh.size}: "
+                         f"not one of {count} contiguous blocks; build the mesh from "
+                         "jax.devices() in order")
+    return rows[0] // size, count
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -19,6 +19,7 @@ import math
 import os
 import signal
 import time
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -31,7 +32,9 @@ from orbax.checkpoint import checkpoint_managers as ocp_managers
 
 import nat_jax
 from nat_jax import pretrained
+from nat_jax.timing import write_json
 from nat_jax.train import augment, input_pipeline, sharding
+from nat_jax.train.errors import UserInputError
 
 log = logging.getLogger(__name__)
 
@@ -44,25 +47,40 @@ class NonFiniteLossError(RuntimeError):
 # Durations, schedule, optimizer
 # ---------------------------------------------------------------------------------------------
 
-def _one_of(config, steps_name: str, epochs_name: str, steps_per_epoch: int) -> int:
+def _steps(config, steps_name: str, epochs_name: str, steps_per_epoch: int) -> int:
+    """A step count given (>= 0) wins over the epoch count; else epochs * steps_per_epoch."""
     steps, epochs = config[steps_name], config[epochs_name]
-    if (steps >= 0) == (epochs >= 0):
-        raise ValueError(f"exactly one of {steps_name}={steps} and {epochs_name}={epochs} must "
-                         "be set (>= 0); set the other to -1")
-    return int(steps) if steps >= 0 else int(round(epochs * steps_per_epoch))
+    if steps >= 0:
+        if epochs >= 0:
+            log.info("%s=%d takes precedence over %s=%g (%d steps at %d steps per epoch)",
+                     steps_name, steps, epochs_name, epochs,
+                     int(round(epochs * steps_per_epoch)), steps_per_epoch)
+        return int(steps)
+    if epochs < 0:
+        raise UserInputError(f"{steps_name} and {epochs_name} are both -1; set one of them")
+    return int(round(epochs * steps_per_epoch))
 
 
 def resolve_durations(config, steps_per_epoch: int) -> tuple[int, int, int]:
     """(total steps, warmup steps, cooldown steps) from the steps-or-epochs config fields.
 
-    ``num_*`` counts the main schedule; cooldown steps at ``min_lr`` come on top of it.
+    ``num_*`` counts the main schedule; cooldown steps at ``min_lr`` come on top of it. In each
+    steps/epochs pair a step count (>= 0) takes precedence over the epoch count (logged). A
+    warmup or cooldown longer than the main schedule is clamped to it, with a warning.
     """
-    total = _one_of(config, "num_train_steps", "num_epochs", steps_per_epoch)
-    warmup = _one_of(config, "warmup_steps", "warmup_epochs", steps_per_epoch)
-    cooldown = _one_of(config, "cooldown_steps", "cooldown_epochs", steps_per_epoch)
-    if total < 1 or warmup > total:
-        raise ValueError(f"need 1 <= num_train_steps ({total}) and warmup ({warmup}) <= it")
-    return total + cooldown, warmup, cooldown
+    main = _steps(config, "num_train_steps", "num_epochs", steps_per_epoch)
+    if main < 1:
+        raise UserInputError(f"the run has {main} steps (num_train_steps / num_epochs); it "
+                             "needs at least 1")
+    phases = {}
+    for name in ("warmup", "cooldown"):
+        steps = _steps(config, f"{name}_steps", f"{name}_epochs", steps_per_epoch)
+        if steps > main:
+            log.warning("%s of %d steps is longer than the run (%d steps): clamped to %d",
+                        name, steps, main, main)
+            steps = main
+        phases[name] = steps
+    return main + phases["cooldown"], phases["warmup"], phases["cooldown"]
 
 
 def make_schedule(config, total_steps: int, warmup_steps: int, cooldown_steps: int
@@ -214,12 +232,8 @@ def abstract_model(model_cfg, seed: int):
     return graphdef, nnx.to_pure_dict(params), rest
 
 
-def create_train_state(model_cfg, tx: optax.GradientTransformation, mesh, config
-                       ) -> tuple[nnx.GraphDef, TrainState, Any, Any]:
-    """Initializes the model and optimizer directly into their shardings.
-
-    Returns (graphdef, state, state_shardings, model_rest).
-    """
+def _init_fn(model_cfg, tx: optax.GradientTransformation, config):
+    """The allocating initializer of the train state (and the model's non-parameter state)."""
     seed, use_ema = config.seed, config.ema_decay > 0
 
     def init():
@@ -233,17 +247,24 @@ def create_train_state(model_cfg, tx: optax.GradientTransformation, mesh, config
                            rng=rng)
         return state, rest
 
-    # Shapes first (one abstract trace of the model), then init straight into the shardings.
-    graphdef, abstract_params, abstract_rest = abstract_model(model_cfg, seed)
+    return init
+
+
+def abstract_train_state(model_cfg, tx: optax.GradientTransformation, mesh, config
+                         ) -> tuple[nnx.GraphDef, TrainState, Any, Any, Any]:
+    """Shapes and shardings of the train state, without allocating anything.
+
+    Returns (graphdef, abstract state, state shardings, abstract model rest, rest shardings).
+    """
+    graphdef, abstract_params, abstract_rest = abstract_model(model_cfg, config.seed)
     abstract_state = TrainState(
         step=jax.ShapeDtypeStruct((), jnp.int32), params=abstract_params,
         opt_state=jax.eval_shape(tx.init, abstract_params),
-        ema_params=abstract_params if use_ema else None,
+        ema_params=abstract_params if config.ema_decay > 0 else None,
         rng=jax.ShapeDtypeStruct((2,), jnp.uint32))
     state_sh = sharding.state_shardings(abstract_state, mesh, config.fsdp_min_size)
     rest_sh = jax.tree.map(lambda _: sharding.replicated(mesh), abstract_rest)
-    state, rest = jax.jit(init, out_shardings=(state_sh, rest_sh))()
-    return graphdef, state, state_sh, rest
+    return graphdef, abstract_state, state_sh, abstract_rest, rest_sh
 
 
 def put_batch(batch: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:
@@ -270,28 +291,74 @@ class Training:
     mesh: Any
 
 
-def setup_training(config, mesh, num_classes: int, total_steps: int, warmup_steps: int,
-                   cooldown_steps: int = 0) -> Training:
-    """Builds the optimizer, the sharded initial state and the jitted train / eval steps."""
+def _under_mesh(mesh, fn):
+    """``fn`` traced with ``mesh`` as the context mesh, so kernels XLA cannot partition (the
+    Pallas NA backend) run under ``shard_map`` over it (:mod:`nat_jax.kernels.sharding`)."""
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return fn(*args, **kwargs)
+
+    return wrapped
+
+
+@dataclasses.dataclass
+class Steps:
+    """The jitted train / eval steps of a config on a mesh, and their abstract arguments."""
+
+    model_cfg: Any
+    graphdef: nnx.GraphDef
+    tx: optax.GradientTransformation
+    schedule: optax.Schedule
+    state: TrainState     # ShapeDtypeStructs carrying their shardings
+    state_sh: Any
+    rest: Any             # the model's non-parameter state (ShapeDtypeStructs), replicated
+    rest_sh: Any
+    batch: dict           # one global train batch (ShapeDtypeStructs)
+    step_fn: Any          # (state, batch, rest) -> (state, metrics); state is donated
+    eval_fn: Any          # (params, batch, rest) -> summed eval metrics
+    mesh: Any
+
+
+def build_steps(config, mesh, num_classes: int, total_steps: int, warmup_steps: int,
+                cooldown_steps: int = 0) -> Steps:
+    """The optimizer and the jitted, sharded steps; allocates nothing, so the steps can also be
+    compiled ahead of time for devices that are not here (:mod:`nat_jax.train.deviceless`)."""
     if config.global_batch_size % mesh.size:
-        raise ValueError(f"global_batch_size={config.global_batch_size} must be divisible by "
-                         f"the number of devices ({mesh.size})")
+        raise UserInputError(f"global_batch_size={config.global_batch_size} must be divisible "
+                             f"by the number of devices ({mesh.size})")
     schedule = make_schedule(config, total_steps, warmup_steps, cooldown_steps)
     tx = make_optimizer(config, schedule)
     model_cfg = model_config(config, num_classes)
-    graphdef, state, state_sh, rest = create_train_state(model_cfg, tx, mesh, config)
+    graphdef, state, state_sh, rest, rest_sh = abstract_train_state(model_cfg, tx, mesh, config)
     cfg = StepConfig.from_config(config, num_classes)
     batch_sh = sharding.batch_sharding(mesh)
-    rest_sh = jax.tree.map(lambda _: sharding.replicated(mesh), rest)
     step_fn = jax.jit(
-        functools.partial(train_step, graphdef=graphdef, tx=tx, schedule=schedule, cfg=cfg),
+        _under_mesh(mesh, functools.partial(train_step, graphdef=graphdef, tx=tx,
+                                            schedule=schedule, cfg=cfg)),
         in_shardings=(state_sh, batch_sh, rest_sh),
         out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=0)
-    eval_fn = jax.jit(functools.partial(eval_step, graphdef=graphdef, cfg=cfg),
+    eval_fn = jax.jit(_under_mesh(mesh, functools.partial(eval_step, graphdef=graphdef,
+                                                          cfg=cfg)),
                       in_shardings=(state_sh.params, batch_sh, rest_sh),
                       out_shardings=sharding.replicated(mesh))
-    return Training(model_cfg, graphdef, state, state_sh, rest, step_fn, eval_fn, schedule,
-                    mesh)
+    b, s = config.global_batch_size, config.image_size
+    batch = {"image": jax.ShapeDtypeStruct((b, s, s, 3), jnp.uint8, sharding=batch_sh),
+             "label": jax.ShapeDtypeStruct((b,), jnp.int32, sharding=batch_sh),
+             "erase": jax.ShapeDtypeStruct((b, 4), jnp.int32, sharding=batch_sh)}
+    return Steps(model_cfg, graphdef, tx, schedule, _abstract_with_shardings(state, state_sh),
+                 state_sh, _abstract_with_shardings(rest, rest_sh), rest_sh, batch, step_fn,
+                 eval_fn, mesh)
+
+
+def setup_training(config, mesh, num_classes: int, total_steps: int, warmup_steps: int,
+                   cooldown_steps: int = 0) -> Training:
+    """Builds the optimizer, the sharded initial state and the jitted train / eval steps."""
+    steps = build_steps(config, mesh, num_classes, total_steps, warmup_steps, cooldown_steps)
+    state, rest = jax.jit(_init_fn(steps.model_cfg, steps.tx, config),
+                          out_shardings=(steps.state_sh, steps.rest_sh))()
+    return Training(steps.model_cfg, steps.graphdef, state, steps.state_sh, rest,
+                    steps.step_fn, steps.eval_fn, steps.schedule, mesh)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -417,12 +484,17 @@ class Reporter:
 # The loop
 # ---------------------------------------------------------------------------------------------
 
-def evaluate(eval_fn, params, rest, config, source, mesh) -> dict[str, float]:
-    """Top-1 / top-5 (in %) and mean loss over the whole eval split."""
+def evaluate(eval_fn, params, rest, config, source, mesh,
+             unreadable: input_pipeline.UnreadableFiles | None = None) -> dict[str, float]:
+    """Top-1 / top-5 (in %) and mean loss over the whole eval split.
+
+    ``unreadable`` collects (and warns once about) files that cannot be read.
+    """
     totals = None
     for batch in input_pipeline.eval_batches(config, source,
                                              process_index=jax.process_index(),
-                                             process_count=jax.process_count()):
+                                             process_count=jax.process_count(),
+                                             unreadable=unreadable):
         sums = eval_fn(params, put_batch(batch, mesh), rest)
         totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
     totals = jax.device_get(totals)
@@ -459,16 +531,120 @@ class _Preemption:
             signal.signal(signal.SIGTERM, self._previous)
 
 
+LAUNCH_ENV = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
+
+
+def distributed_arguments(environ: Mapping[str, str]) -> dict[str, Any]:
+    """Keyword arguments for ``jax.distributed.initialize`` from the launch environment.
+
+    JAX itself reads only ``JAX_COORDINATOR_ADDRESS`` (and detects SLURM, Open MPI and TPU
+    pods); the process count and id come from ``JAX_NUM_PROCESSES`` / ``JAX_PROCESS_ID``,
+    which must then be set together with the address. Returns ``{}`` when neither is set
+    (auto-detection). Raises UserInputError naming what is missing or malformed.
+    """
+    address, count, index = (environ.get(name) or None for name in LAUNCH_ENV)
+    if count is None and index is None:
+        return {}
+    missing = [n for n, v in zip(LAUNCH_ENV, (address, count, index)) if v is None]
+    if missing:
+        raise UserInputError(f"--distributed: {' and '.join(missing)} not set; set all of "
+                             "JAX_COORDINATOR_ADDRESS=host:port, JAX_NUM_PROCESSES=N and "
+                             "JAX_PROCESS_ID=i (0 <= i < N) on every host")
+    try:
+        num, pid = int(count), int(index)
+    except ValueError:
+        raise UserInputError(f"--distributed: JAX_NUM_PROCESSES={count!r} and "
+                             f"JAX_PROCESS_ID={index!r} must be integers") from None
+    if num < 1 or not 0 <= pid < num:
+        raise UserInputError(f"--distributed: need 0 <= JAX_PROCESS_ID ({pid}) < "
+                             f"JAX_NUM_PROCESSES ({num})")
+    host, colon, port = address.rpartition(":")
+    if not colon or not host or not port.isdigit():
+        raise UserInputError(f"--distributed: JAX_COORDINATOR_ADDRESS={address!r} must be "
+                             "host:port (process 0's address)")
+    return {"coordinator_address": address, "num_processes": num, "process_id": pid}
+
+
 def maybe_initialize_distributed(config) -> None:
     """``jax.distributed.initialize()`` when asked (config.distributed or NAT_JAX_DISTRIBUTED=1).
 
-    Coordinator address, process count and id come from the environment (JAX reads
-    ``JAX_COORDINATOR_ADDRESS``/``JAX_NUM_PROCESSES``/``JAX_PROCESS_ID``, or SLURM / TPU pod
-    metadata automatically).
+    The coordinator, process count and id come from :func:`distributed_arguments` (the
+    ``JAX_*`` variables) or, when those are unset, from SLURM / Open MPI / TPU pod detection.
+    Nothing to go on is a UserInputError saying what to set. Must run before anything uses a
+    JAX backend.
     """
     wanted = config.distributed or os.environ.get("NAT_JAX_DISTRIBUTED", "") in ("1", "true")
-    if wanted and not jax.distributed.is_initialized():
-        jax.distributed.initialize()
+    if not wanted or jax.distributed.is_initialized():
+        return
+    kwargs = distributed_arguments(os.environ)
+    try:
+        jax.distributed.initialize(**kwargs)
+    except ValueError as e:
+        if kwargs:
+            raise
+        raise UserInputError(
+            f"--distributed: no cluster environment (SLURM, Open MPI, TPU pod) to take the "
+            f"process count and id from ({e}); set JAX_COORDINATOR_ADDRESS=host:port, "
+            "JAX_NUM_PROCESSES=N and JAX_PROCESS_ID=i on every host") from None
+
+
+MODEL_CONFIG_FILE = "model_config.json"  # the resolved model config of the run, in the workdir
+# Model config fields that change how the model computes, not what its checkpoint holds.
+_EXECUTION_FIELDS = ("dtype", "na_backend")
+
+
+def check_resume_matches(workdir: str, model_cfg) -> None:
+    """Refuses to resume checkpoints of another model: compares ``workdir``'s stored
+    :data:`MODEL_CONFIG_FILE` with ``model_cfg`` (execution-only fields aside).
+
+    Reads only. Raises UserInputError naming every differing field; does nothing when the
+    workdir holds no checkpoint. A workdir from before the file existed is resumed unchecked,
+    with a warning.
+    """
+    checkpoints = os.path.join(workdir, "checkpoints")
+    if not os.path.isdir(checkpoints) or not any(name.isdigit()
+                                                  for name in os.listdir(checkpoints)):
+        return
+    path = os.path.join(workdir, MODEL_CONFIG_FILE)
+    if not os.path.exists(path):
+        log.warning("%s holds checkpoints but no %s: cannot check that they are of this model",
+                    workdir, MODEL_CONFIG_FILE)
+        return
+    with open(path) as f:
+        stored = json.load(f)
+    wanted = json.loads(json.dumps(model_cfg.to_dict()))  # the same JSON types as stored
+    diffs = [f"{k} {stored.get(k)} -> {wanted.get(k)}" for k in sorted(set(stored) | set(wanted))
+             if k not in _EXECUTION_FIELDS and stored.get(k) != wanted.get(k)]
+    if diffs:
+        raise UserInputError(f"{workdir} holds checkpoints of a different model "
+                             f"({'; '.join(diffs)}); resume with the same model config, or "
+                             "train it in a new --workdir")
+
+
+def check_workdir(workdir: str) -> None:
+    """UserInputError (one line) if ``workdir`` cannot be created or written; creates nothing."""
+    reason = pretrained.unwritable_reason(workdir)
+    if reason is not None:
+        raise UserInputError(f"cannot use --workdir {workdir}: {reason}")
+
+
+# Fields that divide or count steps and batches: 0 or less makes no run.
+_POSITIVE_FIELDS = ("global_batch_size", "log_every_steps", "eval_every_steps",
+                    "checkpoint_every_steps", "keep_checkpoints", "image_size")
+
+
+def validate_config(config) -> None:
+    """One-line UserInputErrors for settings that cannot make a run (checked before any work)."""
+    for name in _POSITIVE_FIELDS:
+        if config[name] < 1:
+            raise UserInputError(f"{name}={config[name]} must be >= 1")
+    if config.num_workers < 0:
+        raise UserInputError(f"num_workers={config.num_workers} must be >= 0 (0: no worker "
+                             "processes)")
+    processes = jax.process_count()
+    if config.global_batch_size % processes:
+        raise UserInputError(f"global_batch_size={config.global_batch_size} must be divisible "
+                             f"by the number of processes ({processes})")
 
 
 def train_and_evaluate(config, workdir: str) -> dict[str, float]:
@@ -481,12 +657,10 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     import grain
 
     maybe_initialize_distributed(config)
+    validate_config(config)
     workdir = os.path.abspath(os.path.expanduser(workdir))
-    os.makedirs(workdir, exist_ok=True)
+    check_workdir(workdir)
     is_host0 = jax.process_index() == 0
-    if is_host0:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json_best_effort(indent=2))
 
     # Data.
     train_source = input_pipeline.make_source(config, config.train_split)
@@ -495,16 +669,27 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     if num_classes < 1:
         num_classes = input_pipeline.num_classes_of(train_source)
         if num_classes is None:
-            raise ValueError("config.num_classes=-1 but the dataset does not name its classes")
+            raise UserInputError("config.num_classes=-1 but the dataset does not name its "
+                                 "classes")
     steps_per_epoch = max(len(train_source) // config.global_batch_size, 1)
     total_steps, warmup_steps, cooldown_steps = resolve_durations(config, steps_per_epoch)
-    train_ds = input_pipeline.train_dataset(config, train_source,
-                                            process_index=jax.process_index(),
-                                            process_count=jax.process_count())
+
+    # The workdir: checked before anything in it changes, then the configs of this run.
+    requested_model = model_config(config, num_classes)
+    check_resume_matches(workdir, requested_model)
+    os.makedirs(workdir, exist_ok=True)
+    if is_host0:
+        write_json(os.path.join(workdir, "config.json"), json.loads(config.to_json_best_effort()))
+        write_json(os.path.join(workdir, MODEL_CONFIG_FILE), requested_model.to_dict())
+    # This host computes the rows of each global batch that its devices hold.
+    mesh = sharding.make_mesh(config.fsdp)
+    block, blocks = sharding.host_batch_block(mesh)
+    train_ds = input_pipeline.train_dataset(config, train_source, process_index=block,
+                                            process_count=blocks)
     train_iter = iter(train_ds)
+    unreadable = input_pipeline.UnreadableFiles()  # warns once per unreadable file
 
     # Model, optimizer, sharded state, compiled steps.
-    mesh = sharding.make_mesh(config.fsdp)
     run = setup_training(config, mesh, num_classes, total_steps, warmup_steps, cooldown_steps)
     model_cfg, state, state_sh, rest = run.model_cfg, run.state, run.state_sh, run.rest
     step_fn, eval_fn = run.step_fn, run.eval_fn
@@ -560,7 +745,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     with _Preemption() as preemption:
         step = start
         while step < total_steps:
-            batch = put_batch(next(train_iter), mesh)
+            batch = put_batch(unreadable.take(next(train_iter)), mesh)
             state, metrics = step_fn(state, batch, rest)
             step += 1
             metrics_buffer.append((step, metrics))
@@ -584,7 +769,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
             if step % config.eval_every_steps == 0 or is_last:
                 flush()
                 eval_params = state.ema_params if state.ema_params is not None else state.params
-                last_eval = evaluate(eval_fn, eval_params, rest, config, eval_source, mesh)
+                last_eval = evaluate(eval_fn, eval_params, rest, config, eval_source, mesh,
+                                     unreadable)
                 evaluated = True
                 reporter.write(step, last_eval)
                 reporter.message(_eval_line(step, last_eval))
@@ -604,7 +790,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
 
     if not last_eval and not final_metrics.get("preempted"):  # resumed a finished run
         eval_params = state.ema_params if state.ema_params is not None else state.params
-        last_eval = evaluate(eval_fn, eval_params, rest, config, eval_source, mesh)
+        last_eval = evaluate(eval_fn, eval_params, rest, config, eval_source, mesh, unreadable)
         reporter.message(_eval_line(start, last_eval) + " (the run had already finished)")
     reporter.close()
     if hasattr(train_iter, "close"):
@@ -643,15 +829,23 @@ def load_trained_model(workdir: str, model_cfg, step: int | None = None, use_ema
 
 
 def predict_from_checkpoint(config, workdir: str, source, model_cfg, count: int = 8) -> list:
-    """Reloads the latest checkpoint and prints jit-compiled predictions for ``count`` images."""
-    if jax.process_index() != 0:
-        return []
+    """Reloads the latest checkpoint and prints jit-compiled predictions for ``count`` images.
+
+    Every process takes part (restoring a checkpoint is collective; the images are the same on
+    every host); host 0 prints and returns the rows, the others return ``[]``.
+    """
     model, step = load_trained_model(workdir, model_cfg)
     aug = config.aug
     transform = input_pipeline.EvalTransform(config.image_size, aug.eval_crop_pct)
-    picks = np.linspace(0, len(source) - 1, count).astype(int)
-    examples = [input_pipeline.decode(source[int(i)]) for i in picks]
-    examples = [transform(e) for e in examples if e is not None]
+    picks, examples = [], []
+    for i in np.linspace(0, len(source) - 1, count).astype(int):
+        try:
+            examples.append(transform(input_pipeline.decode(source[int(i)])))
+            picks.append(int(i))
+        except input_pipeline.UnreadableImageError:
+            continue  # already reported during evaluation
+    if not examples:
+        return []
     images = np.stack([e["image"] for e in examples])
     labels = [int(e["label"]) for e in examples]
 
@@ -661,15 +855,20 @@ def predict_from_checkpoint(config, workdir: str, source, model_cfg, count: int 
         return jax.nn.softmax(model(x, deterministic=True).logits, axis=-1)
 
     probs = np.asarray(predict(model, jnp.asarray(images)))
+    if jax.process_index() != 0:
+        return []
     names = getattr(source, "class_names", None)
+
+    def show(c: int) -> str:  # a label beyond the named classes prints as its index
+        return names[c] if names and c < len(names) else str(c)
+
     print(f"Predictions of the checkpoint at step {step} (reloaded from {workdir}) on "
           f"{len(labels)} held-out images:", flush=True)
     rows = []
     for i, (p, y) in enumerate(zip(probs, labels)):
         guess = int(np.argmax(p))
-        show = (lambda c: names[c]) if names else str
         mark = "ok" if guess == y else "WRONG"
-        print(f"  image {int(picks[i]):4d}: true {show(y):>6}  predicted {show(guess):>6}  "
+        print(f"  image {picks[i]:4d}: true {show(y):>6}  predicted {show(guess):>6}  "
               f"(p={p[guess]:.3f})  {mark}", flush=True)
-        rows.append((int(picks[i]), y, guess, float(p[guess])))
+        rows.append((picks[i], y, guess, float(p[guess])))
     return rows

@@ -5,8 +5,10 @@ Every config file calls :func:`imagenet_config` (the original ImageNet-1k recipe
 what differs. Field names are part of the user-facing contract (command-line overrides such as
 ``--config.learning_rate=5e-4`` use them), so rename nothing here.
 
-Durations: exactly one of ``num_train_steps`` / ``num_epochs`` is positive (the other is -1);
+Durations: ``num_train_steps`` or ``num_epochs`` (-1 = unset); a step count given takes
+precedence over the epoch count (so ``--config.num_train_steps=10`` alone makes a 10-step run);
 the same for ``warmup_steps`` / ``warmup_epochs`` and ``cooldown_steps`` / ``cooldown_epochs``.
+A warmup or cooldown longer than the main schedule is clamped to it (with a warning).
 """
 
 from __future__ import annotations
@@ -50,11 +52,14 @@ def base_config() -> ml_collections.ConfigDict:
     c.train_split = "train"
     c.eval_split = "validation"
     c.num_classes = 1000           # -1: take it from the dataset (image folders)
+    # image_folder: class names in label order; () = the training split's sorted folder names.
+    # Every split is labelled through this list (a validation folder may lack classes).
+    c.class_names = ()
     c.image_size = 224
     c.num_workers = 8              # grain worker processes per host (0: in the main process)
     c.prefetch_buffer = 2          # batches buffered per worker
     c.aug = augment_config()
-    # Schedule (per step). Exactly one of each steps/epochs pair is positive.
+    # Schedule (per step). In each steps/epochs pair a step count (>= 0) wins; -1 = unset.
     c.global_batch_size = 1024
     c.num_train_steps = -1
     c.num_epochs = 300

@@ -6,7 +6,8 @@ Command (one host, all local devices; prepare ImageNet once first, see the READM
 
 Expected result: about 82.7% top-1 on the validation set after the full schedule
 (the published dinat_tiny number). Smoke run on mock-sized settings:
---config.num_epochs=-1 --config.num_train_steps=10 --config.warmup_epochs=-1 --config.warmup_steps=2.
+--config.num_train_steps=10 --config.warmup_steps=2 --config.cooldown_steps=0 (step counts win over
+the epoch counts).
 """
 
 from nat_jax.train.configs import common
