@@ -67,7 +67,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from nat_jax.kernels import reference, windows
+from nat_jax.kernels import windows
 from nat_jax.kernels.params import NAParams
 # Backend-neutral tiling geometry and layout shared with the GPU kernels.
 from nat_jax.kernels.pallas import (_from_tiles, _group_lengths, _grow_tile, _make_plan,
@@ -350,6 +350,21 @@ def _column_to_row(col):
     return col.T[:1, :]
 
 
+def _grid_point(plan: _Plan, inverse: bool = False):
+    """``(step, group lengths, query tile, key tile, runs)`` of the running program (grid
+    ``(batch * group, head group, own tile, step)``). The own tile is a query tile, or with
+    ``inverse`` (dK/dV) a key tile; the other one is the step's visited tile."""
+    step = pl.program_id(3)
+    glen = _group_lengths(plan, pl.program_id(0))
+    if inverse:
+        kt = _unravel(pl.program_id(2), plan.nk)
+        qt, run = _q_step(plan, kt, glen, step)
+    else:
+        qt = _unravel(pl.program_id(2), plan.nq)
+        kt, run = _kv_step(plan, qt, glen, step)
+    return step, glen, qt, kt, run
+
+
 # --------------------------------------------------------------------------------- kernels
 #
 # Every kernel handles ``heads`` heads side by side in lanes (features ``[h * d, (h + 1) * d)``
@@ -362,10 +377,7 @@ def _fwd_kernel(*refs, plan: _Plan, heads: int, dq: int, dv: int):
     else:
         (q_ref, k_ref, v_ref, o_ref, lse_ref, m_ref, l_ref, acc_ref), rpb_ref = refs, None
     tq, tk = math.prod(plan.q_tile), math.prod(plan.kv_tile)
-    step = pl.program_id(3)
-    glen = _group_lengths(plan, pl.program_id(0))
-    qt = _unravel(pl.program_id(2), plan.nq)
-    kt, run = _kv_step(plan, qt, glen, step)
+    step, glen, qt, kt, run = _grid_point(plan)
 
     @pl.when(step == 0)
     def _init():
@@ -413,10 +425,7 @@ def _dq_kernel(*refs, plan: _Plan, heads: int, dq: int, dv: int):
          acc_ref) = refs
         rpb_ref = drpb_ref = drpb_acc = None
     tq, tk = math.prod(plan.q_tile), math.prod(plan.kv_tile)
-    step = pl.program_id(3)
-    glen = _group_lengths(plan, pl.program_id(0))
-    qt = _unravel(pl.program_id(2), plan.nq)
-    kt, run = _kv_step(plan, qt, glen, step)
+    step, glen, qt, kt, run = _grid_point(plan)
 
     @pl.when(step == 0)
     def _init():
@@ -491,10 +500,7 @@ def _dkv_kernel(*refs, plan: _Plan, heads: int, dq: int, dv: int):
         (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, dk_acc,
          dv_acc), rpb_ref = refs, None
     tq, tk = math.prod(plan.q_tile), math.prod(plan.kv_tile)
-    step = pl.program_id(3)
-    glen = _group_lengths(plan, pl.program_id(0))
-    kt = _unravel(pl.program_id(2), plan.nk)
-    qt, run = _q_step(plan, kt, glen, step)
+    step, glen, qt, kt, run = _grid_point(plan, inverse=True)
 
     @pl.when(step == 0)
     def _init():
@@ -882,11 +888,6 @@ def kernel_outputs(query, key, value, p: NAParams, rpb=None, dout=None, dlse=Non
     if rpb is not None:
         res.update(drpb=drpb, raw_drpb=drpb_t)
     return res
-
-
-def na_reference(query, key, value, p: NAParams, rpb=None):
-    """Pure-jnp reference of :func:`na_fused` (the project's gather backend; autodiff grads)."""
-    return reference.na_fused(query, key, value, p, rpb)
 
 
 # ------------------------------------------------------------------------------- dispatch

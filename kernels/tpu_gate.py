@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import multiprocessing
 import os
 import queue
@@ -47,6 +46,9 @@ import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
+
+from nat_jax.kernels import gpu_gate
+from nat_jax.kernels.gpu_gate import Case, sample
 
 PLUGIN_DIR_ENV = "NAT_JAX_TPU_PLUGIN_DIR"
 MOSAIC_TARGET = "tpu_custom_call"
@@ -266,85 +268,25 @@ def run_isolated(tasks: Sequence[tuple[Callable, tuple]], timeout: float = 600.0
 # ------------------------------------------------------------------------- the kernel sweep
 
 
-@dataclasses.dataclass(frozen=True)
-class Case:
-    """One NA call whose forward and backward the gate compiles on one chip."""
-
-    feature: str
-    shape: tuple[int, ...]
-    kernel_size: tuple[int, ...]
-    stride: tuple[int, ...]
-    dilation: tuple[int, ...]
-    is_causal: tuple[bool, ...]
-    rpb: bool
-    dtype: str
-    head_dim: int
-    batch: int = 2
-    heads: int = 2
-
-    @property
-    def name(self) -> str:
-        return f"{len(self.shape)}d-{self.feature}-{self.dtype}-d{self.head_dim}"
-
-
-# Per rank: a plain odd window, RPB with dilation (odd kernels, stride 1, non-causal), and causal
-# + stride + even kernel + dilation. Shapes leave several tiles per axis. The 2-D ones include
-# NAT/DiNAT's first stage at 224 (56x56, K=7, dilation 8 for DiNAT).
-_FEATURES: dict[int, list[tuple[str, tuple, dict, bool]]] = {
-    1: [("plain", (1000,), dict(kernel_size=13), False),
-        ("rpb-dil", (997,), dict(kernel_size=7, dilation=3), True),
-        ("causal-stride-even-dil", (1003,), dict(kernel_size=8, stride=3, dilation=2,
-                                                 is_causal=True), False)],
-    2: [("plain", (56, 56), dict(kernel_size=7), True),
-        ("rpb-dil", (56, 56), dict(kernel_size=7, dilation=8), True),
-        ("causal-stride-even-dil", (27, 28), dict(kernel_size=(6, 7), stride=(2, 1),
-                                                  dilation=(2, 1), is_causal=(True, False)),
-         False)],
-    3: [("plain", (8, 16, 16), dict(kernel_size=3), False),
-        ("rpb-dil", (8, 12, 12), dict(kernel_size=3, dilation=(1, 2, 2)), True),
-        ("causal-stride-even-dil", (9, 12, 10), dict(kernel_size=(3, 4, 3), stride=(1, 2, 3),
-                                                     dilation=(2, 1, 1),
-                                                     is_causal=(True, False, True)), False)],
-}
 DTYPES = ("float32", "bfloat16")
-HEAD_DIMS = (16, 32, 64, 128, 256)
 XLA_HEAD_DIMS = (32,)  # NAT/DiNAT's: where the sweep also compiles the xla path to compare
 
 
 def kernel_cases() -> list[Case]:
-    """Every kernel specialization ``backend="auto"`` may send to ``pallas_tpu``: ranks 1-3,
-    each feature family, both supported dtypes and head dims 16 to 256."""
-    from nat_jax.kernels.params import make_params
-
+    """Every kernel specialization ``backend="auto"`` may send to ``pallas_tpu``: the GPU gate's
+    configurations (ranks 1-3, each feature family, head dims 16 to 256, value head dims unlike
+    the query's) in the dtypes the TPU kernels take."""
+    make_case = gpu_gate._case  # noqa: SLF001 (one sweep for both gates)
     cases = []
-    for features in _FEATURES.values():
+    for features in gpu_gate._FEATURES.values():  # noqa: SLF001
         for feature, shape, kw, rpb in features:
-            p = make_params(shape, 32, kw["kernel_size"], kw.get("stride", 1),
-                            kw.get("dilation", 1), kw.get("is_causal", False))
             for dtype in DTYPES:
-                for d in HEAD_DIMS:
-                    cases.append(Case(feature, tuple(shape), p.kernel_size, p.stride,
-                                      p.dilation, p.is_causal, rpb, dtype, d))
+                for d in gpu_gate.HEAD_DIMS:
+                    cases.append(make_case(feature, shape, kw, rpb, dtype, d, d))
+    for dtype in DTYPES:
+        for dq, dv in gpu_gate.MIXED_HEAD_DIMS:
+            cases.append(make_case("plain", (28, 28), dict(kernel_size=7), True, dtype, dq, dv))
     return cases
-
-
-def stable_fraction(text: str) -> float:
-    """A number in [0, 1) fixed by ``text`` (deterministic sampling across runs and machines)."""
-    return int(hashlib.sha256(text.encode()).hexdigest()[:8], 16) / 0x100000000
-
-
-def sample(cases: Sequence[Case], fraction: float) -> list[Case]:
-    """Cases whose name hashes below ``fraction``, plus the first case of each (rank, dtype), so
-    every kernel family and dtype is always compiled."""
-    if fraction >= 1:
-        return list(cases)
-    seen, out = set(), []
-    for c in cases:
-        group = (len(c.shape), c.dtype)
-        if stable_fraction(c.name) < fraction or group not in seen:
-            out.append(c)
-        seen.add(group)
-    return out
 
 
 def case_program(case: Case, backend: str):
@@ -363,11 +305,12 @@ def case_program(case: Case, backend: str):
     # [..., heads, head_dim] of its own would be stored with both small axes padded to a
     # (8, 128) tile, and reading it would dominate the program's bytes.
     q = jax.ShapeDtypeStruct((case.batch, *case.shape, case.heads * case.head_dim), dtype)
+    v = jax.ShapeDtypeStruct((*q.shape[:-1], case.heads * case.head_dim_v), dtype)
     bias = (jax.ShapeDtypeStruct((case.heads, *(2 * k - 1 for k in case.kernel_size)), dtype)
             if case.rpb else None)
 
     def na(q, k, v, bias):
-        q, k, v = (x.reshape(*x.shape[:-1], case.heads, case.head_dim) for x in (q, k, v))
+        q, k, v = (x.reshape(*x.shape[:-1], case.heads, -1) for x in (q, k, v))
         if backend == "pallas_tpu":
             out, lse = pallas_tpu.na_fused(q, k, v, p, bias, interpret=False)
         else:
@@ -378,7 +321,7 @@ def case_program(case: Case, backend: str):
         (out, lse), vjp = jax.vjp(na, q, k, v, bias)
         return out, lse, vjp((out, lse))
 
-    return fwd_bwd, (q, q, q, bias)
+    return fwd_bwd, (q, q, v, bias)
 
 
 def compile_case(case: Case, topology: str, backends: Sequence[str] = ("pallas_tpu", "xla")

@@ -87,34 +87,41 @@ def assert_grad_close(got, want, dtype, what):
                  GRAD_TOL[dtype], 0, what)
 
 
+def check_kernel_outputs(rng, c, dtype, with_rpb, kernel_outputs):
+    """Run ``kernel_outputs(q, k, v, rpb, dout) -> dict`` (a backend's ``kernel_outputs``:
+    results plus every kernel's raw output, whose buffers start as NaN) under ``jax.jit`` on
+    inputs for case ``c``: no raw output may keep a NaN (an element no kernel wrote), and the
+    output, lse and every gradient must match the float64 oracle."""
+    (q, k, v, dout, _, rpb), (q64, k64, v64, do64, _, rpb64) = make_inputs(
+        rng, c, dtype, with_rpb)
+    res = jax.jit(kernel_outputs)(q, k, v, rpb, dout)
+    for name, raw in res.items():
+        if name.startswith("raw_"):
+            assert not np.isnan(np.asarray(raw, np.float32)).any(), f"{name} not fully written"
+    want, want_lse = oracle.na_forward(q64, k64, v64, rpb=rpb64, **oracle_kw(c))
+    atol, rtol = FWD_TOL[dtype]
+    assert res["out"].dtype == dtype and res["out"].shape == q.shape
+    assert res["lse"].dtype == jnp.float32 and res["lse"].shape == q.shape[:-1]
+    assert_close(res["out"], want, atol, rtol, "out")
+    assert_close(res["lse"], want_lse, 4 * atol, rtol, "lse")
+    grads = oracle.na_backward(q64, k64, v64, do64, rpb=rpb64, **oracle_kw(c))
+    for name, w in zip(("dq", "dk", "dv", "drpb"), grads):
+        if w is None:
+            assert name not in res
+            continue
+        assert res[name].dtype == dtype and res[name].shape == w.shape
+        assert_grad_close(res[name], w, dtype, name)
+
+
 class TestPallasNA:
     INTERPRET = True
 
     def check_case(self, rng, c, dtype, with_rpb, blocks=None):
-        (q, k, v, dout, _, rpb), (q64, k64, v64, do64, _, rpb64) = make_inputs(
-            rng, c, dtype, with_rpb)
         p = make_params(c["shape"], c["head_dim"], c["kernel"], c["stride"], c["dilation"],
                         c["causal"])
         blocks = blocks or small_blocks(c)
-        fn = jax.jit(lambda *a: pallas.kernel_outputs(*a[:3], p, a[3], a[4], block_sizes=blocks,
-                                                      interpret=self.INTERPRET, poison=True))
-        res = fn(q, k, v, rpb, dout)
-        for name, raw in res.items():
-            if name.startswith("raw_"):
-                assert not np.isnan(np.asarray(raw, np.float32)).any(), f"{name} not fully written"
-        want, want_lse = oracle.na_forward(q64, k64, v64, rpb=rpb64, **oracle_kw(c))
-        atol, rtol = FWD_TOL[dtype]
-        assert res["out"].dtype == dtype and res["out"].shape == q.shape
-        assert res["lse"].dtype == jnp.float32 and res["lse"].shape == q.shape[:-1]
-        assert_close(res["out"], want, atol, rtol, "out")
-        assert_close(res["lse"], want_lse, 4 * atol, rtol, "lse")
-        grads = oracle.na_backward(q64, k64, v64, do64, rpb=rpb64, **oracle_kw(c))
-        for name, w in zip(("dq", "dk", "dv", "drpb"), grads):
-            if w is None:
-                assert name not in res
-                continue
-            assert res[name].dtype == dtype and res[name].shape == w.shape
-            assert_grad_close(res[name], w, dtype, name)
+        check_kernel_outputs(rng, c, dtype, with_rpb, lambda *a: pallas.kernel_outputs(
+            *a[:3], p, a[3], a[4], block_sizes=blocks, interpret=self.INTERPRET, poison=True))
 
     @pytest.mark.parametrize("c,with_rpb", QUICK, ids=case_id)
     def test_quick(self, rng, c, with_rpb):

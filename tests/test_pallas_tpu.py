@@ -24,8 +24,8 @@ import oracle
 from nat_jax import kernels
 from nat_jax.kernels import pallas_tpu, windows
 from nat_jax.kernels.params import make_params
-from test_pallas import (FWD_TOL, assert_close, assert_grad_close, case_id, make_inputs,
-                         oracle_kw)
+from test_pallas import (FWD_TOL, assert_close, assert_grad_close, case_id,
+                         check_kernel_outputs, make_inputs, oracle_kw)
 
 
 def tpu_blocks(c):
@@ -67,30 +67,11 @@ class TestPallasTPU:
     INTERPRET = pltpu.InterpretParams()
 
     def check_case(self, rng, c, dtype, with_rpb, blocks=None):
-        (q, k, v, dout, _, rpb), (q64, k64, v64, do64, _, rpb64) = make_inputs(
-            rng, c, dtype, with_rpb)
         p = make_params(c["shape"], c["head_dim"], c["kernel"], c["stride"], c["dilation"],
                         c["causal"])
         blocks = blocks or tpu_blocks(c)
-        fn = jax.jit(lambda *a: pallas_tpu.kernel_outputs(
+        check_kernel_outputs(rng, c, dtype, with_rpb, lambda *a: pallas_tpu.kernel_outputs(
             *a[:3], p, a[3], a[4], block_sizes=blocks, interpret=self.INTERPRET))
-        res = fn(q, k, v, rpb, dout)
-        for name, raw in res.items():
-            if name.startswith("raw_"):
-                assert not np.isnan(np.asarray(raw, np.float32)).any(), f"{name} not fully written"
-        want, want_lse = oracle.na_forward(q64, k64, v64, rpb=rpb64, **oracle_kw(c))
-        atol, rtol = FWD_TOL[dtype]
-        assert res["out"].dtype == dtype and res["out"].shape == q.shape
-        assert res["lse"].dtype == jnp.float32 and res["lse"].shape == q.shape[:-1]
-        assert_close(res["out"], want, atol, rtol, "out")
-        assert_close(res["lse"], want_lse, 4 * atol, rtol, "lse")
-        grads = oracle.na_backward(q64, k64, v64, do64, rpb=rpb64, **oracle_kw(c))
-        for name, w in zip(("dq", "dk", "dv", "drpb"), grads):
-            if w is None:
-                assert name not in res
-                continue
-            assert res[name].dtype == dtype and res[name].shape == w.shape
-            assert_grad_close(res[name], w, dtype, name)
 
     @pytest.mark.parametrize("c,with_rpb", QUICK, ids=case_id)
     def test_quick(self, rng, c, with_rpb):

@@ -18,7 +18,7 @@ import time
 import numpy as np
 import pytest
 
-from nat_jax.kernels import tpu_gate, windows
+from nat_jax.kernels import gpu_gate, tpu_gate, windows
 
 TOPOLOGIES = ("v5e-8", "v4-8")
 PER_DEVICE_BATCH = 4
@@ -174,7 +174,8 @@ def test_problems_and_roofline():
 
 def test_sample_is_deterministic_and_covers_every_family():
     cases = tpu_gate.kernel_cases()
-    assert len(cases) == 3 * 3 * len(tpu_gate.DTYPES) * len(tpu_gate.HEAD_DIMS)
+    assert len(cases) == len(tpu_gate.DTYPES) * (
+        3 * 3 * len(gpu_gate.HEAD_DIMS) + len(gpu_gate.MIXED_HEAD_DIMS))
     picked = tpu_gate.sample(cases, 0.1)
     assert picked == tpu_gate.sample(cases, 0.1)
     assert {(len(c.shape), c.dtype) for c in picked} == {
