@@ -1,31 +1,37 @@
 """Block-sparse neighborhood attention for TPU in Pallas (Mosaic): forward, dQ (+dRPB), dK/dV.
 
-One kernel family for 1-D, 2-D and 3-D NA (backend name ``"pallas_tpu"``). On a TPU the
-kernels are compiled by Mosaic; elsewhere the very same kernel bodies run in Pallas's TPU
-interpret mode (``pltpu.InterpretParams``), which is how the test suite checks them on CPU.
+One kernel family for 1-D, 2-D and 3-D NA (backend ``"pallas_tpu"`` of :mod:`ops`). Lowered for
+a TPU the kernels are compiled by Mosaic; for any other platform the very same kernel bodies run
+in Pallas's interpreter (decided per lowering platform with ``lax.platform_dependent``). The
+test suite checks them on CPU in Pallas's TPU interpret mode (``pltpu.InterpretParams``:
+simulated VMEM and DMAs, NaN-filled buffers) against a float64 oracle, and the TPU gate
+(:mod:`tpu_gate`) compiles them with Mosaic for v5e and v4.
 
-Layout (XLA ops around the kernels, shared with the GPU kernels in :mod:`pallas`): dilation
-groups are regrouped to be contiguous and folded into the batch, and each group's tokens are
-permuted *tile-major*, so a multi-dimensional tile (e.g. 8x16 rows of a 2-D group) is one
-contiguous block of ``prod(tile)`` rows: a BlockSpec can fetch it. ``head_dim`` is not padded
-(a block spans the whole feature axis).
+Layout (XLA ops around the kernels, the GPU kernels' in :mod:`pallas`): dilation groups are
+regrouped to be contiguous and folded into the batch, and each group's tokens are permuted
+*tile-major*, so a multi-dimensional tile (e.g. 16x32 rows of a 2-D group) is one contiguous
+block of ``prod(tile)`` rows a BlockSpec can fetch. Heads whose head_dim is small share the
+lanes of one block (:func:`_layout`: NAT's head_dim 32 puts four heads in 128 lanes) instead of
+each padding a vreg to 128 lanes; the mask and bias entries of a tile pair are then computed
+once for all of them. ``head_dim`` itself is not padded.
 
-Block sparsity, the way JAX's splash attention does it: the grid is
-``(batch * groups, heads, query tiles, steps)`` and step ``j`` of a query tile fetches the
-``j``-th key tile of that tile's neighborhood box (:func:`windows.tile_box`: from the window
-start of its first query to the window end of its last, per axis). Splash attention reads the
-block schedule from precomputed tables in SMEM; here it is *computed* per block from the
-window rules, on the scalar core, by the BlockSpec index maps and the kernel body alike
-(:func:`_kv_step`), so nothing is materialized and nothing scales with the map:
+Block sparsity, the way JAX's splash attention does it: the grid is ``(batch * groups, head
+groups, own tiles, steps)`` and step ``j`` of a query tile fetches the ``j``-th key tile of
+that tile's neighborhood box (:func:`windows.tile_box`: from the window start of its first
+query to the window end of its last, per axis). Splash attention reads its block schedule from
+tables in SMEM; here it is *computed* per block from the window rules on the scalar core, by the
+BlockSpec index maps and the kernel body alike (:func:`_kv_step`), so nothing is materialized
+and nothing grows with the map:
 
 * the static step count is the largest box (:func:`windows.tile_box_extent`); a tile whose box
   is smaller repeats its last key tile for the remaining steps, which Pallas does not fetch
-  again, and skips their compute ("empty" blocks);
+  again, and skips their work ("empty" blocks);
 * a (query tile, key tile) pair entirely inside every query's window
   (:func:`windows.tile_inside_windows`) skips the per-element mask ("full" blocks); the others
   get the exact mask, :func:`windows.in_window` on iota coordinates ("partial" blocks).
 
-Kernels (online softmax in float32, natural-log domain like splash attention):
+Kernels (online softmax in float32, natural-log domain like splash attention), each with its own
+tiles (:class:`BlockSizes`):
 
 * forward: per query tile, accumulate over its key tiles; writes the output and the logsumexp
   (``lse``, one float32 per query, stored lane-major ``[.., 1, rows]``);
@@ -44,13 +50,13 @@ lane gather per chunk, no atomics and no scatter; each (query tile, batch * grou
 its own partial sums, reduced by XLA, so **every gradient is deterministic**.
 
 Constraints: every tile holds a multiple of 128 rows (``lse``/``delta`` blocks put a tile's rows
-on lanes); float32 and bfloat16 inputs (float32 logits, softmax and accumulation); RPB with odd
-kernels, stride 1 and no causal axis (as everywhere in nat-jax). Sharded inputs: XLA cannot
-partition a Mosaic call, so the public op runs the kernels per shard of the batch and head axes
-(:func:`_sharded`).
+on lanes); float32 and bfloat16 inputs (float32 logits, softmax and accumulation); head_dim up
+to 256; RPB with odd kernels, stride 1 and no causal axis (as everywhere in nat-jax). XLA cannot
+partition a Mosaic call: under a context mesh the dispatcher runs the kernels per shard
+(:mod:`sharding`).
 
-Not yet run on a TPU: Mosaic compiles every kernel for v5e and v4 in the test suite
-(``tests/test_tpu_gate.py``); speed is unmeasured.
+Not yet run on a TPU: numerics come from the interpreter, compilation from Mosaic for abstract
+v5e/v4 chips; speed is unmeasured.
 """
 
 from __future__ import annotations
