@@ -81,8 +81,9 @@ def markdown(rows: Sequence[dict]) -> str:
              "GiB (HBM) | TFLOP / chip (XLA / model) | GB / chip | roofline ms (bound) |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        # The report's "fsdp" is the config's (1: data parallel, -1: over all chips).
         head = (f"| {r['config']} | {r['program']} | {r['target']} | "
-                f"{'FSDP' if r['fsdp'] else 'data parallel'} | {r['backend']} |")
+                f"{'data parallel' if r['fsdp'] in (False, 1) else 'FSDP'} | {r['backend']} |")
         if r.get("error"):
             lines.append(f"{head} - | did not compile: {r['error'].splitlines()[0][:80]} "
                          "| | | |")
