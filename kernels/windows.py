@@ -203,12 +203,14 @@ def xla_tile_sizes(shape: tuple[int, ...], kernel: tuple[int, ...],
                    ) -> tuple[int, ...]:
     """Query tile per axis for the XLA path, from a small cost model fitted on CPU.
 
-    A tiling costs, per (batch, head): ``logits * (1 + 2 * head_dim / 64)`` for the dense
-    in-tile work (padded queries and halo keys included: softmax passes plus the two matmuls)
-    + ``2 * halo_tokens * head_dim / 4`` for building the key and value halos + ``tiles * 96``
-    of fixed overhead per tile. The minimum over all per-axis tiles up to a rank-dependent
-    limit wins; ties go to the smaller tile.
+    Every (padded) query computes logits against its tile's whole halo (``Hk`` keys). Measured
+    per-logit cost (fwd+bwd, 112x112, K=7, 2026-11-22, shared 2-core CPU, interleaved): small
+    tiles pay for small matmuls (4x4: 304 ms, 4x8: 248, 7x7: 198, 8x8: 205), large ones for
+    logits that leave the cache (8x16: 356, 14x14: 448, 16x16: 559). Model per query:
+    ``Hk * (1 + 48 / Tq) * max(1, Tq * Hk * 4 bytes / 256 KiB)``; ties go to the smaller tile.
+    ``head_dim`` is accepted for future use (the fit is for head_dim 32).
     """
+    del head_dim
     rank = len(shape)
     stride = stride or (1,) * rank
     causal = causal or (False,) * rank
@@ -216,20 +218,18 @@ def xla_tile_sizes(shape: tuple[int, ...], kernel: tuple[int, ...],
     per_axis = []
     for n, k, s, d, c in zip(shape, kernel, stride, dilation, causal):
         rows = -(-n // d)
-        opts = []
+        opts = set()
         for t in range(1, min(rows, limit) + 1):
             t, nt, _, halo = _uniform_halo(n, k, s, d, c, t)
-            opts.append((t, d * nt, d * nt * t, d * nt * halo, halo))
-        per_axis.append(sorted(set(opts)))
+            opts.add((t, d * nt * t, halo))
+        per_axis.append(sorted(opts))
     best = None
     for combo in itertools.product(*per_axis):
-        tiles = math.prod(o[1] for o in combo)
-        queries = math.prod(o[2] for o in combo)
-        halo_tokens = math.prod(o[3] for o in combo)
-        logits = queries * math.prod(o[4] for o in combo)
-        cost = (logits * (1 + 2 * head_dim / 64) + 2 * halo_tokens * head_dim / 4
-                + tiles * 96)
-        key = (cost, math.prod(o[0] for o in combo))
+        tq = math.prod(o[0] for o in combo)
+        hk = math.prod(o[2] for o in combo)
+        queries = math.prod(o[1] for o in combo)
+        cost = queries * hk * (1 + 48 / tq) * max(1.0, tq * hk * 4 / 2**18)
+        key = (cost, tq)
         if best is None or key < best[0]:
             best = (key, tuple(o[0] for o in combo))
     return best[1]

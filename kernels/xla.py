@@ -249,10 +249,12 @@ def _backward_tiles(qt, kh, vh, bias, ot, lset, dot, dlset, *, mask, scale: floa
     k_op, q_op, do_op = (_clean(x) if contained else x for x in (kh, qt, dot))
     dq = jnp.einsum("cnqk,cnkd->cnqd", ds.astype(dtype), k_op,
                     preferred_element_type=jnp.float32) * scale
-    dk = jnp.einsum("cnqk,cnqd->cnkd", ds.astype(dtype), q_op,
-                    preferred_element_type=jnp.float32) * scale
-    dv = jnp.einsum("cnqk,cnqd->cnkd", p.astype(dtype), do_op,
-                    preferred_element_type=jnp.float32)
+    # Transposed in the elementwise producer: XLA:CPU runs a dot contracting a non-minor
+    # dimension on its slow generic path (measured 2x slower for dk/dv at 112x112).
+    ds_t = jnp.swapaxes(ds.astype(dtype), -1, -2)
+    p_t = jnp.swapaxes(p.astype(dtype), -1, -2)
+    dk = jnp.einsum("cnkq,cnqd->cnkd", ds_t, q_op, preferred_element_type=jnp.float32) * scale
+    dv = jnp.einsum("cnkq,cnqd->cnkd", p_t, do_op, preferred_element_type=jnp.float32)
     if contained:
         window = mask & jnp.ones(ds.shape, bool)
         dq = jnp.where(_hits(window, _bad(kh), "cnqk,cnkd->cnqd") > 0, jnp.nan, dq)
@@ -384,7 +386,7 @@ def _forward(query, key, value, rpb, p: NAParams, tile_sizes, contained: bool | 
     bias = _bias_table(rpb, plans, query.shape[0])
     run = functools.partial(_forward_core, plans=plans, scale=p.scale)
     if contained is None:
-        ot, lset = jax.lax.cond(jnp.any(_bad(vh)), functools.partial(run, contained=True),
+        ot, lset = jax.lax.cond(jnp.any(_bad(value)), functools.partial(run, contained=True),
                                 functools.partial(run, contained=False), qt, kh, vh, bias)
     else:
         ot, lset = run(qt, kh, vh, bias, contained=contained)
@@ -393,12 +395,15 @@ def _forward(query, key, value, rpb, p: NAParams, tile_sizes, contained: bool | 
     unflat = lambda x: x.reshape(b, h, g, -1, *x.shape[2:])  # noqa: E731
     out = _from_tiles(unflat(ot), plans, spatial)
     lse = _from_tiles(unflat(lset[..., None]), plans, spatial)[..., 0]
-    return (out, lse), (qt, kh, vh, ot, lset)
+    # Whether the backward pass's contractions with q and k may leak: one reduction each over
+    # the compact arrays (the halos repeat every key ~3x).
+    qk_bad = jnp.any(_bad(query)) | jnp.any(_bad(key))
+    return (out, lse), (qt, kh, vh, ot, lset, qk_bad)
 
 
 def _backward(res, cotangents, rpb, p: NAParams, tile_sizes, spatial, batch: int,
               contained: bool | None):
-    qt, kh, vh, ot, lset = res
+    qt, kh, vh, ot, lset, qk_bad = res
     dout, dlse = cotangents
     plans = _plans(spatial, p, qt.shape[-1], tile_sizes)
     h = qt.shape[0] // batch
@@ -408,7 +413,7 @@ def _backward(res, cotangents, rpb, p: NAParams, tile_sizes, spatial, batch: int
     run = functools.partial(_backward_core, plans=plans, scale=p.scale)
     args = (qt, kh, vh, bias, ot, lset, dot, dlset)
     if contained is None:
-        leak = jnp.any(_bad(kh)) | jnp.any(_bad(qt)) | jnp.any(_bad(dot))
+        leak = qk_bad | jnp.any(_bad(dout))
         dqt, dkh, dvh, dbias = jax.lax.cond(leak, functools.partial(run, contained=True),
                                             functools.partial(run, contained=False), *args)
     else:
@@ -494,5 +499,5 @@ def na_backward_contained(query: jax.Array, key: jax.Array, value: jax.Array,
     lset = _to_tiles(lse.astype(jnp.float32)[..., None], plans).reshape(ot.shape[:-1])
     if dlse is None:
         dlse = jnp.zeros(lse.shape, jnp.float32)
-    return _backward((qt, kh, vh, ot, lset), (dout, dlse), rpb, p, tile_sizes, spatial,
+    return _backward((qt, kh, vh, ot, lset, None), (dout, dlse), rpb, p, tile_sizes, spatial,
                      query.shape[0], True)
