@@ -102,6 +102,9 @@ def main(argv=None) -> int:
     parser.add_argument("--tiles", nargs="*", default=[],
                         help="tile variants of this checkout's xla path, e.g. 1x8 8x8")
     parser.add_argument("--no-reference", action="store_true")
+    parser.add_argument("--autodiff", action="store_true",
+                        help="also time autodiff of this checkout's xla forward (vs its "
+                             "custom_vjp)")
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
@@ -112,6 +115,8 @@ def main(argv=None) -> int:
     if args.rev:
         impls[f"xla@{args.rev}"] = load_revision_xla(args.rev)
     impls["xla"] = xla.na_fused
+    if args.autodiff:
+        impls["xla autodiff"] = lambda q, k, v, p, r: xla._forward(q, k, v, r, p, None, False)[0]
     for t in args.tiles:
         tiles = tuple(int(x) for x in t.split("x"))
         impls[f"xla tiles {t}"] = (lambda tiles: lambda q, k, v, p, r: xla.na_fused(
