@@ -251,18 +251,22 @@ def _backward_tiles(qt, kh, vh, bias, ot, lset, dot, dlset, *, mask, scale: floa
     k_op, q_op, do_op = (_clean(x) if contained else x for x in (kh, qt, dot))
     dq = jnp.einsum("cnqk,cnkd->cnqd", ds.astype(dtype), k_op,
                     preferred_element_type=jnp.float32) * scale
-    # Transposed in the elementwise producer: XLA:CPU runs a dot contracting a non-minor
-    # dimension on its slow generic path (measured 2x slower for dk/dv at 112x112).
-    ds_t = jnp.swapaxes(ds.astype(dtype), -1, -2)
-    p_t = jnp.swapaxes(p.astype(dtype), -1, -2)
-    dk = jnp.einsum("cnkq,cnqd->cnkd", ds_t, q_op, preferred_element_type=jnp.float32) * scale
-    dv = jnp.einsum("cnkq,cnqd->cnkd", p_t, do_op, preferred_element_type=jnp.float32)
+    # dk = ds^T q and dv = p^T do contract the query axis, which is not minor in ds / p:
+    # XLA:CPU runs such dots on a slow generic path (2x slower at 112x112). Transposing the
+    # small [Tq, d] operand instead gives plain [d, Tq] @ [Tq, Hk] matmuls; the [d, Hk]
+    # results are transposed back inside the halo fold's fusion.
+    q_t = jnp.swapaxes(q_op, -1, -2)
+    do_t = jnp.swapaxes(do_op, -1, -2)
+    dk = jnp.einsum("cndq,cnqk->cndk", q_t, ds.astype(dtype),
+                    preferred_element_type=jnp.float32) * scale
+    dv = jnp.einsum("cndq,cnqk->cndk", do_t, p.astype(dtype),
+                    preferred_element_type=jnp.float32)
     if contained:
         window = mask & jnp.ones(ds.shape, bool)
         dq = jnp.where(_hits(window, _bad(kh), "cnqk,cnkd->cnqd") > 0, jnp.nan, dq)
-        dk = jnp.where(_hits(window, _bad(qt), "cnqk,cnqd->cnkd") > 0, jnp.nan, dk)
-        dv = jnp.where(_hits(window, _bad(dot), "cnqk,cnqd->cnkd") > 0, jnp.nan, dv)
-    return dq, dk, dv, jnp.sum(ds, axis=1)
+        dk = jnp.where(_hits(window, _bad(qt), "cnqk,cnqd->cndk") > 0, jnp.nan, dk)
+        dv = jnp.where(_hits(window, _bad(dot), "cnqk,cnqd->cndk") > 0, jnp.nan, dv)
+    return dq, jnp.swapaxes(dk, -1, -2), jnp.swapaxes(dv, -1, -2), jnp.sum(ds, axis=1)
 
 
 def _chunk_sizes(z: int, n: int, pair_bytes: int) -> tuple[int, int]:
