@@ -24,7 +24,10 @@ output and logsumexp from the forward pass (no layout work is redone) and recomp
 probabilities. Unlike autodiff it controls every contraction, which non-finite containment
 needs (below). Re-measured against autodiff of this forward (2026-11-22, 112x112, 2 heads,
 K=7, RPB, fwd+bwd, interleaved, load ~7, ``benchmarks/na_ab.py --autodiff``): 302 ms vs 486 ms
-(1.6x), where the previous gather-based path's autodiff took 566 ms.
+(1.6x), where the previous gather-based path's autodiff took 566 ms. Keeping the forward's
+probabilities instead of recomputing them measured no faster (interleaved, load 13-16:
+1038 vs 1052 ms at 112x112, 2990 vs 3072 ms at 56x56 batch 16) and costs ``O(tokens * halo)``
+memory, so they are recomputed.
 
 Non-finite containment. Dense in-tile matmuls multiply masked entries (exact zeros) by operand
 rows outside a query's window, and ``0 * nan = nan``: one NaN value would poison every query of
