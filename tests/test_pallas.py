@@ -8,6 +8,8 @@ element a kernel fails to write shows up as NaN in its raw (tiled, padded) outpu
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -289,7 +291,7 @@ def test_window_index_math_stays_int32():
 def test_block_sizes_validation_and_defaults():
     b = pallas.BlockSizes.get_default((56, 56), (7, 7), (1, 1), 64, jnp.bfloat16)
     assert b.q == (8, 8) and b.rank == 2 and hash(b) == hash(pallas.BlockSizes(**{
-        f: getattr(b, f) for f in ("q", "kv", "q_bwd", "kv_bwd", "num_warps", "num_stages")}))
+        f.name: getattr(b, f.name) for f in dataclasses.fields(b)}))
     wide = pallas.BlockSizes.get_default((3, 100), (3, 7), (1, 1), 256, jnp.bfloat16)
     assert wide.q == (1, 64) and wide.kv == (1, 32) and wide.q_bwd == (1, 16)
     assert wide.num_warps == 8
@@ -297,7 +299,8 @@ def test_block_sizes_validation_and_defaults():
     assert tiny.q == (64,) and tiny.num_warps == 4  # tiny map: padded rows
     # float32 (exact FMA dots) takes smaller tiles; a padded head_dim of 256 has none.
     f32 = pallas.BlockSizes.get_default((56, 56), (7, 7), (1, 1), 128, jnp.float32)
-    assert f32.q == (4, 8) and f32.kv_bwd == (4, 4) and f32.num_warps == 8
+    assert f32.q == (4, 8) and f32.kv_bwd == (4, 4)
+    assert (f32.num_warps, f32.num_warps_dkv) == (4, 8)  # dK/dV holds the most state
     with pytest.raises(ValueError, match="head_dim=200 with float32"):
         pallas.BlockSizes.get_default((56, 56), (7, 7), (1, 1), 200, jnp.float32)
     with pytest.raises(ValueError, match="powers of two"):
