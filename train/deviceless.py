@@ -31,6 +31,7 @@ import traceback
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from nat_jax.kernels import gpu_gate
 from nat_jax.kernels.gpu_gate import ARCHS, TRITON_TARGET
 
 
@@ -43,6 +44,7 @@ class Target:
     devices: int
     memory_per_device: int  # bytes the program may use on one device
     topology: tuple[tuple[str, Any], ...]  # keyword arguments of get_topology_desc
+    arch: str = ""  # GPUs: the gpu_gate.ARCHS entry, for the kernels' resource check
     # XLA options that make deviceless compilation work (see the note at the GPU target).
     compiler_options: tuple[tuple[str, Any], ...] = ()
 
@@ -51,7 +53,7 @@ TARGETS: dict[str, Target] = {
     "h100x8": Target(
         "h100x8", "cuda", 8, memory_per_device=ARCHS["sm_90"].memory,
         topology=(("platform", "cuda"), ("topology", "1x1x8"),
-                  ("target_config", ARCHS["sm_90"].target_config()))),
+                  ("target_config", ARCHS["sm_90"].target_config())), arch="sm_90"),
 }
 
 
@@ -77,21 +79,27 @@ def abstract_devices(target: Target) -> list:
     return list(devices)
 
 
-_SHAPE = re.compile(r"^\s*(?:ROOT )?%?[\w.\-]+ = (\w+)\[([\d,]*)\]")
+_RESULT = re.compile(r"^\s*(?:ROOT )?%?[\w.\-]+ = (.*?) (all-gather(?:-start|-done)?)\(")
+_DIMS = re.compile(r"\w+\[([\d,]*)\]")
 
 
 def hlo_summary(hlo: str, global_batch: int) -> dict[str, Any]:
     """Facts about an optimized (partitioned) HLO module: Triton kernel launches, all-gathers,
     and the all-gathers whose result has the global batch as a dimension (an activation
-    gathered over the batch: what running a kernel under ``shard_map`` avoids)."""
+    gathered over the batch: what running a kernel under ``shard_map`` avoids). Asynchronous
+    gathers count once (at their start); their gathered shapes are read at their done."""
     gathers, batch_gathers = 0, []
     for line in hlo.splitlines():
-        if " all-gather(" in line or " all-gather-start(" in line:
-            gathers += 1
-            match = _SHAPE.match(line)
-            dims = [int(d) for d in match.group(2).split(",") if d] if match else []
-            if global_batch in dims:
-                batch_gathers.append(line.strip()[:200])
+        match = _RESULT.match(line)
+        if match is None:
+            continue
+        result, op = match.groups()
+        gathers += op != "all-gather-done"
+        if op == "all-gather-start":
+            continue  # its result type holds the operands too; the done holds the gathered
+        dims = [[int(d) for d in m.group(1).split(",") if d] for m in _DIMS.finditer(result)]
+        if any(global_batch in shape for shape in dims):
+            batch_gathers.append(line.strip()[:200])
     return {"triton_kernels": hlo.count(f'custom_call_target="{TRITON_TARGET}"'),
             "all_gathers": gathers, "batch_all_gathers": batch_gathers}
 
@@ -113,7 +121,23 @@ def _compile_train_step(target_name: str, config_name: str, overrides: dict[str,
                                 warmup_steps=10)
     start = time.perf_counter()
     lowered = steps.step_fn.trace(steps.state, steps.batch, steps.rest).lower()
-    compiled = lowered.compile(dict(target.compiler_options) or None)
+    options = dict(target.compiler_options)
+    kernels: dict[str, Any] = {}
+    if target.platform == "cuda":
+        # XLA's whole GPU compile, with every Pallas kernel's registers and spills from ptxas.
+        compiled, rows, launches = gpu_gate.inspect_gpu_compile(lowered, ARCHS[target.arch],
+                                                                 options)
+        if compiled is None:
+            raise RuntimeError(rows[0]["error"] if rows else "XLA refused the program")
+        ok = [r for r in rows if not r["error"]]
+        kernels = {"kernel_launches": launches, "kernels_compiled": len(ok),
+                   "kernel_problems": sorted({f"{r['kernel']}: {'; '.join(gpu_gate.problems(r))}"
+                                              for r in rows if gpu_gate.problems(r)}),
+                   "max_registers": max((r["registers"] for r in ok), default=None),
+                   "max_smem_bytes": max((r["smem_bytes"] for r in ok), default=None),
+                   "min_occupancy": min((r["occupancy"] for r in ok), default=None)}
+    else:
+        compiled = lowered.compile(options or None)
     seconds = time.perf_counter() - start
     mem = compiled.memory_analysis()
     peak = (mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
@@ -128,7 +152,7 @@ def _compile_train_step(target_name: str, config_name: str, overrides: dict[str,
         "temp_bytes": mem.temp_size_in_bytes, "alias_bytes": mem.alias_size_in_bytes,
         "peak_bytes": peak, "memory_per_device": target.memory_per_device,
         "fits": peak <= target.memory_per_device,
-        **hlo_summary(compiled.as_text(), config.global_batch_size),
+        **hlo_summary(compiled.as_text(), config.global_batch_size), **kernels,
     }
 
 
@@ -204,7 +228,10 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"per device ({'fits' if report['fits'] else 'DOES NOT FIT'}); "
           f"{report['triton_kernels']} Triton kernels, {report['all_gathers']} all-gathers "
           f"({len(report['batch_all_gathers'])} over the batch)")
-    return 0 if report["fits"] and not report["batch_all_gathers"] else 1
+    for problem in report.get("kernel_problems", []):
+        print(f"kernel problem: {problem}")
+    return 0 if (report["fits"] and not report["batch_all_gathers"]
+                 and not report.get("kernel_problems")) else 1
 
 
 if __name__ == "__main__":
