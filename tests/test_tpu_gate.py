@@ -228,7 +228,8 @@ def test_trainer_step_compiles_for_v5e_8(backend):
 
 def test_hlo_summary_sees_combined_async_gathers():
     """XLA may combine gathers into one all-gather-start with a tuple result (as it does for the
-    GPU NA program without a mesh); a batch-sized array anywhere in it is a batch gather."""
+    GPU NA program without a mesh): it counts once, and a batch-sized array among the gathered
+    results (read at its all-gather-done) is a batch gather."""
     from nat_jax.train import deviceless
 
     hlo = """
@@ -240,4 +241,4 @@ def test_hlo_summary_sees_combined_async_gathers():
     summary = deviceless.hlo_summary(hlo, global_batch=32)
     assert summary["all_gathers"] == 2 and summary["mosaic_kernels"] == 1
     assert len(summary["batch_all_gathers"]) == 1
-    assert summary["batch_all_gathers"][0].startswith("%all-gather-start.1")
+    assert summary["batch_all_gathers"][0].startswith("%all-gather-done.1")

@@ -40,7 +40,7 @@ import traceback
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from nat_jax.kernels import tpu_gate
+from nat_jax.kernels import gpu_gate, tpu_gate
 from nat_jax.kernels.gpu_gate import ARCHS, TRITON_TARGET
 
 
@@ -53,6 +53,7 @@ class Target:
     devices: int
     memory_per_device: int  # bytes the program may use on one device
     topology: tuple[tuple[str, Any], ...]  # keyword arguments of get_topology_desc
+    arch: str = ""  # GPUs: the gpu_gate.ARCHS entry, for the kernels' resource check
     # XLA options that make deviceless compilation work (see the note at the GPU target).
     compiler_options: tuple[tuple[str, Any], ...] = ()
 
@@ -67,7 +68,7 @@ TARGETS: dict[str, Target] = {
     "h100x8": Target(
         "h100x8", "cuda", 8, memory_per_device=ARCHS["sm_90"].memory,
         topology=(("platform", "cuda"), ("topology", "1x1x8"),
-                  ("target_config", ARCHS["sm_90"].target_config()))),
+                  ("target_config", ARCHS["sm_90"].target_config())), arch="sm_90"),
     **{name: _tpu_target(name) for name in tpu_gate.TOPOLOGIES},
 }
 
@@ -96,25 +97,27 @@ def abstract_devices(target: Target) -> list:
     return list(devices)
 
 
-_RESULT = re.compile(r"^\s*(?:ROOT )?%?[\w.\-]+ = (.*?) all-gather(?:-start)?\(")
-_ARRAY = re.compile(r"\w+\[([\d,]*)\]")
+_RESULT = re.compile(r"^\s*(?:ROOT )?%?[\w.\-]+ = (.*?) (all-gather(?:-start|-done)?)\(")
+_DIMS = re.compile(r"\w+\[([\d,]*)\]")
 
 
 def hlo_summary(hlo: str, global_batch: int) -> dict[str, Any]:
     """Facts about an optimized (partitioned) HLO module: Triton and Mosaic kernel launches,
-    all-gathers, and the all-gathers with an array of the global batch as a dimension in their
-    result (an activation gathered over the batch: what running a kernel under ``shard_map``
-    avoids). XLA may combine gathers into one asynchronous ``all-gather-start`` whose result is
-    a tuple of arrays: every array in it counts."""
+    all-gathers, and the all-gathers whose result has the global batch as a dimension (an activation
+    gathered over the batch: what running a kernel under ``shard_map`` avoids). Asynchronous
+    gathers count once (at their start); their gathered shapes are read at their done."""
     gathers, batch_gathers = 0, []
     for line in hlo.splitlines():
         match = _RESULT.match(line)
-        if match:
-            gathers += 1
-            shapes = [[int(d) for d in dims.split(",") if d]
-                      for dims in _ARRAY.findall(match.group(1))]
-            if any(global_batch in dims for dims in shapes):
-                batch_gathers.append(line.strip()[:200])
+        if match is None:
+            continue
+        result, op = match.groups()
+        gathers += op != "all-gather-done"
+        if op == "all-gather-start":
+            continue  # its result type holds the operands too; the done holds the gathered
+        dims = [[int(d) for d in m.group(1).split(",") if d] for m in _DIMS.finditer(result)]
+        if any(global_batch in shape for shape in dims):
+            batch_gathers.append(line.strip()[:200])
     return {"triton_kernels": hlo.count(f'custom_call_target="{TRITON_TARGET}"'),
             "mosaic_kernels": hlo.count(f'custom_call_target="{tpu_gate.MOSAIC_TARGET}"'),
             "all_gathers": gathers, "batch_all_gathers": batch_gathers}
@@ -154,7 +157,25 @@ def _compile_program(target_name: str, config_name: str, overrides: dict[str, An
     start = time.perf_counter()
     # The mesh is the context while lowering too: Pallas's TPU lowering asks it for the chip.
     with jax.set_mesh(mesh):
-        compiled = fn.trace(*args).lower().compile(dict(target.compiler_options) or None)
+        lowered = fn.trace(*args).lower()
+    options = dict(target.compiler_options)
+    kernels: dict[str, Any] = {}
+    if target.platform == "cuda":
+        # XLA's whole GPU compile, with every Pallas kernel's registers and spills from ptxas.
+        compiled, rows, launches = gpu_gate.inspect_gpu_compile(lowered, ARCHS[target.arch],
+                                                                 options)
+        if compiled is None:
+            raise RuntimeError(rows[0]["error"] if rows else "XLA refused the program")
+        ok = [r for r in rows if not r["error"]]
+        kernels = {"kernel_launches": launches, "kernels_compiled": len(ok),
+                   "kernel_problems": sorted({f"{r['kernel']}: {'; '.join(gpu_gate.problems(r))}"
+                                              for r in rows if gpu_gate.problems(r)}),
+                   "max_registers": max((r["registers"] for r in ok), default=None),
+                   "max_smem_bytes": max((r["smem_bytes"] for r in ok), default=None),
+                   "min_occupancy": min((r["occupancy"] for r in ok), default=None)}
+    else:
+        with jax.set_mesh(mesh):
+            compiled = lowered.compile(options or None)
     seconds = time.perf_counter() - start
     chip = tpu_gate.chip_info(mesh) if target.platform == "tpu" else None
     n_params = sum(int(x.size) for x in jax.tree.leaves(steps.state.params))
@@ -167,7 +188,7 @@ def _compile_program(target_name: str, config_name: str, overrides: dict[str, An
         "per_device_batch": per_device_batch, "fsdp": config.fsdp, "params": n_params,
         "compile_seconds": round(seconds, 1), "model_flops": flops,
         **tpu_gate.executable_report(compiled, target.memory_per_device, chip),
-        **hlo_summary(compiled.as_text(), config.global_batch_size),
+        **hlo_summary(compiled.as_text(), config.global_batch_size), **kernels,
     }
     report["flops_vs_model"] = report["flops"] / flops
     return report
@@ -264,7 +285,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                  f"{report['model_flops'] / 1e12:.2f}) and {report['bytes_accessed'] / 1e9:.1f} "
                  f"GB per device: roofline {report['roofline_seconds'] * 1e3:.1f} ms")
     print(line)
-    return 0 if report["fits"] and not report["batch_all_gathers"] else 1
+    for problem in report.get("kernel_problems", []):
+        print(f"kernel problem: {problem}")
+    return 0 if (report["fits"] and not report["batch_all_gathers"]
+                 and not report.get("kernel_problems")) else 1
 
 
 if __name__ == "__main__":
