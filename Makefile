@@ -11,7 +11,7 @@ VENV_NEW := .venv-jax$(NEWEST_JAX)
 # ptxas for the GPU gate when the CUDA toolkit is not on PATH (a pip wheel; no GPU needed).
 NVCC_WHEEL := nvidia-cuda-nvcc==13.0.88
 
-.PHONY: test test-all demo install cuda-plugin bench gpu-gate gpu-gate-newest clean
+.PHONY: test test-all demo install cuda-plugin tpu-plugin bench gpu-gate gpu-gate-newest tpu-gate clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -21,11 +21,13 @@ $(BIN)/python:
 # build time, hence --no-build-isolation after it. The CUDA plugin of exactly jax's version goes
 # into its own directory (the GPU gate puts it on sys.path in its worker processes only, so a
 # plain `import jax` never probes for a GPU): XLA's Triton and GPU compiler, no GPU needed.
+# libtpu goes into its own directory the same way (XLA's TPU compiler and Mosaic, no TPU).
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install -q torch==2.13.0
 	$(BIN)/python -m pip install -q -e ".[test,train,convert]"
 	$(BIN)/python -m pip install -q --no-build-isolation natten==0.21.7
 	$(MAKE) --no-print-directory VENV=$(VENV) cuda-plugin
+	$(MAKE) --no-print-directory VENV=$(VENV) tpu-plugin
 	touch $@
 
 # The CUDA plugin wheels matching the venv's jax, and ptxas if the toolkit's is not on PATH.
@@ -35,6 +37,12 @@ cuda-plugin:
 		jax-cuda13-plugin==$$v jax-cuda13-pjrt==$$v
 	command -v ptxas >/dev/null || $(BIN)/python -m pip install -q --no-deps --upgrade \
 		--target $(VENV)/cuda-plugin $(NVCC_WHEEL)
+
+# The libtpu that jax[tpu] of the venv's jax pins (e.g. 0.0.42.* for jax 0.10.2).
+tpu-plugin:
+	spec=$$($(BIN)/python -c "import importlib.metadata as m; print(next(r.split(';')[0] \
+		.replace(' ', '') for r in m.requires('jax') if r.startswith('libtpu')))") && \
+	$(BIN)/python -m pip install -q --no-deps --upgrade --target $(VENV)/tpu-plugin "$$spec"
 
 install: $(VENV)/.installed
 
@@ -70,6 +78,12 @@ $(VENV_NEW)/.installed: pyproject.toml
 gpu-gate-newest: $(VENV_NEW)/.installed
 	$(VENV_NEW)/bin/python -m nat_jax.kernels.gpu_gate --json \
 		benchmarks/results/gpu_gate_jax$(NEWEST_JAX).json
+
+# The whole TPU compile gate: every pallas_tpu kernel configuration on v5e-8 and v4-8 (the xla
+# path beside it), then the NAT/DiNAT train steps and inference forwards at recipe batch.
+tpu-gate: $(VENV)/.installed
+	$(BIN)/python -m nat_jax.kernels.tpu_gate --json benchmarks/results/tpu_kernel_gate.json
+	$(BIN)/python benchmarks/deviceless_tpu.py --config nat_mini,dinat_mini
 
 clean:
 	rm -rf $(VENV) $(VENV_NEW) .pytest_cache build *.egg-info

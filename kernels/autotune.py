@@ -61,16 +61,19 @@ _ALTERNATIVES = {
 
 def candidates(query, value, p: NAParams) -> list[pallas.BlockSizes]:
     """The default plus a few alternatives (larger / smaller query and key tiles; the backward
-    tiles and warps stay at the default). Large tiles are left out where they would not fit
-    the registers (head_dim > 128 in 16-bit, head_dim > 32 in float32)."""
+    tiles and warps stay at the default). Large tiles are left out where the GPU gate found
+    them spilling registers (in 16-bit, 128x128 above head_dim 16 and more than 64x32 above
+    128; in float32, more than 32x32 above head_dim 32)."""
     spatial = query.shape[1:1 + p.rank]
     rows = [-(-n // d) for n, d in zip(spatial, p.dilation)]
     head_dim = max(query.shape[-1], value.shape[-1])
     default = pallas.BlockSizes.get_default(spatial, p.kernel_size, p.dilation, head_dim,
                                             query.dtype)
     family = "float32" if query.dtype == jnp.float32 else "16bit"
-    budget = {"16bit": 64 * 32 if head_dim > 128 else None,
-              "float32": 32 * 32 if head_dim > 32 else None}[family]
+    if family == "16bit":
+        budget = None if head_dim <= 16 else 128 * 64 if head_dim <= 128 else 64 * 32
+    else:
+        budget = None if head_dim <= 32 else 32 * 32
     grow = pallas._grow_tile  # noqa: SLF001 (the same tile shaping as the defaults)
     out = [default]
     for q_rows, kv_rows in _ALTERNATIVES[family]:
@@ -173,7 +176,7 @@ def save(cache_file: str | Path, entries: dict[str, pallas.BlockSizes]) -> None:
 
 
 def _as_dict(b: pallas.BlockSizes) -> dict:
-    return {f: getattr(b, f) for f in ("q", "kv", "q_bwd", "kv_bwd", "num_warps", "num_stages")}
+    return {f.name: getattr(b, f.name) for f in dataclasses.fields(b)}
 
 
 def clear() -> None:

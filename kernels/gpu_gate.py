@@ -522,60 +522,90 @@ def abstract_gpu(arch: Arch):
     return device
 
 
-def compile_for_gpu(fn: Callable, make_args: Callable[[Any], Sequence], arch: Arch
-                    ) -> list[dict[str, Any]]:
-    """Compile ``jax.jit(fn)`` with XLA's GPU compiler for one abstract ``arch`` device and
-    report every Pallas (Triton) kernel of the program as a GPU session would build it.
+def inspect_gpu_compile(lowered: Any, arch: Arch, options: dict[str, Any] | None = None
+                        ) -> tuple[Any, list[dict[str, Any]], int]:
+    """Compile a program lowered for an abstract ``arch`` device with XLA's GPU compiler and
+    report every Pallas (Triton) kernel in it as a GPU session would build it.
 
-    ``make_args(sharding)`` returns the abstract arguments placed with ``sharding``. Returns one
-    row per kernel: ``kernel``, ``arch``, ``num_warps``, ``num_stages``, ``grid``,
-    ``registers``, ``spill_stores``, ``spill_loads``, ``stack_bytes``, ``smem_bytes``, the
-    :func:`occupancy` fields, and ``error`` (``None`` when it compiled).
+    Returns ``(compiled, rows, launches)``: ``compiled`` is ``None`` when XLA refused the
+    program (every row then carries the compiler's message as ``error``); ``launches`` counts
+    the kernel launches in XLA's thunk sequence. One row per compiled kernel (PTX entry):
+    ``kernel``, ``arch``, ``num_warps``, ``num_stages``, ``grid``, ``registers``,
+    ``spill_stores``, ``spill_loads``, ``stack_bytes``, ``smem_bytes`` (the largest launch of
+    that name), the :func:`occupancy` fields, and ``error`` (``None`` when it compiled).
     """
-    import jax
-    import numpy as np
-    from jax.sharding import Mesh, SingleDeviceSharding
+    kernels = {k.name.strip('"'): k for k in triton_kernels(lowered.as_text())}
 
-    device = abstract_gpu(arch)
+    def base(name: str) -> str:  # XLA numbers distinct kernels of one name: name__1, ...
+        return name if name in kernels else re.sub(r"_+\d+$", "", name)
+
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         capture, dump = tmp / "ptx", tmp / "dump"
         capture.mkdir()
         os.environ["NAT_JAX_PTX_CAPTURE"] = str(capture)
-        error = None
+        compiled, error = None, None
         try:
-            # Pallas's Triton lowering (jax >= 0.11) reads the target GPU from the context mesh.
-            with jax.set_mesh(Mesh(np.asarray([device]), ("gpu",))):
-                lowered = jax.jit(fn).trace(*make_args(SingleDeviceSharding(device))).lower()
-                kernels = {k.name.strip('"'): k for k in triton_kernels(lowered.as_text())}
-                try:
-                    lowered.compile({"xla_dump_to": str(dump),
-                                     "xla_gpu_cuda_data_dir": str(_ptxas_shim(tmp)),
-                                     "xla_gpu_enable_libnvptxcompiler": False})
-                except Exception as err:  # the compiler's message is the report
-                    error = f"xla: {type(err).__name__}: {str(err)[:2000]}"
+            compiled = lowered.compile({**(options or {}), "xla_dump_to": str(dump),
+                                        "xla_gpu_cuda_data_dir": str(_ptxas_shim(tmp)),
+                                        "xla_gpu_enable_libnvptxcompiler": False})
+        except Exception as err:  # the compiler's message is the report
+            error = f"xla: {type(err).__name__}: {str(err)[:2000]}"
         finally:
             del os.environ["NAT_JAX_PTX_CAPTURE"]
-        launches = {m.group(1): m.groups() for path in dump.glob("*thunk_sequence.txt")
-                    for m in _THUNK.finditer(path.read_text())}
-        resources: dict[str, dict[str, int]] = {}
-        for ptx in capture.glob("*.ptx"):
-            if error is None and any(f".entry {name}(" in ptx.read_text() for name in kernels):
+        if error is not None:
+            return None, [{"kernel": name, "arch": arch.name, "num_warps": k.num_warps,
+                           "num_stages": k.num_stages, "grid": list(k.grid), "error": error}
+                          for name, k in kernels.items()], 0
+        # Launches (thunks) and PTX entries by name; one kernel may be launched many times
+        # (a model's layers) and several distinct kernels may share a name.
+        launches: dict[str, list[tuple]] = {}
+        for path in sorted(dump.glob("*thunk_sequence.txt")):
+            for m in _THUNK.finditer(path.read_text()):
+                if base(m.group(1)) in kernels:
+                    launches.setdefault(m.group(1), []).append(m.groups())
+        entries: list[tuple[str, dict[str, int]]] = []
+        for ptx in sorted(capture.glob("*.ptx")):
+            text = ptx.read_text()
+            if any(f".entry {name}(" in text for name in launches):
                 proc = subprocess.run([find_ptxas(), "-v", f"--gpu-name={arch.ptxas_target}",
                                        str(ptx), "-o", str(ptx.with_suffix(".cubin"))],
                                       capture_output=True, text=True, check=False)
-                resources.update(parse_ptxas_functions(proc.stderr + proc.stdout))
+                entries += [(name, stats) for name, stats in
+                            parse_ptxas_functions(proc.stderr + proc.stdout).items()
+                            if name in launches]
     rows = []
-    for name, k in kernels.items():
-        row = {"kernel": name, "arch": arch.name, "num_warps": k.num_warps,
-               "num_stages": k.num_stages, "grid": list(k.grid), "error": error}
-        if error is None and (name not in resources or name not in launches):
-            row["error"] = f"xla: kernel {name} not found in the compiled program"
-        elif error is None:
-            row.update(resources[name], smem_bytes=int(launches[name][7]))
-            row.update(occupancy(row["registers"], row["smem_bytes"], k.num_warps, arch))
+    for name, stats in entries:
+        _, gx, gy, gz, threads, *_, smem = max(launches[name], key=lambda g: int(g[-1]))
+        row = {"kernel": name, "arch": arch.name, "num_warps": int(threads) // 32,
+               "num_stages": kernels[base(name)].num_stages,
+               "grid": [int(gx), int(gy), int(gz)], "error": None, **stats,
+               "smem_bytes": int(smem)}
+        row.update(occupancy(row["registers"], row["smem_bytes"], row["num_warps"], arch))
         rows.append(row)
-    return rows
+    for name in sorted(set(launches) - {name for name, _ in entries}):
+        rows.append({"kernel": name, "arch": arch.name,
+                     "error": f"xla: no PTX for kernel {name} reached ptxas"})
+    for name in sorted(set(kernels) - {base(n) for n in launches}):
+        rows.append({"kernel": name, "arch": arch.name,
+                     "error": f"xla: kernel {name} is not launched by the compiled program"})
+    launched = sum(len(v) for v in launches.values())
+    return compiled, rows, launched
+
+
+def compile_for_gpu(fn: Callable, make_args: Callable[[Any], Sequence], arch: Arch
+                    ) -> list[dict[str, Any]]:
+    """Compile ``jax.jit(fn)`` for one abstract ``arch`` device (:func:`inspect_gpu_compile`);
+    ``make_args(sharding)`` returns the abstract arguments placed with ``sharding``."""
+    import jax
+    import numpy as np
+    from jax.sharding import Mesh, SingleDeviceSharding
+
+    device = abstract_gpu(arch)
+    # Pallas's Triton lowering (jax >= 0.11) reads the target GPU from the context mesh.
+    with jax.set_mesh(Mesh(np.asarray([device]), ("gpu",))):
+        lowered = jax.jit(fn).trace(*make_args(SingleDeviceSharding(device))).lower()
+    return inspect_gpu_compile(lowered, arch)[1]
 
 
 def _check_case(case: Case, archs: tuple[str, ...]) -> list[dict[str, Any]]:
@@ -594,7 +624,9 @@ def _check_case(case: Case, archs: tuple[str, ...]) -> list[dict[str, Any]]:
         return [dict(base, kernel="(lowering)", arch=a, error=f"lowering: {type(err).__name__}: "
                      f"{err}") for a in archs]
     rows = []
-    for row in compiled:
+    # The non-finite containment branch launches the same kernels again: report each once.
+    unique = {tuple(sorted((k, str(v)) for k, v in row.items())): row for row in compiled}
+    for row in unique.values():
         short = row["kernel"].removeprefix("na_pallas_")
         row = dict(base, **row)
         row["kernel"] = short
@@ -639,7 +671,7 @@ def environment() -> dict[str, Any]:
 
     plugin = None
     for dist in plugin_dir().glob("jax_cuda13_plugin-*.dist-info"):
-        plugin = dist.name.split("-")[1].removesuffix(".dist-info")
+        plugin = dist.name.removesuffix(".dist-info").split("-")[1]
     try:
         ptxas_version = subprocess.run([find_ptxas(), "--version"], capture_output=True,
                                        text=True, check=False).stdout.strip().splitlines()[-1]
@@ -725,6 +757,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=None, help="worker processes (default: CPUs)")
     parser.add_argument("--no-candidates", action="store_true",
                         help="skip the autotuning candidates (default block sizes only)")
+    parser.add_argument("--match", default=None, metavar="REGEX",
+                        help="only cases whose name matches, e.g. 'float32|candidate'")
     parser.add_argument("--json", type=Path, default=None, help="write the report here")
     parser.add_argument("--all-rows", action="store_true",
                         help="print every kernel, not only the failing ones")
@@ -743,6 +777,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from rich.progress import Progress
 
     cases = sample(dispatch_cases(with_candidates=not args.no_candidates), args.sample)
+    if args.match:
+        cases = [c for c in cases if re.search(args.match, c.name)]
     archs = tuple(a.strip() for a in args.arch.split(",") if a.strip())
     start = time.perf_counter()
     with Progress() as bar:

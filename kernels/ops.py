@@ -16,7 +16,7 @@ from collections.abc import Callable, Hashable
 
 import jax
 
-from nat_jax.kernels import autotune, pallas, reference, sharding, xla
+from nat_jax.kernels import autotune, pallas, pallas_tpu, reference, sharding, xla
 from nat_jax.kernels.params import (BoolOrTuple, IntOrTuple, NAParams, check_qkv, check_rpb,
                                     make_params)
 
@@ -68,12 +68,22 @@ def _pallas_blocks(query, value, p, rpb):
             or pallas.default_block_sizes(query, value, p))
 
 
+def _pallas_tpu(query, key, value, p, rpb, config):
+    return pallas_tpu.na_fused(query, key, value, p, rpb, block_sizes=config)
+
+
+def _pallas_tpu_blocks(query, value, p, rpb):
+    return pallas_tpu.default_block_sizes(query, value, p)
+
+
 # Every backend, explicitly (no registration on import). "auto" walks them in this order.
 _BACKENDS: dict[str, Backend] = {
     "reference": Backend(_reference, qk=reference.na_qk, av=reference.na_av),
     "xla": Backend(_xla),
     "pallas": Backend(_pallas, platforms=("cuda",), unsupported=pallas.unsupported,
                       config=_pallas_blocks, partitionable=False),
+    "pallas_tpu": Backend(_pallas_tpu, platforms=("tpu",), unsupported=pallas_tpu.unsupported,
+                          config=_pallas_tpu_blocks, partitionable=False),
 }
 
 

@@ -43,13 +43,20 @@ def _rpb_bias(rpb: jax.Array, spatial: tuple[int, ...], p: NAParams) -> jax.Arra
     return rpb.astype(jnp.float32).reshape(rpb.shape[0], -1)[:, flat]
 
 
-def _gather(x: jax.Array, idx) -> jax.Array:
-    """``[B, *spatial, h, d]`` -> ``[B, N, W, h, d]``."""
+def _gather(x: jax.Array, idx, valid: np.ndarray) -> jax.Array:
+    """``[B, *spatial, h, d]`` -> ``[B, N, W, h, d]``; slots outside a (causal) window hold 0.
+
+    Those slots gather a clamped, real token: they are zeroed by a select, not multiplied by a
+    zero weight, so a non-finite token never reaches a window it is not in (``0 * nan = nan``),
+    forward or backward (the select's transpose zeroes their gradient too)."""
     g = x[(slice(None), *idx)]  # [B, *spatial, *kernel, h, d]
     n = len(idx)
     b = x.shape[0]
-    return g.reshape(b, math.prod(g.shape[1:1 + n]), math.prod(g.shape[1 + n:1 + 2 * n]),
-                     *x.shape[-2:])
+    g = g.reshape(b, math.prod(g.shape[1:1 + n]), math.prod(g.shape[1 + n:1 + 2 * n]),
+                  *x.shape[-2:])
+    if valid.all():
+        return g
+    return jnp.where(valid[None, :, :, None, None], g, jnp.zeros((), x.dtype))
 
 
 def na_qk(query: jax.Array, key: jax.Array, p: NAParams, rpb: jax.Array | None = None
@@ -60,7 +67,7 @@ def na_qk(query: jax.Array, key: jax.Array, p: NAParams, rpb: jax.Array | None =
     idx, valid = _window_index(spatial, p)
     b, h = query.shape[0], query.shape[-2]
     qf = query.reshape(b, -1, h, query.shape[-1])
-    logits = jnp.einsum("bnhd,bnwhd->bnhw", qf, _gather(key, idx),
+    logits = jnp.einsum("bnhd,bnwhd->bnhw", qf, _gather(key, idx, valid),
                         preferred_element_type=jnp.float32) * p.scale
     if rpb is not None:
         logits = logits + jnp.transpose(_rpb_bias(rpb, spatial, p), (1, 0, 2))[None]
@@ -77,7 +84,7 @@ def na_av(weights: jax.Array, value: jax.Array, p: NAParams) -> jax.Array:
     wf = weights.reshape(b, -1, h, weights.shape[-1])
     wf = jnp.where(valid[None, :, None, :], wf, 0).astype(
         jnp.promote_types(weights.dtype, value.dtype))
-    out = jnp.einsum("bnhw,bnwhd->bnhd", wf, _gather(value, idx),
+    out = jnp.einsum("bnhw,bnwhd->bnhd", wf, _gather(value, idx, valid),
                      preferred_element_type=jnp.float32)
     return out.astype(value.dtype).reshape(value.shape)
 
@@ -87,7 +94,11 @@ def na_fused(query: jax.Array, key: jax.Array, value: jax.Array, p: NAParams,
     """Neighborhood attention by gather; returns ``(out, lse)`` with ``lse [B, *spatial, heads]``
     float32 (natural-log logsumexp of the scaled, biased logits)."""
     logits = na_qk(query, key, p, rpb)
-    lse = jax.nn.logsumexp(logits, axis=-1)
+    # Plain max-shifted logsumexp (not jax.nn.logsumexp, which treats a +inf maximum as 0 and
+    # gives the row's other keys probability 0): a non-finite row is non-finite throughout, as
+    # a per-pair computation gives. The shift is a constant for the gradient.
+    m = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
+    lse = (m + jnp.log(jnp.sum(jnp.exp(logits - m), axis=-1, keepdims=True)))[..., 0]
     probs = jnp.exp(logits - lse[..., None])
     out = na_av(probs.astype(value.dtype), value, p)
     return out, lse

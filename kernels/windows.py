@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import math
 from typing import Any
 
@@ -120,17 +121,21 @@ def rpb_indices(length: int, kernel: int, dilation: int):
 
 
 # --------------------------------------------------------------------------------------------
-# Query tiling (used by the XLA path; the Pallas kernels use the same per-axis plans).
+# Query tiling with a uniform key halo (the XLA path).
 
 
 @dataclasses.dataclass(frozen=True)
-class AxisTiling:
-    """How one axis is regrouped by dilation and cut into query tiles with key halos.
+class HaloPlan:
+    """How one axis is regrouped by dilation and cut into query tiles with a *uniform* key halo.
 
-    Token ``i`` goes to group ``i % dilation``, row ``i // dilation``; each group is padded to
-    ``num_tiles * tile`` rows. Query tile ``t`` of group ``g`` needs only the keys at group rows
-    ``halo_start[g, t] + [0, halo)``; ``mask[g, t, q, h]`` says whether that key is in the window
-    of the tile's query ``q``; ``rel[g, t, q, h]`` is its RPB column (meaningless where masked).
+    Token ``i`` goes to group ``i % dilation``, group row ``i // dilation``; each group is padded
+    to ``num_tiles * tile`` query rows. Query tile ``t`` sees the key rows
+    ``t * tile - offset + [0, halo)`` of its group: the same shift for every tile, so halos are
+    slices of a padded array (no gather) and a key's offset from a query,
+    ``h - offset - q`` for halo slot ``h`` and tile row ``q``, does not depend on the tile (one
+    RPB table serves every tile). ``mask[g, t, q, h]`` says whether halo slot ``h`` is in the
+    window of tile row ``q`` (keys outside the group, including the padding, never are; padded
+    query rows have no keys).
     """
 
     length: int
@@ -141,10 +146,16 @@ class AxisTiling:
     tile: int
     rows: int  # ceil(length / dilation): rows per group after regrouping (before tile padding)
     num_tiles: int
+    offset: int
     halo: int
-    halo_start: np.ndarray  # [dilation, num_tiles]
     mask: np.ndarray  # [dilation, num_tiles, tile, halo] bool
-    rel: np.ndarray  # [dilation, num_tiles, tile, halo] int32
+
+    def rel(self) -> np.ndarray:
+        """``[tile, halo]`` RPB column ``kernel - 1 + key - query`` (stride 1, non-causal; clipped
+        into the table where the slot is masked anyway)."""
+        off = self.kernel - 1 - self.offset + np.arange(self.halo)[None, :] \
+            - np.arange(self.tile)[:, None]
+        return np.clip(off, 0, 2 * self.kernel - 2).astype(np.int32)
 
 
 def _group_lengths_column(length: int, dilation: int) -> np.ndarray:
@@ -152,60 +163,76 @@ def _group_lengths_column(length: int, dilation: int) -> np.ndarray:
     return group_length(length, dilation, np.arange(dilation)[:, None])
 
 
-@functools.lru_cache(maxsize=512)
-def axis_tiling(length: int, kernel: int, stride: int, dilation: int, causal: bool,
-                tile: int) -> AxisTiling:
-    """Build the static tiling plan of one axis (numpy, cached). The key box of each query tile
-    is :func:`tile_box` with one-row key tiles and the mask is :func:`in_window`: the same
-    arithmetic the Pallas kernels evaluate in-kernel."""
+def _uniform_halo(length: int, kernel: int, stride: int, dilation: int, causal: bool,
+                  tile: int) -> tuple[int, int, int, int]:
+    """``(tile, num_tiles, offset, halo)``: the smallest uniform halo covering every query
+    tile's :func:`tile_box` (one-row key tiles) in every dilation group."""
     rows = -(-length // dilation)
     tile = max(1, min(tile, rows))
     num_tiles = -(-rows // tile)
-    glen = _group_lengths_column(length, dilation)  # [d, 1]
-    lo, hi = tile_box(np.arange(num_tiles)[None, :], tile, 1, glen, kernel, stride, causal)
-    halo = min(int((hi - lo).max()), rows)
-    halo_start = np.clip(lo, 0, rows - halo)  # [d, nt]
-    keys = halo_start[..., None, None] + np.arange(halo)  # [d, nt, 1, halo]
-    q = np.arange(num_tiles * tile).reshape(1, num_tiles, tile, 1)
-    glen4 = glen[..., None, None]
-    mask = in_window(q, keys, glen4, kernel, stride, causal)  # [d, nt, tile, halo]
-    rel = (kernel - 1 + keys - np.minimum(q, glen4 - 1)).astype(np.int32)
-    for arr in (halo_start, mask, rel):
-        arr.setflags(write=False)
-    return AxisTiling(length, kernel, stride, dilation, causal, tile, rows, num_tiles, halo,
-                      halo_start, mask, rel)
+    t = np.arange(num_tiles)[None, :]
+    lo, hi = tile_box(t, tile, 1, _group_lengths_column(length, dilation), kernel, stride,
+                      causal)
+    offset = int((t * tile - lo).max())
+    halo = int((hi - t * tile).max()) + offset
+    return tile, num_tiles, offset, halo
 
 
 @functools.lru_cache(maxsize=512)
-def default_tile_sizes(shape: tuple[int, ...], kernel: tuple[int, ...],
-                       dilation: tuple[int, ...], stride: tuple[int, ...] | None = None,
-                       causal: tuple[bool, ...] | None = None) -> tuple[int, ...]:
-    """Query tile per axis for the XLA path, from a small cost model.
+def halo_plan(length: int, kernel: int, stride: int, dilation: int, causal: bool,
+              tile: int) -> HaloPlan:
+    """Build the static plan of one axis (numpy, cached); the mask is :func:`in_window`, the
+    arithmetic the Pallas kernels evaluate in-kernel."""
+    tile, num_tiles, offset, halo = _uniform_halo(length, kernel, stride, dilation, causal, tile)
+    glen = _group_lengths_column(length, dilation)[..., None, None]  # [d, 1, 1, 1]
+    t = np.arange(num_tiles)[:, None, None]
+    keys = t * tile - offset + np.arange(halo)  # [nt, 1, halo]
+    q = t * tile + np.arange(tile)[:, None]  # [nt, tile, 1]
+    # Query rows past the group's end (tile padding) get no keys at all: their results are
+    # cropped, and in the backward pass they must contribute nothing (not even 0 * nan).
+    mask = in_window(q, keys, glen, kernel, stride, causal) & (q < glen)  # [d, nt, tile, halo]
+    mask.setflags(write=False)
+    return HaloPlan(length, kernel, stride, dilation, causal, tile, -(-length // dilation),
+                    num_tiles, offset, halo, mask)
 
-    Per axis, a tile of ``T`` rows costs ``num_tiles * T * halo`` query-key pairs (padded
-    queries and halo keys included: dense work inside a tile) plus a fixed overhead per tile
-    (the halo gather and a small matmul) worth ``64 ** (1 / rank) * K`` pairs. Small tiles
-    waste less work on halos, large ones amortize the overhead; ties go to the smaller tile.
+
+@functools.lru_cache(maxsize=512)
+def xla_tile_sizes(shape: tuple[int, ...], kernel: tuple[int, ...],
+                   dilation: tuple[int, ...], stride: tuple[int, ...] | None = None,
+                   causal: tuple[bool, ...] | None = None, head_dim: int = 32
+                   ) -> tuple[int, ...]:
+    """Query tile per axis for the XLA path, from a small cost model fitted on CPU.
+
+    Every (padded) query computes logits against its tile's whole halo (``Hk`` keys). Measured
+    per-logit cost (fwd+bwd, 112x112, K=7, 2026-11-22, shared 2-core CPU, interleaved): small
+    tiles pay for small matmuls (4x4: 304 ms, 4x8: 248, 7x7: 198, 8x8: 205), large ones for
+    logits that leave the cache (8x16: 356, 14x14: 448, 16x16: 559). Model per query:
+    ``Hk * (1 + 48 / Tq) * max(1, Tq * Hk * 4 bytes / 256 KiB)``; ties go to the smaller tile.
+    ``head_dim`` is accepted for future use (the fit is for head_dim 32).
     """
+    del head_dim
     rank = len(shape)
     stride = stride or (1,) * rank
     causal = causal or (False,) * rank
     limit = {1: 512, 2: 32, 3: 16}.get(rank, 16)
-    tiles = []
+    per_axis = []
     for n, k, s, d, c in zip(shape, kernel, stride, dilation, causal):
         rows = -(-n // d)
-        overhead = 64 ** (1 / rank) * k
-        best = None
-        glen = _group_lengths_column(n, d)
+        opts = set()
         for t in range(1, min(rows, limit) + 1):
-            nt = -(-rows // t)
-            lo, hi = tile_box(np.arange(nt)[None, :], t, 1, glen, k, s, c)
-            halo = min(int((hi - lo).max()), rows)
-            cost = nt * (t * halo + overhead)
-            if best is None or cost < best[0]:
-                best = (cost, t)
-        tiles.append(best[1])
-    return tuple(tiles)
+            t, nt, _, halo = _uniform_halo(n, k, s, d, c, t)
+            opts.add((t, d * nt * t, halo))
+        per_axis.append(sorted(opts))
+    best = None
+    for combo in itertools.product(*per_axis):
+        tq = math.prod(o[0] for o in combo)
+        hk = math.prod(o[2] for o in combo)
+        queries = math.prod(o[1] for o in combo)
+        cost = queries * hk * (1 + 48 / tq) * max(1.0, tq * hk * 4 / 2**18)
+        key = (cost, tq)
+        if best is None or key < best[0]:
+            best = (key, tuple(o[0] for o in combo))
+    return best[1]
 
 
 def na_flops(batch: int, heads: int, shape: tuple[int, ...], kernel: tuple[int, ...],

@@ -1,31 +1,52 @@
 """Tiled neighborhood attention in plain XLA: the portable fast path (CPU, GPU, TPU).
 
-Algorithm (per call, all tables static and built once in numpy by :mod:`windows`):
+Algorithm (per call; every table is static, built once in numpy by :mod:`windows`):
 
 1. Dilation: every axis is regrouped so that each dilation group is contiguous
    (``i -> (i // d, i % d)``); the groups become batch-like axes and the problem is NA with
    dilation 1 inside each group.
-2. Queries are cut into multi-dimensional tiles (e.g. 8x8 for 2-D). A tile's keys all lie in
-   a box ("halo") of ``tile + kernel - 1``-ish rows per axis, gathered once per tile.
-3. Inside a tile: dense attention with matmuls (``einsum``), fp32 logits and softmax, an exact
-   per-element window mask, RPB gathered from the relative offsets.
-4. Results are scattered back by the inverse regrouping.
+2. Queries are cut into multi-dimensional tiles (:func:`windows.xla_tile_sizes`). Every tile
+   sees a key box ("halo") at the *same* offset from its first query
+   (:func:`windows.halo_plan`), so halos are built by padding and slicing (no gather; its
+   transpose in the backward pass is a pad-and-add, not a scatter), and the relative position
+   of halo slot ``h`` to tile row ``q`` is the same in every tile: RPB is one ``[heads, Tq,
+   Hk]`` table shared by all tiles, and its gradient one reduction.
+3. Inside a tile: dense attention with batched matmuls, fp32 logits and softmax, the exact
+   per-element window mask (built in-graph from small per-axis tables).
+4. Results go back by the inverse regrouping.
 
 Memory is ``O(tokens * halo)``: no ``O(tokens^2)`` term and no ``[tokens, K^2, head_dim]``
-gather of keys and values. When the logits would exceed ``_LOGITS_BUDGET`` bytes the tiles are
-processed in chunks under ``lax.map`` with rematerialization, bounding peak memory further
-(and, on CPU, keeping each chunk's working set in cache).
+gather. When the logits would exceed ``_LOGITS_BUDGET`` bytes, (batch, head) pairs (or, for one
+large pair, its tiles) are processed in chunks inside a ``fori_loop``.
 
-Gradients come from autodiff of this code (exact; chunked runs rematerialize each chunk).
-A flash-style ``custom_vjp`` that saves only the output and logsumexp and recomputes the
-probabilities was measured against it (2026-11-21, shared 2-core CPU, NAT/DiNAT stage shapes,
-forward+backward): 0.64x-1.44x per shape, equal within the machine's noise, and its compiled
-temporary memory was not lower (a six-layer 56x56 stack: 242 MB vs 209 MB for autodiff), so the
-simpler autodiff path stays.
+Backward: an explicit flash-style ``custom_vjp``. It keeps the tiled queries, key/value halos,
+output and logsumexp from the forward pass (no layout work is redone) and recomputes the
+probabilities. Unlike autodiff it controls every contraction, which non-finite containment
+needs (below). Re-measured against autodiff of this forward (2026-11-22, 112x112, 2 heads,
+K=7, RPB, fwd+bwd, interleaved, load ~7, ``benchmarks/na_ab.py --autodiff``): 302 ms vs 486 ms
+(1.6x), where the previous gather-based path's autodiff took 566 ms. Keeping the forward's
+probabilities instead of recomputing them measured no faster (interleaved, load 13-16:
+1038 vs 1052 ms at 112x112, 2990 vs 3072 ms at 56x56 batch 16) and costs ``O(tokens * halo)``
+memory, so they are recomputed.
+
+Non-finite containment. Dense in-tile matmuls multiply masked entries (exact zeros) by operand
+rows outside a query's window, and ``0 * nan = nan``: one NaN value would poison every query of
+its tile's neighbours. Entries of the probability / ``ds`` matrices are masked with selects,
+so leaks can only come from the four contraction operands that are inputs: ``v`` (forward
+``p @ v``), ``k`` (``dq = ds @ k``), ``q`` (``dk = ds^T @ q``) and the output cotangent
+(``dv = p^T @ do``). When one of those holds a non-finite value (checked with one reduction),
+``lax.cond`` runs the *contained* variant of the same tiled computation: sanitized operands
+(non-finite -> 0) plus indicator matmuls that make an element non-finite exactly when a window
+really holds a non-finite value of its contraction. Elements whose windows hold no non-finite
+value are bitwise what finite inputs give. The contained path has the same tiling and memory
+profile (XLA reserves memory for both branches of a conditional); under ``vmap`` the predicate
+is batched and both branches run (correct, slower). :func:`na_fused_contained` and
+:func:`na_backward_contained` expose it for other backends to fall back to.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -35,9 +56,9 @@ import numpy as np
 from nat_jax.kernels import windows
 from nat_jax.kernels.params import NAParams
 
-# Bytes of fp32 logits (and their softmax) per chunk of query tiles; None picks per platform.
-# On CPU, chunks that stay in cache measured ~2x faster at 112x112 and 224x224 (the unchunked
-# logits of a 224x224 map are ~70 MB per head pair); accelerators prefer few, large chunks.
+# Bytes of fp32 logits per chunk of (batch, head) pairs; None picks per platform. On CPU,
+# chunks that stay in cache measured ~2x faster at 112x112 and 224x224; accelerators prefer
+# few, large chunks.
 _LOGITS_BUDGET: int | None = None
 
 
@@ -47,39 +68,398 @@ def _logits_budget() -> int:
     return 1 << 24 if jax.default_backend() == "cpu" else 1 << 30
 
 
+# ------------------------------------------------------------------------------------- layout
+
+
+def _plans(spatial: tuple[int, ...], p: NAParams, head_dim: int,
+           tile_sizes: tuple[int, ...] | None) -> tuple[windows.HaloPlan, ...]:
+    if tile_sizes is None:
+        tile_sizes = windows.xla_tile_sizes(spatial, p.kernel_size, p.dilation, p.stride,
+                                            p.is_causal, head_dim)
+    return tuple(windows.halo_plan(spatial[a], p.kernel_size[a], p.stride[a], p.dilation[a],
+                                   p.is_causal[a], tile_sizes[a]) for a in range(p.rank))
+
+
+def _fit(x: jax.Array, axis: int, before: int, total: int) -> jax.Array:
+    """Pad ``before`` zeros in front of ``axis``, then pad or crop it to ``total``."""
+    x = jax.lax.pad(x, jnp.zeros((), x.dtype),
+                    [(before, 0, 0) if a == axis else (0, 0, 0) for a in range(x.ndim)])
+    size = x.shape[axis]
+    if size > total:
+        return jax.lax.slice_in_dim(x, 0, total, axis=axis)
+    return jax.lax.pad(x, jnp.zeros((), x.dtype),
+                       [(0, total - size, 0) if a == axis else (0, 0, 0) for a in range(x.ndim)])
+
+
 def _regroup(x: jax.Array, plans, rows_per_axis) -> jax.Array:
-    """``[B, *spatial, h, d]`` -> ``[B, *dil, *rows, h, d]`` (zero padded)."""
+    """``[B, *spatial, h, c]`` -> ``[B, h, *dil, *(rows x per axis)], c]`` (zero padded):
+    ``rows_per_axis[a]`` is a tuple of sizes the group rows of axis ``a`` are split into."""
     n = len(plans)
-    pad = [(0, 0)] + [(0, r * pl.dilation - pl.length) for pl, r in zip(plans, rows_per_axis)]
-    x = jnp.pad(x, pad + [(0, 0), (0, 0)])
-    b, h, d = x.shape[0], x.shape[-2], x.shape[-1]
+    b, h, c = x.shape[0], x.shape[-2], x.shape[-1]
+    for a, (pl, rows) in enumerate(zip(plans, rows_per_axis)):
+        x = _fit(x, 1 + a, 0, math.prod(rows) * pl.dilation)
     split = [b]
-    for pl, r in zip(plans, rows_per_axis):
-        split += [r, pl.dilation]
-    x = x.reshape(*split, h, d)
-    perm = [0] + [2 + 2 * a for a in range(n)] + [1 + 2 * a for a in range(n)]
-    return jnp.transpose(x, perm + [1 + 2 * n, 2 + 2 * n])
+    for pl, rows in zip(plans, rows_per_axis):
+        split += [*rows, pl.dilation]
+    x = x.reshape(*split, h, c)
+    # positions of each axis' pieces in `split`
+    pos, at = [], 1
+    for rows in rows_per_axis:
+        pos.append(list(range(at, at + len(rows) + 1)))
+        at += len(rows) + 1
+    perm = [0, at] + [q[-1] for q in pos]
+    depth = max(len(r) for r in rows_per_axis)
+    for level in range(depth):
+        perm += [q[level] for q, rows in zip(pos, rows_per_axis) if level < len(rows)]
+    return jnp.transpose(x, perm + [at + 1])
 
 
-def _tables(plans, tile0, count):
-    """Mask / RPB-index tables ``[*dil, *nt, Tq, Hk]`` for axis-0 tiles ``tile0 + [0, count)``,
-    built in-graph from the small per-axis tables (the full product can be huge)."""
+def _to_tiles(x: jax.Array, plans) -> jax.Array:
+    """``[B, *spatial, h, c]`` -> ``[B, h, G, NT, Tq, c]`` query tiles (zero padded)."""
+    b, h, c = x.shape[0], x.shape[-2], x.shape[-1]
+    x = _regroup(x, plans, [(pl.num_tiles, pl.tile) for pl in plans])
+    g = math.prod(pl.dilation for pl in plans)
+    nt = math.prod(pl.num_tiles for pl in plans)
+    return x.reshape(b, h, g, nt, -1, c)
+
+
+def _to_halos(x: jax.Array, plans) -> jax.Array:
+    """``[B, *spatial, h, c]`` -> ``[B, h, G, NT, Hk, c]``: each tile's key box. Along each axis
+    the padded group rows are cut into tiles and every tile is joined with the start of the
+    next ones (slices and a concatenation: no gather)."""
+    n = len(plans)
+    b, h, c = x.shape[0], x.shape[-2], x.shape[-1]
+    x = _regroup(x, plans, [(pl.rows,) for pl in plans])  # [B, h, *dil, *rows, c]
+    for a, pl in enumerate(plans):
+        ax = 2 + n + 2 * a  # rows of axis a (earlier axes are already (nt, H) pairs)
+        m = -(-pl.halo // pl.tile)
+        x = _fit(x, ax, pl.offset, (pl.num_tiles + m - 1) * pl.tile)
+        x = x.reshape(*x.shape[:ax], pl.num_tiles + m - 1, pl.tile, *x.shape[ax + 1:])
+        parts = [jax.lax.slice_in_dim(x, j, j + pl.num_tiles, axis=ax) for j in range(m)]
+        x = jnp.concatenate(parts, axis=ax + 1) if m > 1 else parts[0]
+        x = jax.lax.slice_in_dim(x, 0, pl.halo, axis=ax + 1)
+    # [B, h, *dil, nt0, H0, nt1, H1, ..., c] -> [B, h, *dil, *nt, *H, c]
+    lead = 2 + n
+    perm = list(range(lead)) + [lead + 2 * a for a in range(n)] \
+        + [lead + 2 * a + 1 for a in range(n)] + [lead + 2 * n]
+    x = jnp.transpose(x, perm)
+    g = math.prod(pl.dilation for pl in plans)
+    nt = math.prod(pl.num_tiles for pl in plans)
+    return x.reshape(b, h, g, nt, -1, c)
+
+
+def _from_tiles(y: jax.Array, plans, spatial: tuple[int, ...]) -> jax.Array:
+    """Inverse of :func:`_to_tiles` on the real tokens: ``[B, h, G, NT, Tq, c]`` ->
+    ``[B, *spatial, h, c]``."""
+    b, h, c = y.shape[0], y.shape[1], y.shape[-1]
+    shape = jax.ShapeDtypeStruct((b, *spatial, h, c), y.dtype)
+    (x,) = jax.linear_transpose(lambda x: _to_tiles(x, plans), shape)(y)
+    return x
+
+
+def _fold_halos(y: jax.Array, plans, spatial: tuple[int, ...]) -> jax.Array:
+    """Transpose of :func:`_to_halos`: sums each halo slot back onto its token
+    (``[B, h, G, NT, Hk, c]`` -> ``[B, *spatial, h, c]``; pads and adds, no scatter)."""
+    b, h, c = y.shape[0], y.shape[1], y.shape[-1]
+    shape = jax.ShapeDtypeStruct((b, *spatial, h, c), y.dtype)
+    (x,) = jax.linear_transpose(lambda x: _to_halos(x, plans), shape)(y)
+    return x
+
+
+def _mask(plans) -> jax.Array:
+    """``[G, NT, Tq, Hk]`` window mask, built in-graph from the small per-axis tables."""
     n = len(plans)
     mask = jnp.ones((), bool)
-    rel = jnp.zeros((), jnp.int32)
     for a, pl in enumerate(plans):
-        m_a = jnp.asarray(pl.mask)
-        r_a = jnp.asarray(np.clip(pl.rel, 0, 2 * pl.kernel - 2))
-        if a == 0:
-            m_a = jax.lax.dynamic_slice_in_dim(m_a, tile0, count, axis=1)
-            r_a = jax.lax.dynamic_slice_in_dim(r_a, tile0, count, axis=1)
-        mask = mask & windows.interleave_axis(m_a, a, n, 4)
-        rel = rel * (2 * pl.kernel - 1) + windows.interleave_axis(r_a, a, n, 4)
-    lead = mask.shape[:2 * n]
-    full = lead + tuple(pl.tile for pl in plans) + tuple(pl.halo for pl in plans)
-    tq = math.prod(pl.tile for pl in plans)
-    return (jnp.broadcast_to(mask, full).reshape(*lead, tq, -1),
-            jnp.broadcast_to(rel, full).reshape(*lead, tq, -1))
+        mask = mask & windows.interleave_axis(jnp.asarray(pl.mask), a, n, 4)
+    full = (tuple(pl.dilation for pl in plans) + tuple(pl.num_tiles for pl in plans)
+            + tuple(pl.tile for pl in plans) + tuple(pl.halo for pl in plans))
+    mask = jnp.broadcast_to(mask, full)
+    return mask.reshape(math.prod(full[:n]), math.prod(full[n:2 * n]),
+                        math.prod(full[2 * n:3 * n]), -1)
+
+
+def _rel(plans) -> np.ndarray:
+    """``[Tq, Hk]`` flat RPB index shared by every tile."""
+    n = len(plans)
+    flat = np.zeros((), np.int64)
+    for a, pl in enumerate(plans):
+        flat = flat * (2 * pl.kernel - 1) + windows.interleave_axis(pl.rel(), a, n, 2)
+    full = tuple(pl.tile for pl in plans) + tuple(pl.halo for pl in plans)
+    return np.broadcast_to(flat, full).reshape(math.prod(full[:n]), -1).astype(np.int32)
+
+
+# ------------------------------------------------------------------------------- tile compute
+
+
+def _bad(x: jax.Array) -> jax.Array:
+    return jnp.logical_not(jnp.isfinite(x))
+
+
+def _clean(x: jax.Array) -> jax.Array:
+    return jnp.where(jnp.isfinite(x), x, jnp.zeros((), x.dtype))
+
+
+def _hits(pattern: jax.Array, bad: jax.Array, spec: str) -> jax.Array:
+    """Indicator matmul: how many non-finite operand entries each result element contracts
+    within its windows (``pattern`` is the 0/1 window mask, ``bad`` the 0/1 indicator)."""
+    return jnp.einsum(spec, pattern.astype(jnp.float32), bad.astype(jnp.float32))
+
+
+def _scores(qt, kh, bias, mask, scale):
+    """``[C, N, Tq, Hk]`` masked logits; ``qt [C, N, Tq, d]``, ``kh [C, N, Hk, d]``, ``bias
+    [C, Tq, Hk]`` or None, ``mask [N, Tq, Hk]``."""
+    s = jnp.einsum("cnqd,cnkd->cnqk", qt, kh, preferred_element_type=jnp.float32) * scale
+    if bias is not None:
+        s = s + bias[:, None]
+    return jnp.where(mask, s, -jnp.inf)
+
+
+def _forward_tiles(qt, kh, vh, bias, *, mask, scale: float, contained: bool):
+    """One chunk of tiles: ``(out [C, N, Tq, dv] in v's dtype, lse [C, N, Tq] f32)``."""
+    s = _scores(qt, kh, bias, mask, scale)
+    m = jnp.max(s, axis=-1, keepdims=True)
+    # The select keeps masked entries exactly zero even for a row whose max is not finite.
+    e = jnp.where(mask, jnp.exp(s - m), 0.0)
+    l = jnp.sum(e, axis=-1, keepdims=True)
+    v_op = _clean(vh) if contained else vh
+    o = jnp.einsum("cnqk,cnkd->cnqd", e.astype(vh.dtype), v_op,
+                   preferred_element_type=jnp.float32) / l
+    if contained:
+        # p @ v element-wise: a window value nan, or +inf and -inf together, or an infinity met
+        # with probability 0 give nan; otherwise an infinity keeps its sign.
+        pos = e > 0
+        window = mask & jnp.ones_like(pos)
+        nan = (_hits(window, jnp.isnan(vh), "cnqk,cnkd->cnqd")
+               + _hits(window & ~pos, jnp.isinf(vh), "cnqk,cnkd->cnqd")) > 0
+        plus = _hits(pos, vh == jnp.inf, "cnqk,cnkd->cnqd") > 0
+        minus = _hits(pos, vh == -jnp.inf, "cnqk,cnkd->cnqd") > 0
+        o = jnp.where(plus, jnp.inf, o)
+        o = jnp.where(minus, -jnp.inf, o)
+        o = jnp.where(nan | (plus & minus), jnp.nan, o)
+    lse = (m + jnp.log(l))[..., 0]
+    return o.astype(vh.dtype), lse
+
+
+def _backward_tiles(qt, kh, vh, bias, ot, lset, dot, dlset, *, mask, scale: float,
+                    contained: bool):
+    """Gradients of one chunk: ``(dq [C,N,Tq,d], dk [C,N,Hk,d], dv [C,N,Hk,dv], dbias [C,Tq,Hk]
+    f32)`` (halo-shaped dk/dv, summed back onto tokens by the caller)."""
+    s = _scores(qt, kh, bias, mask, scale)
+    p = jnp.where(mask, jnp.exp(s - lset[..., None]), 0.0)
+    dp = jnp.einsum("cnqd,cnkd->cnqk", dot, vh, preferred_element_type=jnp.float32)
+    delta = jnp.sum(dot.astype(jnp.float32) * ot.astype(jnp.float32), axis=-1) - dlset
+    ds = jnp.where(mask, p * (dp - delta[..., None]), 0.0)
+    dtype = qt.dtype
+    k_op, q_op, do_op = (_clean(x) if contained else x for x in (kh, qt, dot))
+    dq = jnp.einsum("cnqk,cnkd->cnqd", ds.astype(dtype), k_op,
+                    preferred_element_type=jnp.float32) * scale
+    # dk = ds^T q and dv = p^T do contract the query axis, which is not minor in ds / p:
+    # XLA:CPU runs such dots on a slow generic path (2x slower at 112x112). Transposing the
+    # small [Tq, d] operand instead gives plain [d, Tq] @ [Tq, Hk] matmuls; the [d, Hk]
+    # results are transposed back inside the halo fold's fusion.
+    q_t = jnp.swapaxes(q_op, -1, -2)
+    do_t = jnp.swapaxes(do_op, -1, -2)
+    dk = jnp.einsum("cndq,cnqk->cndk", q_t, ds.astype(dtype),
+                    preferred_element_type=jnp.float32) * scale
+    dv = jnp.einsum("cndq,cnqk->cndk", do_t, p.astype(dtype),
+                    preferred_element_type=jnp.float32)
+    if contained:
+        window = mask & jnp.ones(ds.shape, bool)
+        dq = jnp.where(_hits(window, _bad(kh), "cnqk,cnkd->cnqd") > 0, jnp.nan, dq)
+        dk = jnp.where(_hits(window, _bad(qt), "cnqk,cnqd->cndk") > 0, jnp.nan, dk)
+        dv = jnp.where(_hits(window, _bad(dot), "cnqk,cnqd->cndk") > 0, jnp.nan, dv)
+    return dq, jnp.swapaxes(dk, -1, -2), jnp.swapaxes(dv, -1, -2), jnp.sum(ds, axis=1)
+
+
+def _chunk_sizes(z: int, n: int, pair_bytes: int) -> tuple[int, int]:
+    """``(cz, cn)``: (batch*head) pairs and tiles per chunk so that one chunk's logits (and
+    probabilities) stay within the budget; whole pairs first, tiles of one pair only when a
+    single pair is over budget."""
+    budget = _logits_budget()
+    if 2 * z * pair_bytes <= budget:
+        return z, n
+    cz = max((c for c in range(1, z + 1) if z % c == 0 and 2 * c * pair_bytes <= budget),
+             default=None)
+    if cz is not None:
+        return cz, n
+    tile_bytes = pair_bytes // n
+    cn = max((c for c in range(1, n + 1) if n % c == 0 and 2 * c * tile_bytes <= budget),
+             default=1)
+    return 1, cn
+
+
+def _chunked(fn, args, kinds: str, out_kinds: str, pair_bytes: int):
+    """Run ``fn`` chunk by chunk. ``kinds[i]`` says how ``args[i]`` is laid out: ``"p"`` =
+    ``[Z, N, ...]`` (pairs x tiles), ``"z"`` = ``[Z, ...]`` (per pair, e.g. the bias), ``"n"`` =
+    ``[N, ...]`` (per tile, the mask); None args pass through. Outputs are ``"p"`` or ``"s"``
+    (``[Z, ...]`` summed over tiles). Chunks are dynamic slices inside a ``fori_loop`` whose
+    outputs are updated in place."""
+    z, n = next(a.shape[:2] for a, k in zip(args, kinds) if k == "p")
+    cz, cn = _chunk_sizes(z, n, pair_bytes)
+    if (cz, cn) == (z, n):
+        return fn(*args)
+    nn = n // cn
+    steps = (z // cz) * nn
+
+    def piece(i, a, k):
+        if a is None:
+            return None
+        z0, n0 = (i // nn) * cz, (i % nn) * cn
+        if k == "p":
+            return jax.lax.dynamic_slice(a, (z0, n0) + (0,) * (a.ndim - 2),
+                                         (cz, cn) + a.shape[2:])
+        if k == "z":
+            return jax.lax.dynamic_slice_in_dim(a, z0, cz, axis=0)
+        return jax.lax.dynamic_slice_in_dim(a, n0, cn, axis=0)
+
+    shapes = jax.eval_shape(lambda *xs: fn(*xs),
+                            *(piece(0, a, k) for a, k in zip(args, kinds)))
+    init = tuple(jnp.zeros((z, n) + s.shape[2:] if k == "p" else (z,) + s.shape[1:], s.dtype)
+                 for s, k in zip(shapes, out_kinds))
+
+    def body(i, outs):
+        res = fn(*(piece(i, a, k) for a, k in zip(args, kinds)))
+        z0, n0 = (i // nn) * cz, (i % nn) * cn
+        new = []
+        for o, r, k in zip(outs, res, out_kinds):
+            if k == "p":
+                new.append(jax.lax.dynamic_update_slice(o, r, (z0, n0) + (0,) * (r.ndim - 2)))
+            else:
+                start = (z0,) + (0,) * (r.ndim - 1)
+                old = jax.lax.dynamic_slice(o, start, r.shape)
+                new.append(jax.lax.dynamic_update_slice(o, old + r, start))
+        return tuple(new)
+
+    return jax.lax.fori_loop(0, steps, body, init)
+
+
+# --------------------------------------------------------------------------- forward/backward
+
+
+def _layout(query, key, value, p, tile_sizes):
+    spatial = tuple(query.shape[1:1 + p.rank])
+    plans = _plans(spatial, p, query.shape[-1], tile_sizes)
+    b, h = query.shape[0], query.shape[-2]
+    z = b * h
+
+    def flat(x):  # [B, h, G, NT, T, c] -> [B*h, G*NT, T, c]
+        return x.reshape(z, -1, *x.shape[4:])
+
+    qt = flat(_to_tiles(query, plans))
+    kh = flat(_to_halos(key, plans))
+    vh = flat(_to_halos(value, plans))
+    return spatial, plans, qt, kh, vh
+
+
+def _bias_table(rpb, plans, batch: int):
+    """``[B*h, Tq, Hk]`` f32 bias per (batch, head) pair, or None."""
+    if rpb is None:
+        return None
+    h = rpb.shape[0]
+    table = rpb.astype(jnp.float32).reshape(h, -1)[:, _rel(plans)]
+    return jnp.broadcast_to(table[None], (batch, *table.shape)).reshape(batch * h,
+                                                                        *table.shape[1:])
+
+
+def _mask_flat(plans):
+    m = _mask(plans)
+    return m.reshape(-1, *m.shape[2:])
+
+
+def _pair_bytes(qt, kh) -> int:
+    return 4 * qt.shape[1] * qt.shape[2] * kh.shape[2]
+
+
+def _forward_core(qt, kh, vh, bias, plans, scale: float, contained: bool):
+    def fn(q, k, v, b, mask):
+        return _forward_tiles(q, k, v, b, mask=mask, scale=scale, contained=contained)
+
+    return _chunked(fn, (qt, kh, vh, bias, _mask_flat(plans)), "pppzn", "pp",
+                    _pair_bytes(qt, kh))
+
+
+def _backward_core(qt, kh, vh, bias, ot, lset, dot, dlset, plans, scale: float,
+                   contained: bool):
+    def fn(q, k, v, b, o, lse, do, dlse, mask):
+        return _backward_tiles(q, k, v, b, o, lse, do, dlse, mask=mask, scale=scale,
+                               contained=contained)
+
+    return _chunked(fn, (qt, kh, vh, bias, ot, lset, dot, dlset, _mask_flat(plans)),
+                    "pppzppppn", "ppps", _pair_bytes(qt, kh))
+
+
+def _forward(query, key, value, rpb, p: NAParams, tile_sizes, contained: bool | None):
+    """Forward pass and the tiled residuals. ``contained=None`` decides at run time."""
+    spatial, plans, qt, kh, vh = _layout(query, key, value, p, tile_sizes)
+    bias = _bias_table(rpb, plans, query.shape[0])
+    run = functools.partial(_forward_core, plans=plans, scale=p.scale)
+    if contained is None:
+        ot, lset = jax.lax.cond(jnp.any(_bad(value)), functools.partial(run, contained=True),
+                                functools.partial(run, contained=False), qt, kh, vh, bias)
+    else:
+        ot, lset = run(qt, kh, vh, bias, contained=contained)
+    b, h = query.shape[0], query.shape[-2]
+    g = math.prod(pl.dilation for pl in plans)
+    unflat = lambda x: x.reshape(b, h, g, -1, *x.shape[2:])  # noqa: E731
+    out = _from_tiles(unflat(ot), plans, spatial)
+    lse = _from_tiles(unflat(lset[..., None]), plans, spatial)[..., 0]
+    # Whether the backward pass's contractions with q and k may leak: one reduction each over
+    # the compact arrays (the halos repeat every key ~3x).
+    qk_bad = jnp.any(_bad(query)) | jnp.any(_bad(key))
+    return (out, lse), (qt, kh, vh, ot, lset, qk_bad)
+
+
+def _backward(res, cotangents, rpb, p: NAParams, tile_sizes, spatial, batch: int,
+              contained: bool | None):
+    qt, kh, vh, ot, lset, qk_bad = res
+    dout, dlse = cotangents
+    plans = _plans(spatial, p, qt.shape[-1], tile_sizes)
+    h = qt.shape[0] // batch
+    dot = _to_tiles(dout.astype(qt.dtype), plans).reshape(ot.shape)
+    dlset = _to_tiles(dlse.astype(jnp.float32)[..., None], plans).reshape(lset.shape)
+    bias = _bias_table(rpb, plans, batch)
+    run = functools.partial(_backward_core, plans=plans, scale=p.scale)
+    args = (qt, kh, vh, bias, ot, lset, dot, dlset)
+    if contained is None:
+        leak = qk_bad | jnp.any(_bad(dout))
+        dqt, dkh, dvh, dbias = jax.lax.cond(leak, functools.partial(run, contained=True),
+                                            functools.partial(run, contained=False), *args)
+    else:
+        dqt, dkh, dvh, dbias = run(*args, contained=contained)
+    g = math.prod(pl.dilation for pl in plans)
+    unflat = lambda x: x.reshape(batch, h, g, -1, *x.shape[2:])  # noqa: E731
+    dq = _from_tiles(unflat(dqt), plans, spatial).astype(qt.dtype)
+    dk = _fold_halos(unflat(dkh), plans, spatial).astype(kh.dtype)
+    dv = _fold_halos(unflat(dvh), plans, spatial).astype(vh.dtype)
+    drpb = None
+    if rpb is not None:
+        dtab = dbias.reshape(batch, h, -1).sum(0)  # [h, Tq*Hk]
+        flat = jnp.zeros((h, math.prod(rpb.shape[1:])), jnp.float32)
+        flat = flat.at[:, _rel(plans).reshape(-1)].add(dtab)
+        drpb = flat.reshape(rpb.shape).astype(rpb.dtype)
+    return dq, dk, dv, drpb
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnames=("p", "tile_sizes", "contained"))
+def _na(query, key, value, rpb, p, tile_sizes, contained):
+    return _forward(query, key, value, rpb, p, tile_sizes, contained)[0]
+
+
+def _na_fwd(query, key, value, rpb, p, tile_sizes, contained):
+    outs, res = _forward(query, key, value, rpb, p, tile_sizes, contained)
+    # A zero-size array carries the static batch and spatial shape to the backward pass.
+    shape = jnp.zeros((query.shape[0], *query.shape[1:1 + p.rank], 0), jnp.bool_)
+    return outs, (res, rpb, shape)
+
+
+def _na_bwd(p, tile_sizes, contained, saved, cotangents):
+    res, rpb, shape = saved
+    return _backward(res, cotangents, rpb, p, tile_sizes, tuple(shape.shape[1:-1]),
+                     shape.shape[0], contained)
+
+
+_na.defvjp(_na_fwd, _na_bwd)
 
 
 def na_fused(query: jax.Array, key: jax.Array, value: jax.Array, p: NAParams,
@@ -87,107 +467,46 @@ def na_fused(query: jax.Array, key: jax.Array, value: jax.Array, p: NAParams,
              ) -> tuple[jax.Array, jax.Array]:
     """Tiled neighborhood attention; returns ``(out, lse)`` like the reference backend.
 
+    Non-finite inputs are contained (see the module docstring): the exact contained path runs
+    only when a contraction operand holds a non-finite value.
+
     Args:
-      query, key, value: ``[B, *spatial, heads, head_dim]``.
+      query, key: ``[B, *spatial, heads, head_dim]``; value ``[B, *spatial, heads, head_dim_v]``.
       p: normalized parameters (see :func:`params.make_params`).
       rpb: optional ``[heads, 2K-1, ...]``.
       tile_sizes: query tile per axis in group rows; defaults to
-        :func:`windows.default_tile_sizes`.
+        :func:`windows.xla_tile_sizes`.
+
+    Returns:
+      ``out [B, *spatial, heads, head_dim_v]`` (value dtype) and ``lse [B, *spatial, heads]``
+      float32.
     """
-    n = p.rank
-    spatial = query.shape[1:1 + n]
-    b, h, dq = query.shape[0], query.shape[-2], query.shape[-1]
-    dv = value.shape[-1]
-    if tile_sizes is None:
-        tile_sizes = windows.default_tile_sizes(spatial, p.kernel_size, p.dilation, p.stride,
-                                                  p.is_causal)
-    plans = [windows.axis_tiling(spatial[a], p.kernel_size[a], p.stride[a], p.dilation[a],
-                                 p.is_causal[a], tile_sizes[a]) for a in range(n)]
-    dil = tuple(pl.dilation for pl in plans)
-    nts = tuple(pl.num_tiles for pl in plans)
-    tiles = tuple(pl.tile for pl in plans)
-    halos = tuple(pl.halo for pl in plans)
-    tq, hk = math.prod(tiles), math.prod(halos)
+    return _na(query, key, value, rpb, p, tile_sizes, None)
 
-    # Queries: [B, *dil, *nt, Tq, h, d].
-    qg = _regroup(query, plans, [pl.num_tiles * pl.tile for pl in plans])
-    qg = qg.reshape(b, *dil, *[x for nt, t in zip(nts, tiles) for x in (nt, t)], h, dq)
-    perm = ([0] + list(range(1, n + 1)) + [n + 1 + 2 * a for a in range(n)]
-            + [n + 2 + 2 * a for a in range(n)] + [3 * n + 1, 3 * n + 2])
-    qg = jnp.transpose(qg, perm).reshape(b, *dil, *nts, tq, h, dq)
-    # Keys / values stay in regrouped rows; each chunk gathers its halos.
-    kg = _regroup(key, plans, [pl.rows for pl in plans])
-    vg = _regroup(value, plans, [pl.rows for pl in plans])
 
-    bias_all = None
-    if rpb is not None:
-        bias_all = rpb.astype(jnp.float32).reshape(h, -1)
+def na_fused_contained(query: jax.Array, key: jax.Array, value: jax.Array, p: NAParams,
+                       rpb: jax.Array | None = None,
+                       tile_sizes: tuple[int, ...] | None = None
+                       ) -> tuple[jax.Array, jax.Array]:
+    """:func:`na_fused` always on the contained path (forward and its ``custom_vjp``): the
+    fallback for backends whose kernels cannot contain non-finite values themselves. Same
+    arguments and results as :func:`na_fused`."""
+    return _na(query, key, value, rpb, p, tile_sizes, True)
 
-    halo_start = [pl.halo_start for pl in plans]  # each [d_a, nt_a]
 
-    def attend(q_c, tile0):
-        """One chunk of tiles along axis-0 tiles: ``q_c [B, *dil, c, nt2.., Tq, h, d]``."""
-        c = q_c.shape[1 + n]
-        mask_c, rel_c = _tables(plans, tile0, c)
-        # Halo row indices per axis, laid out [*dil, *nt, *H] for one advanced-index gather.
-        index = []
-        for a in range(n):
-            hs = jnp.asarray(halo_start[a])
-            if a == 0:
-                hs = jax.lax.dynamic_slice_in_dim(hs, tile0, c, axis=1)
-            rows = hs[..., None] + jnp.arange(halos[a])  # [d_a, nt_a(c), H_a]
-            index.append(windows.interleave_axis(rows, a, n, 3))
-        groups = [windows.interleave_axis(np.arange(d), a, n, 3) for a, d in enumerate(dil)]
-        k_c = kg[(slice(None), *groups, *index)]  # [B, *dil, *nt, *H, h, d]
-        v_c = vg[(slice(None), *groups, *index)]
-        lead = k_c.shape[1:1 + 2 * n]
-        # One flat tile axis keeps dot operands at rank 5 (XLA:CPU rejects rank >= 8 dots).
-        k_c = k_c.reshape(b, -1, hk, h, dq)
-        v_c = v_c.reshape(b, -1, hk, h, dv)
-        q_c = q_c.reshape(b, -1, tq, h, dq)
-        mask_c, rel_c = mask_c.reshape(-1, tq, hk), rel_c.reshape(-1, tq, hk)
-        s = jnp.einsum("bgqhd,bgkhd->bghqk", q_c, k_c,
-                       preferred_element_type=jnp.float32) * p.scale
-        if bias_all is not None:
-            s = s + jnp.moveaxis(bias_all[:, rel_c], 0, -3)  # [G, h, Tq, Hk]
-        s = jnp.where(mask_c[:, None], s, -jnp.inf)
-        m = jnp.max(s, axis=-1, keepdims=True)
-        e = jnp.exp(s - m)
-        l = jnp.sum(e, axis=-1, keepdims=True)
-        o = jnp.einsum("bghqk,bgkhd->bgqhd", e.astype(value.dtype), v_c,
-                       preferred_element_type=jnp.float32)
-        o = o / jnp.swapaxes(l[..., 0], -1, -2)[..., None]
-        lse = (m + jnp.log(l))[..., 0]  # [B, G, h, Tq]
-        return (o.astype(value.dtype).reshape(b, *lead, tq, h, dv),
-                lse.reshape(b, *lead, h, tq))
-
-    logits_bytes = 4 * b * h * math.prod(dil) * math.prod(nts) * tq * hk
-    chunks = min(nts[0], max(1, -(-2 * logits_bytes // _logits_budget())))
-    if chunks == 1:
-        out, lse = attend(qg, 0)
-    else:
-        # Largest divisor of the axis-0 tile count that meets the budget.
-        c = max(x for x in range(1, nts[0] // chunks + 1) if nts[0] % x == 0)
-        nc = nts[0] // c
-
-        def split(x, axis):  # [..., nt0, ...] -> [nc, ..., c, ...]
-            x = x.reshape(*x.shape[:axis], nc, c, *x.shape[axis + 1:])
-            return jnp.moveaxis(x, axis, 0)
-
-        step = jax.checkpoint(lambda args: attend(*args))
-        out, lse = jax.lax.map(step, (split(qg, 1 + n), jnp.arange(nc) * c))
-        out = jnp.moveaxis(out, 0, 1 + n).reshape(b, *dil, *nts, tq, h, dv)
-        lse = jnp.moveaxis(lse, 0, 1 + n).reshape(b, *dil, *nts, h, tq)
-
-    # Back to [B, *spatial, h, d]: [*dil, *nt, *T] -> per axis (nt, T, d) -> crop.
-    def ungroup(x, tail):
-        x = x.reshape(b, *dil, *nts, *tiles, *tail)
-        perm = [0] + [x for a in range(n) for x in (1 + n + a, 1 + 2 * n + a, 1 + a)]
-        perm += list(range(1 + 3 * n, x.ndim))
-        x = jnp.transpose(x, perm)
-        x = x.reshape(b, *[nt * t * d for nt, t, d in zip(nts, tiles, dil)], *tail)
-        return x[(slice(None), *[slice(0, s) for s in spatial])]
-
-    out = ungroup(out, (h, dv))
-    lse = ungroup(jnp.swapaxes(lse, -1, -2), (h,))
-    return out, lse
+def na_backward_contained(query: jax.Array, key: jax.Array, value: jax.Array,
+                          rpb: jax.Array | None, out: jax.Array, lse: jax.Array,
+                          dout: jax.Array, dlse: jax.Array | None, p: NAParams,
+                          tile_sizes: tuple[int, ...] | None = None):
+    """Contained gradients ``(dq, dk, dv, drpb)`` of NA given the forward's ``out``/``lse``
+    (e.g. from another backend's kernel) and the cotangents ``dout`` ``[B, *spatial, heads,
+    head_dim_v]`` and ``dlse`` ``[B, *spatial, heads]`` (None = zero). ``drpb`` is None
+    without ``rpb``."""
+    spatial, plans, qt, kh, vh = _layout(query, key, value, p, tile_sizes)
+    z = qt.shape[0]
+    ot = _to_tiles(out, plans).reshape(z, -1, qt.shape[2], out.shape[-1])
+    lset = _to_tiles(lse.astype(jnp.float32)[..., None], plans).reshape(ot.shape[:-1])
+    if dlse is None:
+        dlse = jnp.zeros(lse.shape, jnp.float32)
+    return _backward((qt, kh, vh, ot, lset, None), (dout, dlse), rpb, p, tile_sizes, spatial,
+                     query.shape[0], True)

@@ -8,6 +8,8 @@ element a kernel fails to write shows up as NaN in its raw (tiled, padded) outpu
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -87,34 +89,41 @@ def assert_grad_close(got, want, dtype, what):
                  GRAD_TOL[dtype], 0, what)
 
 
+def check_kernel_outputs(rng, c, dtype, with_rpb, kernel_outputs):
+    """Run ``kernel_outputs(q, k, v, rpb, dout) -> dict`` (a backend's ``kernel_outputs``:
+    results plus every kernel's raw output, whose buffers start as NaN) under ``jax.jit`` on
+    inputs for case ``c``: no raw output may keep a NaN (an element no kernel wrote), and the
+    output, lse and every gradient must match the float64 oracle."""
+    (q, k, v, dout, _, rpb), (q64, k64, v64, do64, _, rpb64) = make_inputs(
+        rng, c, dtype, with_rpb)
+    res = jax.jit(kernel_outputs)(q, k, v, rpb, dout)
+    for name, raw in res.items():
+        if name.startswith("raw_"):
+            assert not np.isnan(np.asarray(raw, np.float32)).any(), f"{name} not fully written"
+    want, want_lse = oracle.na_forward(q64, k64, v64, rpb=rpb64, **oracle_kw(c))
+    atol, rtol = FWD_TOL[dtype]
+    assert res["out"].dtype == dtype and res["out"].shape == q.shape
+    assert res["lse"].dtype == jnp.float32 and res["lse"].shape == q.shape[:-1]
+    assert_close(res["out"], want, atol, rtol, "out")
+    assert_close(res["lse"], want_lse, 4 * atol, rtol, "lse")
+    grads = oracle.na_backward(q64, k64, v64, do64, rpb=rpb64, **oracle_kw(c))
+    for name, w in zip(("dq", "dk", "dv", "drpb"), grads):
+        if w is None:
+            assert name not in res
+            continue
+        assert res[name].dtype == dtype and res[name].shape == w.shape
+        assert_grad_close(res[name], w, dtype, name)
+
+
 class TestPallasNA:
     INTERPRET = True
 
     def check_case(self, rng, c, dtype, with_rpb, blocks=None):
-        (q, k, v, dout, _, rpb), (q64, k64, v64, do64, _, rpb64) = make_inputs(
-            rng, c, dtype, with_rpb)
         p = make_params(c["shape"], c["head_dim"], c["kernel"], c["stride"], c["dilation"],
                         c["causal"])
         blocks = blocks or small_blocks(c)
-        fn = jax.jit(lambda *a: pallas.kernel_outputs(*a[:3], p, a[3], a[4], block_sizes=blocks,
-                                                      interpret=self.INTERPRET, poison=True))
-        res = fn(q, k, v, rpb, dout)
-        for name, raw in res.items():
-            if name.startswith("raw_"):
-                assert not np.isnan(np.asarray(raw, np.float32)).any(), f"{name} not fully written"
-        want, want_lse = oracle.na_forward(q64, k64, v64, rpb=rpb64, **oracle_kw(c))
-        atol, rtol = FWD_TOL[dtype]
-        assert res["out"].dtype == dtype and res["out"].shape == q.shape
-        assert res["lse"].dtype == jnp.float32 and res["lse"].shape == q.shape[:-1]
-        assert_close(res["out"], want, atol, rtol, "out")
-        assert_close(res["lse"], want_lse, 4 * atol, rtol, "lse")
-        grads = oracle.na_backward(q64, k64, v64, do64, rpb=rpb64, **oracle_kw(c))
-        for name, w in zip(("dq", "dk", "dv", "drpb"), grads):
-            if w is None:
-                assert name not in res
-                continue
-            assert res[name].dtype == dtype and res[name].shape == w.shape
-            assert_grad_close(res[name], w, dtype, name)
+        check_kernel_outputs(rng, c, dtype, with_rpb, lambda *a: pallas.kernel_outputs(
+            *a[:3], p, a[3], a[4], block_sizes=blocks, interpret=self.INTERPRET, poison=True))
 
     @pytest.mark.parametrize("c,with_rpb", QUICK, ids=case_id)
     def test_quick(self, rng, c, with_rpb):
@@ -289,7 +298,7 @@ def test_window_index_math_stays_int32():
 def test_block_sizes_validation_and_defaults():
     b = pallas.BlockSizes.get_default((56, 56), (7, 7), (1, 1), 64, jnp.bfloat16)
     assert b.q == (8, 8) and b.rank == 2 and hash(b) == hash(pallas.BlockSizes(**{
-        f: getattr(b, f) for f in ("q", "kv", "q_bwd", "kv_bwd", "num_warps", "num_stages")}))
+        f.name: getattr(b, f.name) for f in dataclasses.fields(b)}))
     wide = pallas.BlockSizes.get_default((3, 100), (3, 7), (1, 1), 256, jnp.bfloat16)
     assert wide.q == (1, 64) and wide.kv == (1, 32) and wide.q_bwd == (1, 16)
     assert wide.num_warps == 8
@@ -297,7 +306,8 @@ def test_block_sizes_validation_and_defaults():
     assert tiny.q == (64,) and tiny.num_warps == 4  # tiny map: padded rows
     # float32 (exact FMA dots) takes smaller tiles; a padded head_dim of 256 has none.
     f32 = pallas.BlockSizes.get_default((56, 56), (7, 7), (1, 1), 128, jnp.float32)
-    assert f32.q == (4, 8) and f32.kv_bwd == (4, 4) and f32.num_warps == 8
+    assert f32.q == (4, 8) and f32.kv_bwd == (4, 4)
+    assert (f32.num_warps, f32.num_warps_dkv) == (4, 8)  # dK/dV holds the most state
     with pytest.raises(ValueError, match="head_dim=200 with float32"):
         pallas.BlockSizes.get_default((56, 56), (7, 7), (1, 1), 200, jnp.float32)
     with pytest.raises(ValueError, match="powers of two"):
@@ -354,15 +364,16 @@ def test_autotune_picks_fastest_and_dispatch_uses_it(monkeypatch, tmp_path):
 
 
 def test_auto_picks_pallas_only_for_cuda_and_supported_calls():
-    """backend="auto" picks the kernels only where the program is lowered for CUDA and only for
+    """backend="auto" picks the Triton kernels only where the program is lowered for CUDA and only for
     arguments the kernels support; naming "pallas" for an unsupported call says why."""
     q = jnp.zeros((2, 16, 16, 4, 64), jnp.bfloat16)
     p = make_params((16, 16), 64, 5)
     assert pallas.unsupported(q, q, p, None) is None
     assert kernels.resolve_backend("auto", q, q, q, p, None, platform="cuda") == "pallas"
     assert kernels.resolve_backend("auto", q, q, q, p, None, platform="gpu") == "pallas"
-    for platform in ("cpu", "tpu"):
-        assert kernels.resolve_backend("auto", q, q, q, p, None, platform=platform) == "xla"
+    assert kernels.resolve_backend("auto", q, q, q, p, None, platform="cpu") == "xla"
+    # TPUs get their own kernels (pallas_tpu), never the Triton ones.
+    assert kernels.resolve_backend("auto", q, q, q, p, None, platform="tpu") == "pallas_tpu"
     big = jnp.zeros((1, 16, 16, 1, 512), jnp.bfloat16)
     assert "head_dim" in pallas.unsupported(big, big, p, None)
     assert kernels.resolve_backend("auto", big, big, big, p, None, platform="cuda") == "xla"

@@ -12,10 +12,19 @@ What this checks for a training setup before anyone rents the hardware: the prog
 fits in each device's memory, keeps the Pallas kernels inside manually sharded regions (no
 all-gather of activations over the batch), and which kernels it launches.
 
+TPU slices (``v5e-8``, ``v4-8``, :data:`nat_jax.kernels.tpu_gate.TOPOLOGIES`) compile the same
+way with libtpu: XLA's TPU compiler and Mosaic for the ``pallas_tpu`` kernels. For them the
+report adds XLA's FLOPs and bytes per step (the kernels' cost estimates included) against the
+model's own FLOP count (:func:`nat_jax.flops.model_flops`) and the roofline time they imply at
+the chip's peak rate and bandwidth.
+
 The compile runs in a fresh worker process (the plugin must be registered before jax starts a
-backend); :func:`compile_train_step` is the entry point. Command line::
+backend); :func:`compile_program` (the train step or the inference forward) is the entry point.
+Command line::
 
     python -m nat_jax.train.deviceless --target h100x8 --config nat_tiny --per-device-batch 128
+    python -m nat_jax.train.deviceless --target v5e-8 --config nat_mini --per-device-batch 128 \
+        --backend pallas_tpu --program inference
 """
 
 from __future__ import annotations
@@ -31,6 +40,7 @@ import traceback
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from nat_jax.kernels import gpu_gate, tpu_gate
 from nat_jax.kernels.gpu_gate import ARCHS, TRITON_TARGET
 
 
@@ -43,15 +53,23 @@ class Target:
     devices: int
     memory_per_device: int  # bytes the program may use on one device
     topology: tuple[tuple[str, Any], ...]  # keyword arguments of get_topology_desc
+    arch: str = ""  # GPUs: the gpu_gate.ARCHS entry, for the kernels' resource check
     # XLA options that make deviceless compilation work (see the note at the GPU target).
     compiler_options: tuple[tuple[str, Any], ...] = ()
+
+
+def _tpu_target(name: str) -> Target:
+    topo = tpu_gate.TOPOLOGIES[name]
+    return Target(name, "tpu", topo.devices, memory_per_device=topo.hbm_bytes,
+                  topology=tuple(topo.topology_kwargs().items()))
 
 
 TARGETS: dict[str, Target] = {
     "h100x8": Target(
         "h100x8", "cuda", 8, memory_per_device=ARCHS["sm_90"].memory,
         topology=(("platform", "cuda"), ("topology", "1x1x8"),
-                  ("target_config", ARCHS["sm_90"].target_config()))),
+                  ("target_config", ARCHS["sm_90"].target_config())), arch="sm_90"),
+    **{name: _tpu_target(name) for name in tpu_gate.TOPOLOGIES},
 }
 
 
@@ -61,6 +79,8 @@ def activate(target: Target) -> None:
         from nat_jax.kernels import gpu_gate
 
         gpu_gate.activate_cuda_plugin()
+    elif target.platform == "tpu":
+        tpu_gate.activate_tpu_plugin()
     else:
         raise ValueError(f"target {target.name!r}: platform {target.platform!r} has no plugin "
                          "set up here")
@@ -77,30 +97,44 @@ def abstract_devices(target: Target) -> list:
     return list(devices)
 
 
-_SHAPE = re.compile(r"^\s*(?:ROOT )?%?[\w.\-]+ = (\w+)\[([\d,]*)\]")
+_RESULT = re.compile(r"^\s*(?:ROOT )?%?[\w.\-]+ = (.*?) (all-gather(?:-start|-done)?)\(")
+_DIMS = re.compile(r"\w+\[([\d,]*)\]")
 
 
 def hlo_summary(hlo: str, global_batch: int) -> dict[str, Any]:
-    """Facts about an optimized (partitioned) HLO module: Triton kernel launches, all-gathers,
-    and the all-gathers whose result has the global batch as a dimension (an activation
-    gathered over the batch: what running a kernel under ``shard_map`` avoids)."""
+    """Facts about an optimized (partitioned) HLO module: Triton and Mosaic kernel launches,
+    all-gathers, and the all-gathers whose result has the global batch as a dimension (an activation
+    gathered over the batch: what running a kernel under ``shard_map`` avoids). Asynchronous
+    gathers count once (at their start); their gathered shapes are read at their done."""
     gathers, batch_gathers = 0, []
     for line in hlo.splitlines():
-        if " all-gather(" in line or " all-gather-start(" in line:
-            gathers += 1
-            match = _SHAPE.match(line)
-            dims = [int(d) for d in match.group(2).split(",") if d] if match else []
-            if global_batch in dims:
-                batch_gathers.append(line.strip()[:200])
+        match = _RESULT.match(line)
+        if match is None:
+            continue
+        result, op = match.groups()
+        gathers += op != "all-gather-done"
+        if op == "all-gather-start":
+            continue  # its result type holds the operands too; the done holds the gathered
+        dims = [[int(d) for d in m.group(1).split(",") if d] for m in _DIMS.finditer(result)]
+        if any(global_batch in shape for shape in dims):
+            batch_gathers.append(line.strip()[:200])
     return {"triton_kernels": hlo.count(f'custom_call_target="{TRITON_TARGET}"'),
+            "mosaic_kernels": hlo.count(f'custom_call_target="{tpu_gate.MOSAIC_TARGET}"'),
             "all_gathers": gathers, "batch_all_gathers": batch_gathers}
 
 
-def _compile_train_step(target_name: str, config_name: str, overrides: dict[str, Any],
-                        per_device_batch: int) -> dict[str, Any]:
-    """Worker task: build the trainer's step for the target's mesh and compile it."""
-    import jax
+PROGRAMS = ("train", "inference")
 
+
+def _compile_program(target_name: str, config_name: str, overrides: dict[str, Any],
+                     per_device_batch: int, program: str) -> dict[str, Any]:
+    """Worker task: build the trainer's steps for the target's mesh and compile one of them:
+    the train step, or the eval step (the inference forward) on a global batch of the same
+    size."""
+    import jax
+    import jax.numpy as jnp
+
+    from nat_jax.flops import model_flops
     from nat_jax.train import configs, sharding, trainer
 
     target = TARGETS[target_name]
@@ -111,25 +145,53 @@ def _compile_train_step(target_name: str, config_name: str, overrides: dict[str,
     mesh = sharding.make_mesh(config.fsdp, devices=devices)
     steps = trainer.build_steps(config, mesh, config.num_classes, total_steps=1000,
                                 warmup_steps=10)
+    if program == "train":
+        fn, args = steps.step_fn, (steps.state, steps.batch, steps.rest)
+    elif program == "inference":
+        image, label = steps.batch["image"], steps.batch["label"]
+        batch = {"image": image, "label": label,
+                 "mask": jax.ShapeDtypeStruct(label.shape, jnp.bool_, sharding=label.sharding)}
+        fn, args = steps.eval_fn, (steps.state.params, batch, steps.rest)
+    else:
+        raise ValueError(f"{program=} is not one of {PROGRAMS}")
     start = time.perf_counter()
-    lowered = steps.step_fn.trace(steps.state, steps.batch, steps.rest).lower()
-    compiled = lowered.compile(dict(target.compiler_options) or None)
+    # The mesh is the context while lowering too: Pallas's TPU lowering asks it for the chip.
+    with jax.set_mesh(mesh):
+        lowered = fn.trace(*args).lower()
+    options = dict(target.compiler_options)
+    kernels: dict[str, Any] = {}
+    if target.platform == "cuda":
+        # XLA's whole GPU compile, with every Pallas kernel's registers and spills from ptxas.
+        compiled, rows, launches = gpu_gate.inspect_gpu_compile(lowered, ARCHS[target.arch],
+                                                                 options)
+        if compiled is None:
+            raise RuntimeError(rows[0]["error"] if rows else "XLA refused the program")
+        ok = [r for r in rows if not r["error"]]
+        kernels = {"kernel_launches": launches, "kernels_compiled": len(ok),
+                   "kernel_problems": sorted({f"{r['kernel']}: {'; '.join(gpu_gate.problems(r))}"
+                                              for r in rows if gpu_gate.problems(r)}),
+                   "max_registers": max((r["registers"] for r in ok), default=None),
+                   "max_smem_bytes": max((r["smem_bytes"] for r in ok), default=None),
+                   "min_occupancy": min((r["occupancy"] for r in ok), default=None)}
+    else:
+        with jax.set_mesh(mesh):
+            compiled = lowered.compile(options or None)
     seconds = time.perf_counter() - start
-    mem = compiled.memory_analysis()
-    peak = (mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
-            - mem.alias_size_in_bytes)
+    chip = tpu_gate.chip_info(mesh) if target.platform == "tpu" else None
     n_params = sum(int(x.size) for x in jax.tree.leaves(steps.state.params))
-    return {
+    counted = model_flops(steps.model_cfg, config.global_batch_size, config.image_size)
+    flops = counted["train_step" if program == "train" else "forward"] / len(devices)
+    report = {
         "target": target.name, "config": config_name, "model": config.model,
-        "na_backend": config.na_backend, "compute_dtype": config.compute_dtype,
-        "global_batch": config.global_batch_size, "per_device_batch": per_device_batch,
-        "fsdp": config.fsdp, "params": n_params, "compile_seconds": round(seconds, 1),
-        "argument_bytes": mem.argument_size_in_bytes, "output_bytes": mem.output_size_in_bytes,
-        "temp_bytes": mem.temp_size_in_bytes, "alias_bytes": mem.alias_size_in_bytes,
-        "peak_bytes": peak, "memory_per_device": target.memory_per_device,
-        "fits": peak <= target.memory_per_device,
-        **hlo_summary(compiled.as_text(), config.global_batch_size),
+        "program": program, "na_backend": config.na_backend,
+        "compute_dtype": config.compute_dtype, "global_batch": config.global_batch_size,
+        "per_device_batch": per_device_batch, "fsdp": config.fsdp, "params": n_params,
+        "compile_seconds": round(seconds, 1), "model_flops": flops,
+        **tpu_gate.executable_report(compiled, target.memory_per_device, chip),
+        **hlo_summary(compiled.as_text(), config.global_batch_size), **kernels,
     }
+    report["flops_vs_model"] = report["flops"] / flops
+    return report
 
 
 def _worker(conn, target_name: str, fn: Callable, args: tuple) -> None:
@@ -163,21 +225,31 @@ def run_isolated(target_name: str, fn: Callable, *args: Any, timeout: float = 18
     return value
 
 
-def compile_train_step(target: str, config: str, *, per_device_batch: int,
-                       overrides: dict[str, Any] | None = None,
-                       timeout: float = 1800.0) -> dict[str, Any]:
-    """Compile the trainer's own sharded train step of training config ``config`` (a name of
+def compile_program(target: str, config: str, *, per_device_batch: int,
+                    program: str = "train", overrides: dict[str, Any] | None = None,
+                    timeout: float = 1800.0) -> dict[str, Any]:
+    """Compile the trainer's own sharded train step (``program="train"``) or its eval step, the
+    inference forward (``"inference"``), of training config ``config`` (a name of
     :mod:`nat_jax.train.configs`) for ``target`` (a key of :data:`TARGETS`), with
     ``per_device_batch`` images per device and config ``overrides`` (``{"fsdp": 8,
     "na_backend": "pallas"}``).
 
     Returns a report: per-device memory (argument, output, temp, peak) against the device's,
-    compile seconds, and :func:`hlo_summary` of the partitioned program.
+    XLA's FLOPs and bytes against the model's own FLOP count, on TPU the roofline time, compile
+    seconds, and :func:`hlo_summary` of the partitioned program.
     """
     if target not in TARGETS:
         raise ValueError(f"{target=} is not one of {sorted(TARGETS)}")
-    return run_isolated(target, _compile_train_step, target, config, dict(overrides or {}),
-                        per_device_batch, timeout=timeout)
+    return run_isolated(target, _compile_program, target, config, dict(overrides or {}),
+                        per_device_batch, program, timeout=timeout)
+
+
+def compile_train_step(target: str, config: str, *, per_device_batch: int,
+                       overrides: dict[str, Any] | None = None,
+                       timeout: float = 1800.0) -> dict[str, Any]:
+    """:func:`compile_program` of the train step."""
+    return compile_program(target, config, per_device_batch=per_device_batch, program="train",
+                           overrides=overrides, timeout=timeout)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -190,20 +262,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--per-device-batch", type=int, default=128)
     parser.add_argument("--backend", default="pallas", help="config.na_backend")
     parser.add_argument("--fsdp", type=int, default=1)
+    parser.add_argument("--program", default="train", choices=PROGRAMS)
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per compile")
     args = parser.parse_args(argv)
-    report = compile_train_step(args.target, args.config, per_device_batch=args.per_device_batch,
-                                overrides={"fsdp": args.fsdp, "na_backend": args.backend},
-                                timeout=args.timeout)
+    report = compile_program(args.target, args.config, per_device_batch=args.per_device_batch,
+                             program=args.program,
+                             overrides={"fsdp": args.fsdp, "na_backend": args.backend},
+                             timeout=args.timeout)
     gib = 2 ** 30
-    print(f"{report['config']} on {report['target']}: batch {report['global_batch']} "
-          f"({report['per_device_batch']}/device), {report['na_backend']} NA, "
-          f"{report['compute_dtype']}: compiled in {report['compile_seconds']} s; peak "
-          f"{report['peak_bytes'] / gib:.2f} GiB of {report['memory_per_device'] / gib:.1f} GiB "
-          f"per device ({'fits' if report['fits'] else 'DOES NOT FIT'}); "
-          f"{report['triton_kernels']} Triton kernels, {report['all_gathers']} all-gathers "
-          f"({len(report['batch_all_gathers'])} over the batch)")
-    return 0 if report["fits"] and not report["batch_all_gathers"] else 1
+    line = (f"{report['config']} {report['program']} on {report['target']}: batch "
+            f"{report['global_batch']} ({report['per_device_batch']}/device), "
+            f"{report['na_backend']} NA, {report['compute_dtype']}: compiled in "
+            f"{report['compile_seconds']} s; peak {report['peak_bytes'] / gib:.2f} GiB of "
+            f"{report['memory_per_device'] / gib:.1f} GiB per device "
+            f"({'fits' if report['fits'] else 'DOES NOT FIT'}); "
+            f"{report['triton_kernels'] + report['mosaic_kernels']} kernels, "
+            f"{report['all_gathers']} all-gathers ({len(report['batch_all_gathers'])} over the "
+            "batch)")
+    if "roofline_seconds" in report:
+        line += (f"; {report['flops'] / 1e12:.2f} TFLOPs (the model's count: "
+                 f"{report['model_flops'] / 1e12:.2f}) and {report['bytes_accessed'] / 1e9:.1f} "
+                 f"GB per device: roofline {report['roofline_seconds'] * 1e3:.1f} ms")
+    print(line)
+    for problem in report.get("kernel_problems", []):
+        print(f"kernel problem: {problem}")
+    return 0 if (report["fits"] and not report["batch_all_gathers"]
+                 and not report.get("kernel_problems")) else 1
 
 
 if __name__ == "__main__":
