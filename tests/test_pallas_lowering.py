@@ -9,6 +9,8 @@ puts the kernels into CUDA programs and the xla path into CPU ones. Whether the 
 
 from __future__ import annotations
 
+import collections
+
 import numpy as np
 import pytest
 
@@ -23,8 +25,12 @@ KERNELS = ["na_pallas_fwd", "na_pallas_dq", "na_pallas_dkv", "na_pallas_drpb"]
 
 
 def kernel_names(fn, *args) -> list[str]:
+    """Every kernel of the CUDA export, once per name. Each kernel is there twice: the call and
+    its rerun on sanitized inputs in the non-finite containment branch (checked below)."""
     text = gpu_gate.export_for_cuda(fn, *args)
-    return sorted(k.name.strip('"') for k in gpu_gate.triton_kernels(text))
+    names = collections.Counter(k.name.strip('"') for k in gpu_gate.triton_kernels(text))
+    assert set(names.values()) <= {2}, names
+    return sorted(names)
 
 
 def fwd_bwd(op):
