@@ -528,7 +528,8 @@ def inspect_gpu_compile(lowered: Any, arch: Arch, options: dict[str, Any] | None
     report every Pallas (Triton) kernel in it as a GPU session would build it.
 
     Returns ``(compiled, rows, launches)``: ``compiled`` is ``None`` when XLA refused the
-    program (every row then carries the compiler's message as ``error``); ``launches`` counts
+    program (every row then carries the compiler's message as ``error``; a program without
+    kernels gets one row, kernel ``"(program)"``); ``launches`` counts
     the kernel launches in XLA's thunk sequence. One row per compiled kernel (PTX entry):
     ``kernel``, ``arch``, ``num_warps``, ``num_stages``, ``grid``, ``registers``,
     ``spill_stores``, ``spill_loads``, ``stack_bytes``, ``smem_bytes`` (the largest launch of
@@ -554,9 +555,11 @@ def inspect_gpu_compile(lowered: Any, arch: Arch, options: dict[str, Any] | None
         finally:
             del os.environ["NAT_JAX_PTX_CAPTURE"]
         if error is not None:
+            # A program without Pallas kernels still reports why XLA refused it.
             return None, [{"kernel": name, "arch": arch.name, "num_warps": k.num_warps,
                            "num_stages": k.num_stages, "grid": list(k.grid), "error": error}
-                          for name, k in kernels.items()], 0
+                          for name, k in kernels.items()] or [
+                              {"kernel": "(program)", "arch": arch.name, "error": error}], 0
         # Launches (thunks) and PTX entries by name; one kernel may be launched many times
         # (a model's layers) and several distinct kernels may share a name.
         launches: dict[str, list[tuple]] = {}

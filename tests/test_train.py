@@ -92,6 +92,27 @@ def test_overrides_coerce_types_and_reject_unknown_fields():
     assert c.model_overrides.depths == (1, 1, 1)
 
 
+def test_xla_options_reach_the_compiled_steps():
+    """config.xla_options (any option name, typed from its text) are the compiler options of
+    the jitted train and eval steps: an option XLA does not know fails their compile by name."""
+    c = tiny_config()
+    configs.apply_overrides(c, {"xla_options.xla_gpu_enable_triton_gemm": "false",
+                                "xla_options.xla_gpu_autotune_level": "0"})
+    assert dict(c.xla_options) == {"xla_gpu_enable_triton_gemm": False,
+                                   "xla_gpu_autotune_level": 0}
+    c.xla_options = ml_collections.ConfigDict({"not_an_xla_option": 1})
+    mesh = sharding.make_mesh(1, devices=jax.devices()[:1])
+    steps = trainer.build_steps(c, mesh, 10, total_steps=4, warmup_steps=1)
+    label = steps.batch["label"]
+    eval_batch = {"image": steps.batch["image"], "label": label,
+                  "mask": jax.ShapeDtypeStruct(label.shape, jnp.bool_, sharding=label.sharding)}
+    for fn, args in ((steps.step_fn, (steps.state, steps.batch, steps.rest)),
+                     (steps.eval_fn, (steps.state.params, eval_batch, steps.rest))):
+        lowered = fn.trace(*args).lower()
+        with pytest.raises(Exception, match="not_an_xla_option"):
+            lowered.compile()
+
+
 @pytest.mark.parametrize("override,problem", [
     ("aug.crop_scale=0.5", "expected a tuple like (0.7, 1.0), got '0.5'"),
     ("aug.crop_scale=(0.5,)", "expected 2 values like (0.7, 1.0), got 1"),

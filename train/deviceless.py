@@ -54,7 +54,7 @@ class Target:
     memory_per_device: int  # bytes the program may use on one device
     topology: tuple[tuple[str, Any], ...]  # keyword arguments of get_topology_desc
     arch: str = ""  # GPUs: the gpu_gate.ARCHS entry, for the kernels' resource check
-    # XLA options that make deviceless compilation work (see the note at the GPU target).
+    # XLA options this target always compiles with (on top of the program's own).
     compiler_options: tuple[tuple[str, Any], ...] = ()
 
 
@@ -63,6 +63,17 @@ def _tpu_target(name: str) -> Target:
     return Target(name, "tpu", topo.devices, memory_per_device=topo.hbm_bytes,
                   topology=tuple(topo.topology_kwargs().items()))
 
+
+# Without a GPU, XLA cannot autotune, and its GPU compiler (jax 0.10.2) then fails on some GEMM
+# fusions of the train step: "Couldn't find output tile sizes that satisfy hlo: ... dot(...)"
+# (nat_mini, xla NA backend, 32 images per H100: a bf16[6272,256] dot of the backward). It is the
+# Triton GEMM path without a tuned configuration: xla_gpu_autotune_level=0 fails the same way,
+# xla_gpu_enable_triton_gemm=false (cuBLAS) compiles. A GPU session autotunes and skips configs
+# that do not compile, so it should not meet it; if it does (autotuning off), set the training
+# config's xla_options.xla_gpu_enable_triton_gemm=False. The deviceless compile retries with it
+# and names it in the report's "workaround".
+UNTILED_GEMM = "Couldn't find output tile sizes"
+TRITON_GEMM_OFF = {"xla_gpu_enable_triton_gemm": False}
 
 TARGETS: dict[str, Target] = {
     "h100x8": Target(
@@ -127,7 +138,8 @@ PROGRAMS = ("train", "inference")
 
 
 def _compile_program(target_name: str, config_name: str, overrides: dict[str, Any],
-                     per_device_batch: int, program: str) -> dict[str, Any]:
+                     per_device_batch: int, program: str,
+                     compiler_options: dict[str, Any] | None = None) -> dict[str, Any]:
     """Worker task: build the trainer's steps for the target's mesh and compile one of them:
     the train step, or the eval step (the inference forward) on a global batch of the same
     size."""
@@ -158,12 +170,19 @@ def _compile_program(target_name: str, config_name: str, overrides: dict[str, An
     # The mesh is the context while lowering too: Pallas's TPU lowering asks it for the chip.
     with jax.set_mesh(mesh):
         lowered = fn.trace(*args).lower()
-    options = dict(target.compiler_options)
+    options = {**dict(target.compiler_options), **(compiler_options or {})}
     kernels: dict[str, Any] = {}
+    workaround = None
     if target.platform == "cuda":
         # XLA's whole GPU compile, with every Pallas kernel's registers and spills from ptxas.
         compiled, rows, launches = gpu_gate.inspect_gpu_compile(lowered, ARCHS[target.arch],
                                                                  options)
+        if compiled is None and any(UNTILED_GEMM in (r["error"] or "") for r in rows):
+            # See UNTILED_GEMM: cuBLAS for the GEMMs, and the report says so.
+            options = {**options, **TRITON_GEMM_OFF}
+            workaround = ", ".join(f"{k}={v}" for k, v in TRITON_GEMM_OFF.items())
+            compiled, rows, launches = gpu_gate.inspect_gpu_compile(
+                lowered, ARCHS[target.arch], options)
         if compiled is None:
             raise RuntimeError(rows[0]["error"] if rows else "XLA refused the program")
         ok = [r for r in rows if not r["error"]]
@@ -189,6 +208,7 @@ def _compile_program(target_name: str, config_name: str, overrides: dict[str, An
         "compile_seconds": round(seconds, 1), "model_flops": flops,
         **tpu_gate.executable_report(compiled, target.memory_per_device, chip),
         **hlo_summary(compiled.as_text(), config.global_batch_size), **kernels,
+        "workaround": workaround,
     }
     report["flops_vs_model"] = report["flops"] / flops
     return report
@@ -227,12 +247,14 @@ def run_isolated(target_name: str, fn: Callable, *args: Any, timeout: float = 18
 
 def compile_program(target: str, config: str, *, per_device_batch: int,
                     program: str = "train", overrides: dict[str, Any] | None = None,
+                    compiler_options: dict[str, Any] | None = None,
                     timeout: float = 1800.0) -> dict[str, Any]:
     """Compile the trainer's own sharded train step (``program="train"``) or its eval step, the
     inference forward (``"inference"``), of training config ``config`` (a name of
     :mod:`nat_jax.train.configs`) for ``target`` (a key of :data:`TARGETS`), with
     ``per_device_batch`` images per device and config ``overrides`` (``{"fsdp": 8,
-    "na_backend": "pallas"}``).
+    "na_backend": "pallas"}``). ``compiler_options`` are XLA options (``{"xla_gpu_autotune_level":
+    0}``) on top of the target's own.
 
     Returns a report: per-device memory (argument, output, temp, peak) against the device's,
     XLA's FLOPs and bytes against the model's own FLOP count, on TPU the roofline time, compile
@@ -241,7 +263,8 @@ def compile_program(target: str, config: str, *, per_device_batch: int,
     if target not in TARGETS:
         raise ValueError(f"{target=} is not one of {sorted(TARGETS)}")
     return run_isolated(target, _compile_program, target, config, dict(overrides or {}),
-                        per_device_batch, program, timeout=timeout)
+                        per_device_batch, program, dict(compiler_options or {}),
+                        timeout=timeout)
 
 
 def compile_train_step(target: str, config: str, *, per_device_batch: int,
@@ -263,12 +286,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--backend", default="pallas", help="config.na_backend")
     parser.add_argument("--fsdp", type=int, default=1)
     parser.add_argument("--program", default="train", choices=PROGRAMS)
+    parser.add_argument("--xla-option", action="append", default=[], metavar="NAME=VALUE",
+                        help="an XLA compiler option on top of the target's (repeatable), e.g. "
+                             "xla_gpu_enable_triton_gemm=false")
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per compile")
     args = parser.parse_args(argv)
+    options = {}
+    for item in args.xla_option:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            parser.error(f"--xla-option {item!r}: expected NAME=VALUE")
+        options[name] = {"true": True, "false": False}.get(value.lower(), value)
+        if isinstance(options[name], str) and options[name].lstrip("-").isdigit():
+            options[name] = int(options[name])
     report = compile_program(args.target, args.config, per_device_batch=args.per_device_batch,
                              program=args.program,
                              overrides={"fsdp": args.fsdp, "na_backend": args.backend},
-                             timeout=args.timeout)
+                             compiler_options=options, timeout=args.timeout)
     gib = 2 ** 30
     line = (f"{report['config']} {report['program']} on {report['target']}: batch "
             f"{report['global_batch']} ({report['per_device_batch']}/device), "
@@ -284,6 +318,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                  f"{report['model_flops'] / 1e12:.2f}) and {report['bytes_accessed'] / 1e9:.1f} "
                  f"GB per device: roofline {report['roofline_seconds'] * 1e3:.1f} ms")
     print(line)
+    if report.get("workaround"):
+        print(f"compiled with {report['workaround']} (XLA could not tile a Triton GEMM without "
+              "autotuning; see nat_jax.train.deviceless.UNTILED_GEMM)")
     for problem in report.get("kernel_problems", []):
         print(f"kernel problem: {problem}")
     return 0 if (report["fits"] and not report["batch_all_gathers"]

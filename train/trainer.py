@@ -350,15 +350,17 @@ def build_steps(config, mesh, num_classes: int, total_steps: int, warmup_steps: 
                                                     tx, mesh, config)
     cfg = StepConfig.from_config(config, num_classes)
     batch_sh = sharding.batch_sharding(mesh)
+    options = dict(config.get("xla_options", {})) or None
     step_fn = jax.jit(
         _under_mesh(mesh, functools.partial(train_step, graphdef=graphdef, tx=tx,
                                             schedule=schedule, cfg=cfg)),
         in_shardings=(state_sh, batch_sh, rest_sh),
-        out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=0)
+        out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=0,
+        compiler_options=options)
     eval_fn = jax.jit(_under_mesh(mesh, functools.partial(eval_step, graphdef=graphdef,
                                                           cfg=cfg)),
                       in_shardings=(state_sh.params, batch_sh, rest_sh),
-                      out_shardings=sharding.replicated(mesh))
+                      out_shardings=sharding.replicated(mesh), compiler_options=options)
     b, s = config.global_batch_size, config.image_size
     batch = {"image": jax.ShapeDtypeStruct((b, s, s, 3), jnp.uint8, sharding=batch_sh),
              "label": jax.ShapeDtypeStruct((b,), jnp.int32, sharding=batch_sh),

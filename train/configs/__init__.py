@@ -94,7 +94,10 @@ def _coerce(text: str, current, *, fixed_length: bool = False):
             if all(isinstance(x, float) for x in current):
                 value = [float(x) for x in value]
         return type(current)(value)
-    # None / placeholders / dicts: a Python literal if it parses, else the raw string.
+    # None / placeholders / dicts: a Python literal if it parses (true/false as on a command
+    # line too), else the raw string.
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
     try:
         return ast.literal_eval(text)
     except (ValueError, SyntaxError):
@@ -105,7 +108,8 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: dict[str, str]
                     ) -> ml_collections.ConfigDict:
     """Sets ``config.a.b = value`` for each ``"a.b": "value"`` with the field's type.
 
-    Unknown fields are an error except below ``model_overrides`` (any model config field).
+    Unknown fields are an error except below ``model_overrides`` (any model config field) and
+    ``xla_options`` (any XLA compiler option).
     Every error is a UserInputError naming the override.
     """
     for dotted, text in overrides.items():
@@ -115,7 +119,7 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: dict[str, str]
             if not isinstance(node, ml_collections.ConfigDict) or part not in node:
                 raise UserInputError(f"config override {dotted}: no field {part!r}")
             node = node[part]
-        in_model = parents[:1] == ["model_overrides"]
+        in_model = parents[:1] in (["model_overrides"], ["xla_options"])
         if not isinstance(node, ml_collections.ConfigDict):
             raise UserInputError(f"config override {dotted}: {'.'.join(parents)} is not a "
                                  "group of fields")

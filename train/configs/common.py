@@ -48,6 +48,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.param_dtype = "float32"
     c.na_backend = "auto"          # neighborhood-attention backend ("auto", "xla", "pallas", ...)
     c.remat = False                # recompute each layer in the backward pass (less memory)
+    # XLA compiler options of the train and eval steps, e.g. xla_gpu_enable_triton_gemm=False
+    # where XLA's GPU compiler cannot tile a GEMM without its autotuner (see the README).
+    c.xla_options = ml_collections.ConfigDict()
     # Data.
     c.dataset = "imagenet2012"     # a tfds name, "digits", or "image_folder"
     c.data_dir = ml_collections.config_dict.placeholder(str)  # tfds data_dir / folder root
