@@ -1,0 +1,118 @@
+"""Compile time and peak memory of the trainer's train step, without and with ``remat``.
+
+Builds the sharded train step of a training config exactly as ``nat-jax train`` does
+(:func:`nat_jax.train.trainer.build_steps`: AdamW, augmentation on device, bf16 compute) for
+the local devices, lowers and compiles it, and reads XLA's buffer assignment
+(``compiled.memory_analysis()``): arguments (parameters, optimizer state, batch), outputs, and
+the temporaries the step needs on top (activations kept for the backward pass, workspace).
+Peak = arguments + outputs + temporaries - donated aliases. ``remat=True`` rematerializes each
+NAT layer in the backward pass (``nnx.remat``): only layer inputs stay live between the
+forward and the backward pass. Nothing is executed; the compile time is wall clock on this
+host.
+
+Targets: the local devices (``--target local``), or 8 abstract H100s (``--target h100x8``):
+XLA's own GPU compiler run deviceless through :mod:`nat_jax.train.deviceless`, so the memory
+is what each H100 of a real run would need (XLA's CPU scheduler does not place the recomputed
+layers where they save memory, so CPU figures say little about remat).
+
+Usage::
+
+    python benchmarks/remat.py --target h100x8             # dinat_base, 32 per GPU, 224, bf16
+    python benchmarks/remat.py --target local --config nat_mini --batch 8 --out /tmp/remat.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import jax
+
+from nat_jax.timing import environment, write_json
+from nat_jax.train import configs, sharding, trainer
+
+
+def measure(config_name: str, batch: int, image_size: int, dtype: str, remat: bool,
+            na_backend: str) -> dict:
+    c = configs.get_config(config_name)
+    c.update(global_batch_size=batch, image_size=image_size, compute_dtype=dtype, remat=remat,
+             na_backend=na_backend)
+    mesh = sharding.make_mesh(1)
+    start = time.perf_counter()
+    steps = trainer.build_steps(c, mesh, c.num_classes, total_steps=1000, warmup_steps=10)
+    lowered = steps.step_fn.trace(steps.state, steps.batch, steps.rest).lower()
+    lower_s = time.perf_counter() - start
+    start = time.perf_counter()
+    compiled = lowered.compile()
+    compile_s = time.perf_counter() - start
+    mem = compiled.memory_analysis()
+    peak = (mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
+            - mem.alias_size_in_bytes)
+    return dict(config=config_name, model=c.model, batch=batch, image_size=image_size,
+                dtype=dtype, na_backend=na_backend, remat=remat,
+                trace_and_lower_seconds=round(lower_s, 1), compile_seconds=round(compile_s, 1),
+                argument_bytes=mem.argument_size_in_bytes, output_bytes=mem.output_size_in_bytes,
+                temp_bytes=mem.temp_size_in_bytes, alias_bytes=mem.alias_size_in_bytes,
+                peak_bytes=peak)
+
+
+def measure_deviceless(target: str, config_name: str, batch: int, image_size: int, dtype: str,
+                       remat: bool, na_backend: str) -> dict:
+    """:func:`measure` for a deviceless target; ``batch`` is per device."""
+    from nat_jax.train import deviceless
+
+    report = deviceless.compile_train_step(
+        target, config_name, per_device_batch=batch,
+        overrides={"remat": remat, "na_backend": na_backend, "compute_dtype": dtype,
+                   "image_size": image_size})
+    return dict(config=config_name, model=report["model"], target=target,
+                batch_per_device=batch, image_size=image_size, dtype=dtype,
+                na_backend=na_backend, remat=remat, compile_seconds=report["compile_seconds"],
+                argument_bytes=report["argument_bytes"], output_bytes=report["output_bytes"],
+                temp_bytes=report["temp_bytes"], alias_bytes=report["alias_bytes"],
+                peak_bytes=report["peak_bytes"], memory_per_device=report["memory_per_device"],
+                fits=report["fits"])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--target", default="h100x8", help="'local' or a deviceless target")
+    parser.add_argument("--config", default="dinat_base", help="training config name")
+    parser.add_argument("--batch", type=int, default=32,
+                        help="global batch (local) or batch per device (deviceless)")
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--dtype", default="bfloat16", help="compute dtype")
+    parser.add_argument("--na-backend", default="xla")
+    parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/"
+                        "remat_<platform>.json)")
+    args = parser.parse_args(argv)
+    rows = []
+    for remat in (False, True):
+        if args.target == "local":
+            row = measure(args.config, args.batch, args.image_size, args.dtype, remat,
+                          args.na_backend)
+        else:
+            row = measure_deviceless(args.target, args.config, args.batch, args.image_size,
+                                     args.dtype, remat, args.na_backend)
+        rows.append(row)
+        print(f"{row['config']} on {args.target}, batch {args.batch}, remat={remat}: compile "
+              f"{row['compile_seconds']} s, peak {row['peak_bytes'] / 2**30:.2f} GiB "
+              f"(temporaries {row['temp_bytes'] / 2**30:.2f} GiB)", flush=True)
+    before, after = rows
+    summary = dict(peak_ratio=round(after["peak_bytes"] / before["peak_bytes"], 3),
+                   temp_ratio=round(after["temp_bytes"] / before["temp_bytes"], 3),
+                   compile_ratio=round(after["compile_seconds"] / before["compile_seconds"], 3))
+    print(summary)
+    where = jax.default_backend() if args.target == "local" else args.target
+    out = args.out or os.path.join(os.path.dirname(__file__), "results", f"remat_{where}.json")
+    write_json(out, {**environment(command=" ".join(
+        [os.path.basename(sys.argv[0])] + (argv if argv is not None else sys.argv[1:]))),
+        "rows": rows, "summary": summary})
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
