@@ -99,11 +99,25 @@ def available_backends() -> tuple[str, ...]:
     return tuple(_BACKENDS)
 
 
+def _seen_by(b: Backend, query, value, rpb):
+    """The arguments as the backend's kernels see them: per device for a backend that runs
+    under ``shard_map`` (see ``_run``), else as they are."""
+    return (query, value, rpb) if b.partitionable else sharding.local_shapes(query, value, rpb)
+
+
+def _unsupported(name: str, query, value, p: NAParams, rpb) -> str | None:
+    b = _BACKENDS[name]
+    if b.unsupported is None:
+        return None
+    q, v, r = _seen_by(b, query, value, rpb)
+    return b.unsupported(q, v, p, r)
+
+
 def _auto_choices(query, key, value, p: NAParams, rpb) -> tuple[tuple[str, str], ...]:
     """``(platform, backend)`` pairs that ``auto`` uses instead of ``xla`` for this call."""
     choices: dict[str, str] = {}
     for name, b in _BACKENDS.items():
-        if b.unsupported is not None and b.unsupported(query, value, p, rpb) is not None:
+        if _unsupported(name, query, value, p, rpb) is not None:
             continue
         for platform in b.platforms:
             choices.setdefault(platform, name)
@@ -173,7 +187,10 @@ def neighborhood_attention(query: jax.Array, key: jax.Array, value: jax.Array,
 
 def _config(name: str, query, value, p: NAParams, rpb):
     b = _BACKENDS[name]
-    return None if b.config is None else b.config(query, value, p, rpb)
+    if b.config is None:
+        return None
+    q, v, r = _seen_by(b, query, value, rpb)
+    return b.config(q, v, p, r)
 
 
 def _na(rank, query, key, value, kernel_size, stride, dilation, is_causal, scale, rpb, backend,
@@ -188,7 +205,7 @@ def _na(rank, query, key, value, kernel_size, stride, dilation, is_causal, scale
             out, lse = _fused(query, key, value, rpb, p, "xla", None)
     else:
         name = resolve_backend(backend, query, key, value, p, rpb)
-        why = _BACKENDS[name].unsupported and _BACKENDS[name].unsupported(query, value, p, rpb)
+        why = _unsupported(name, query, value, p, rpb)
         if why:
             raise ValueError(f"{backend=}: {why}")
         out, lse = _fused(query, key, value, rpb, p, name, _config(name, query, value, p, rpb))

@@ -13,6 +13,7 @@ batch shards by ``shard_map``'s transpose.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import jax
@@ -36,6 +37,32 @@ def partition_axes(mesh, batch: int, heads: int) -> tuple[tuple[str, ...], tuple
             head_axes.append(name)
             h *= size
     return tuple(batch_axes), tuple(head_axes)
+
+
+def _local(x, batch_axes: tuple[str, ...], head_axes: tuple[str, ...], mesh, head_dim: int):
+    """``x``'s per-device shape and dtype, its batch split over ``batch_axes`` (dim 0) and its
+    heads over ``head_axes`` (dim ``head_dim``)."""
+    shape = list(x.shape)
+    if batch_axes and head_dim != 0:
+        shape[0] //= int(math.prod(mesh.shape[a] for a in batch_axes))
+    shape[head_dim] //= int(math.prod(mesh.shape[a] for a in head_axes))
+    return jax.ShapeDtypeStruct(tuple(shape), x.dtype)
+
+
+def local_shapes(query, value, rpb):
+    """What each device's kernel sees under :func:`run_sharded` with the context mesh: the
+    per-shard ``(query, value, rpb)`` shapes (``jax.ShapeDtypeStruct``; the arguments as they
+    are when no mesh splits them). Limits such as the CUDA grid's apply to these, not to the
+    global batch."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        return query, value, rpb
+    batch_axes, head_axes = partition_axes(mesh, query.shape[0], query.shape[-2])
+    if not batch_axes and not head_axes:
+        return query, value, rpb
+    q, v = (_local(x, batch_axes, head_axes, mesh, x.ndim - 2) for x in (query, value))
+    r = None if rpb is None else _local(rpb, (), head_axes, mesh, 0)
+    return q, v, r
 
 
 def _axes(names: tuple[str, ...]):

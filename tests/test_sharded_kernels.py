@@ -49,3 +49,38 @@ def test_partition_axes():
     # A batch of 2 takes the data axis only; the fsdp axis splits the 4 heads.
     assert na_sharding.partition_axes(mesh, batch=2, heads=4) == (("data",), ("fsdp",))
     assert na_sharding.partition_axes(mesh, batch=3, heads=5) == ((), ())
+
+
+def test_kernel_limits_apply_per_shard():
+    """The CUDA grid limit (batch * prod(dilation) <= 65535) holds for what each device
+    launches: DiNAT-T's recipe batch (1024 over 8 GPUs, dilation 8x8) fits per shard though not
+    globally, so under the mesh ``auto`` keeps the kernels and ``pallas`` is accepted; without
+    a mesh it is refused with the reason. Block sizes are resolved for the per-shard shapes."""
+    import jax.numpy as jnp
+    import pytest
+
+    from nat_jax.kernels import ops
+    from nat_jax.kernels.params import make_params
+
+    q = jax.ShapeDtypeStruct((1024, 56, 56, 2, 32), jnp.bfloat16)
+    rpb = jax.ShapeDtypeStruct((2, 13, 13), jnp.bfloat16)
+    p = make_params((56, 56), 32, 7, dilation=8)
+    assert "65535" in ops._unsupported("pallas", q, q, p, rpb)  # noqa: SLF001
+    assert ("cuda", "pallas") not in ops._auto_choices(q, q, q, p, rpb)  # noqa: SLF001
+    mesh = sharding.make_mesh(fsdp=1)
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+        local, _, local_rpb = na_sharding.local_shapes(q, q, rpb)
+        assert local.shape == (128, 56, 56, 2, 32) and local_rpb.shape == (2, 13, 13)
+        assert ops._unsupported("pallas", q, q, p, rpb) is None  # noqa: SLF001
+        assert ("cuda", "pallas") in ops._auto_choices(q, q, q, p, rpb)  # noqa: SLF001
+    heads = sharding.make_mesh(fsdp=8)  # batch over (data, fsdp) still: 1024 divides by 8
+    with jax.sharding.use_abstract_mesh(heads.abstract_mesh):
+        assert na_sharding.local_shapes(q, q, rpb)[0].shape[0] == 128
+    odd = jax.ShapeDtypeStruct((9, 16, 16, 8, 32), jnp.bfloat16)  # batch 9: heads split
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+        local, _, local_rpb = na_sharding.local_shapes(odd, odd, jax.ShapeDtypeStruct(
+            (8, 13, 13), jnp.bfloat16))
+        assert local.shape == (9, 16, 16, 1, 32) and local_rpb.shape == (1, 13, 13)
+    with pytest.raises(ValueError, match="65535"):
+        jax.eval_shape(lambda q: ops.neighborhood_attention(q, q, q, 7, dilation=8,
+                                                            backend="pallas"), q)
