@@ -19,7 +19,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from nat_jax.timing import write_json
+from nat_jax.kernels import gpu_gate
+from nat_jax.timing import environment, write_json
 from nat_jax.train import configs, deviceless
 
 IMAGENET = [n for n in configs.CONFIGS if n != "digits"]
@@ -45,7 +46,9 @@ def main(argv=None) -> int:
                 row = {"config": name, "na_backend": backend, "error": str(err).splitlines()[0]}
             rows.append(row)
             print(row, flush=True)
-            write_json(args.out, {"target": "h100x8", "rows": rows})
+            write_json(args.out, {**environment(compiled_for="8 abstract H100 80GB (sm_90)",
+                                                cuda_plugin=gpu_gate.environment()["cuda_plugin"]),
+                                  "target": "h100x8", "rows": rows})
     gib = 2 ** 30
     print("\n| config | NA backend | batch (per GPU) | fsdp | params | peak GiB per GPU | "
           "fits 80 GB | Triton launches | kernels spill-free | all-gathers (over the batch) | "
