@@ -115,6 +115,28 @@ def check_kernel_outputs(rng, c, dtype, with_rpb, kernel_outputs):
         assert_grad_close(res[name], w, dtype, name)
 
 
+def check_public_op(c, inputs, inputs64, backend):
+    """``kernels.na2d(..., backend=backend)`` under ``jax.jit(jax.grad(...))`` with cotangents
+    on both the output and the lse: output and lse against the float64 oracle, the four
+    gradients against the reference backend's autodiff (itself checked against the oracle)."""
+    q, k, v, dout, dlse, rpb = inputs
+    q64, k64, v64, _, _, rpb64 = inputs64
+
+    def loss(q, k, v, rpb, backend):
+        out, lse = kernels.na2d(q, k, v, c["kernel"], dilation=c["dilation"], rpb=rpb,
+                                backend=backend, return_lse=True)
+        return jnp.sum(out * dout) + jnp.sum(lse * dlse), (out, lse)
+
+    grad = jax.grad(loss, argnums=(0, 1, 2, 3), has_aux=True)
+    grads, (out, lse) = jax.jit(grad, static_argnums=4)(q, k, v, rpb, backend)
+    want, want_lse = oracle.na_forward(q64, k64, v64, rpb=rpb64, **oracle_kw(c))
+    assert_close(out, want, *FWD_TOL[jnp.float32], "out")
+    assert_close(lse, want_lse, 1e-4, 1e-5, "lse")
+    ref_grads, _ = jax.jit(grad, static_argnums=4)(q, k, v, rpb, "reference")
+    for name, g, w in zip(("dq", "dk", "dv", "drpb"), grads, ref_grads):
+        assert_grad_close(g, np.asarray(w, np.float64), jnp.float32, name)
+
+
 class TestPallasNA:
     INTERPRET = True
 
@@ -180,19 +202,8 @@ class TestPallasNA:
         assert kernels.resolve_backend("auto", q, k, v, p, rpb) == (
             "xla" if self.INTERPRET else "pallas")
 
-        def loss(q, k, v, rpb, backend):
-            out, lse = kernels.na2d(q, k, v, c["kernel"], dilation=c["dilation"], rpb=rpb,
-                                    backend=backend, return_lse=True)
-            return jnp.sum(out * dout) + jnp.sum(lse * dlse), (out, lse)
-
-        grad = jax.grad(loss, argnums=(0, 1, 2, 3), has_aux=True)
-        grads, (out, lse) = jax.jit(grad, static_argnums=4)(q, k, v, rpb, "pallas")
-        want, want_lse = oracle.na_forward(q64, k64, v64, rpb=rpb64, **oracle_kw(c))
-        assert_close(out, want, *FWD_TOL[jnp.float32], "out")
-        assert_close(lse, want_lse, 1e-4, 1e-5, "lse")
-        ref_grads, _ = jax.jit(grad, static_argnums=4)(q, k, v, rpb, "reference")
-        for name, g, w in zip(("dq", "dk", "dv", "drpb"), grads, ref_grads):
-            assert_grad_close(g, np.asarray(w, np.float64), jnp.float32, name)
+        check_public_op(c, (q, k, v, dout, dlse, rpb), (q64, k64, v64, None, None, rpb64),
+                        "pallas")
 
     @pytest.mark.parametrize("c", [na_cases.QUICK[4], na_cases.QUICK[7]], ids=case_id)
     def test_matches_natten_flex(self, rng, c):

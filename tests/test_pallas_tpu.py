@@ -24,8 +24,8 @@ import oracle
 from nat_jax import kernels
 from nat_jax.kernels import pallas_tpu, windows
 from nat_jax.kernels.params import make_params
-from test_pallas import (FWD_TOL, assert_close, assert_grad_close, case_id,
-                         check_kernel_outputs, make_inputs, oracle_kw)
+from test_pallas import (FWD_TOL, assert_close, case_id,
+                         check_kernel_outputs, check_public_op, make_inputs, oracle_kw)
 
 
 def tpu_blocks(c):
@@ -133,19 +133,8 @@ class TestPallasTPU:
         assert kernels.resolve_backend("auto", q, k, v, p, rpb) == (
             "xla" if self.INTERPRET else "pallas_tpu")
 
-        def loss(q, k, v, rpb, backend):
-            out, lse = kernels.na2d(q, k, v, c["kernel"], dilation=c["dilation"], rpb=rpb,
-                                    backend=backend, return_lse=True)
-            return jnp.sum(out * dout) + jnp.sum(lse * dlse), (out, lse)
-
-        grad = jax.grad(loss, argnums=(0, 1, 2, 3), has_aux=True)
-        grads, (out, lse) = jax.jit(grad, static_argnums=4)(q, k, v, rpb, "pallas_tpu")
-        want, want_lse = oracle.na_forward(q64, k64, v64, rpb=rpb64, **oracle_kw(c))
-        assert_close(out, want, *FWD_TOL[jnp.float32], "out")
-        assert_close(lse, want_lse, 1e-4, 1e-5, "lse")
-        ref_grads, _ = jax.jit(grad, static_argnums=4)(q, k, v, rpb, "reference")
-        for name, g, w in zip(("dq", "dk", "dv", "drpb"), grads, ref_grads):
-            assert_grad_close(g, np.asarray(w, np.float64), jnp.float32, name)
+        check_public_op(c, (q, k, v, dout, dlse, rpb), (q64, k64, v64, None, None, rpb64),
+                        "pallas_tpu")
 
     @pytest.mark.slow
     def test_vmap_and_random_grid_order(self, rng):
