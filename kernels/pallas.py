@@ -815,36 +815,6 @@ def _backward(query, key, value, rpb, out, lse, dout, dlse, p: NAParams, blocks:
     return dq, dk, dv, drpb, (dqt, dkt, dvt, drpb_t)
 
 
-def _finite_or_zero(tree):
-    return jax.tree.map(lambda x: jnp.where(jnp.isfinite(x), x, jnp.zeros_like(x)), tree)
-
-
-def _contained(results, rerun, exact):
-    """The kernels' ``results``, with non-finite values kept inside their windows.
-
-    The kernels' dense tile products multiply masked probabilities (exact zeros) by every key
-    row of a tile, so one NaN/Inf in a key, value or output gradient outside a query's window
-    would still reach that query (0 * NaN = NaN). A leak can only make an element non-finite,
-    so every finite element is exact. For the others, ``exact()`` is the xla path's contained
-    computation (non-finite exactly where a window holds NaN/Inf, exact to rounding elsewhere)
-    and ``rerun(sanitize)`` the same kernels on inputs with NaN/Inf replaced by zeros: for an
-    element no NaN/Inf reaches, the replaced entries only ever met masked, exactly-zero weights,
-    so the rerun gives it bitwise as on inputs without them, and it agrees with ``exact()`` to
-    rounding. Where the two disagree beyond rounding, a replaced entry did reach the element
-    (e.g. a -inf logit that drops a key): ``exact()`` is taken. The check reads the results
-    once; without NaN/Inf anywhere the other branch never runs."""
-    finite = functools.reduce(jnp.logical_and, [jnp.isfinite(x).all() for x in
-                                                jax.tree.leaves(results)])
-
-    def pick(got, clean, want):
-        tol = 1e-4 if got.dtype == jnp.float32 else 2e-2
-        agree = jnp.isfinite(want) & jnp.isclose(clean, want, rtol=tol, atol=tol)
-        return jnp.where(jnp.isfinite(got), got, jnp.where(agree, clean, want))
-
-    return lax.cond(finite, lambda: results,
-                    lambda: jax.tree.map(pick, results, rerun(_finite_or_zero), exact()))
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnames=("p", "blocks", "interpret"))
 def _na_pallas(query, key, value, rpb, p: NAParams, blocks: BlockSizes, interpret: bool | None):
     return _na_pallas_fwd(query, key, value, rpb, p, blocks, interpret)[0]
@@ -855,7 +825,7 @@ def _na_pallas_fwd(query, key, value, rpb, p, blocks, interpret):
         q, k, v, r = clean((query, key, value, rpb))
         return _forward(q, k, v, r, p, blocks, interpret)[:2]
 
-    out, lse = _contained(run(lambda x: x), run,
+    out, lse = xla.contain_nonfinite(run(lambda x: x), run,
                           lambda: xla.na_fused_contained(query, key, value, p, rpb))
     return (out, lse), (query, key, value, rpb, out, lse)
 
@@ -868,7 +838,7 @@ def _na_pallas_bwd(p, blocks, interpret, res, cts):
         return _backward(*clean((query, key, value, rpb, out, lse, dout, dlse)), p, blocks,
                          interpret)[:4]
 
-    return _contained(run(lambda x: x), run, lambda: xla.na_backward_contained(
+    return xla.contain_nonfinite(run(lambda x: x), run, lambda: xla.na_backward_contained(
         query, key, value, rpb, out, lse, dout, dlse, p))
 
 

@@ -73,7 +73,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from nat_jax.kernels import windows
+from nat_jax.kernels import windows, xla
 from nat_jax.kernels.params import NAParams
 # Backend-neutral tiling geometry and layout shared with the GPU kernels.
 from nat_jax.kernels.pallas import (_from_tiles, _group_lengths, _grow_tile, _make_plan,
@@ -809,20 +809,45 @@ def _backward(residuals, rpb, out, dout, dlse, p: NAParams, blocks: BlockSizes, 
 
 @functools.partial(jax.custom_vjp, nondiff_argnames=("p", "blocks", "interpret"))
 def _na_pallas_tpu(query, key, value, rpb, p: NAParams, blocks: BlockSizes, interpret):
-    out, lse, _, _ = _forward(query, key, value, rpb, p, blocks, interpret)
-    return out, lse
+    return _na_pallas_tpu_fwd(query, key, value, rpb, p, blocks, interpret)[0]
 
 
 def _na_pallas_tpu_fwd(query, key, value, rpb, p, blocks, interpret):
+    # Non-finite inputs stay inside their windows as on the other backends
+    # (xla.contain_nonfinite); the residuals keep the inputs as given.
     out, lse, tiled, _ = _forward(query, key, value, rpb, p, blocks, interpret)
+
+    def run(clean):
+        return _forward(*clean((query, key, value, rpb)), p, blocks, interpret)[:2]
+
+    out, lse = xla.contain_nonfinite((out, lse), run,
+                                     lambda: xla.na_fused_contained(query, key, value, p, rpb))
     return (out, lse), (tiled, rpb, out)
+
+
+def _inputs_from_residuals(tiled, rpb, dout, p: NAParams, blocks: BlockSizes):
+    """``(query, key, value, lse)`` back from the forward's tiled residuals (only where a
+    non-finite value needs the xla path's contained backward)."""
+    qt, kt, vt, lse_t = tiled
+    b, heads = dout.shape[0], dout.shape[-2]
+    plan, _, _ = _plans(dout.shape, p, rpb is not None, blocks)
+    lay = _layout(heads, qt.shape[-1] * qt.shape[1] // heads, dout.shape[-1], qt.dtype)
+    return (_untile(qt, plan, plan.q_tile, b, lay), _untile(kt, plan, plan.kv_tile, b, lay),
+            _untile(vt, plan, plan.kv_tile, b, lay), _from_tiles(lse_t, plan, plan.q_tile, b))
 
 
 def _na_pallas_tpu_bwd(p, blocks, interpret, res, cts):
     tiled, rpb, out = res
     dout, dlse = cts
-    dq, dk, dv, drpb, _ = _backward(tiled, rpb, out, dout, dlse, p, blocks, interpret)
-    return dq, dk, dv, drpb
+
+    def run(clean):
+        return _backward(*clean((tiled, rpb, out, dout, dlse)), p, blocks, interpret)[:4]
+
+    def exact():
+        query, key, value, lse = _inputs_from_residuals(tiled, rpb, dout, p, blocks)
+        return xla.na_backward_contained(query, key, value, rpb, out, lse, dout, dlse, p)
+
+    return xla.contain_nonfinite(run(lambda x: x), run, exact)
 
 
 _na_pallas_tpu.defvjp(_na_pallas_tpu_fwd, _na_pallas_tpu_bwd)

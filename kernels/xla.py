@@ -51,6 +51,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 import numpy as np
 
 from nat_jax.kernels import windows
@@ -510,3 +511,33 @@ def na_backward_contained(query: jax.Array, key: jax.Array, value: jax.Array,
         dlse = jnp.zeros(lse.shape, jnp.float32)
     return _backward((qt, kh, vh, ot, lset, None), (dout, dlse), rpb, p, tile_sizes, spatial,
                      query.shape[0], True)
+
+
+def _finite_or_zero(tree):
+    return jax.tree.map(lambda x: jnp.where(jnp.isfinite(x), x, jnp.zeros_like(x)), tree)
+
+
+def contain_nonfinite(results, rerun, exact):
+    """A kernel backend's ``results``, with non-finite values kept inside their windows.
+
+    For the Pallas backends (``pallas``, ``pallas_tpu``). The kernels' dense tile products multiply masked probabilities (exact zeros) by every key
+    row of a tile, so one NaN/Inf in a key, value or output gradient outside a query's window
+    would still reach that query (0 * NaN = NaN). A leak can only make an element non-finite,
+    so every finite element is exact. For the others, ``exact()`` is the xla path's contained
+    computation (non-finite exactly where a window holds NaN/Inf, exact to rounding elsewhere)
+    and ``rerun(sanitize)`` the same kernels on inputs with NaN/Inf replaced by zeros: for an
+    element no NaN/Inf reaches, the replaced entries only ever met masked, exactly-zero weights,
+    so the rerun gives it bitwise as on inputs without them, and it agrees with ``exact()`` to
+    rounding. Where the two disagree beyond rounding, a replaced entry did reach the element
+    (e.g. a -inf logit that drops a key): ``exact()`` is taken. The check reads the results
+    once; without NaN/Inf anywhere the other branch never runs."""
+    finite = functools.reduce(jnp.logical_and, [jnp.isfinite(x).all() for x in
+                                                jax.tree.leaves(results)])
+
+    def pick(got, clean, want):
+        tol = 1e-4 if got.dtype == jnp.float32 else 2e-2
+        agree = jnp.isfinite(want) & jnp.isclose(clean, want, rtol=tol, atol=tol)
+        return jnp.where(jnp.isfinite(got), got, jnp.where(agree, clean, want))
+
+    return lax.cond(finite, lambda: results,
+                    lambda: jax.tree.map(pick, results, rerun(_finite_or_zero), exact()))

@@ -32,7 +32,7 @@ import oracle
 from nat_jax import kernels
 
 # The one list of backends under test; other backends join by adding their name here.
-BACKENDS = ["reference", "xla", "pallas"]
+BACKENDS = ["reference", "xla", "pallas", "pallas_tpu"]
 
 CASES = [
     (na_cases.case((16,), 5, head_dim=8), True),
@@ -61,7 +61,8 @@ def _params():
                 for backend in BACKENDS:
                     # The Pallas kernels run in interpret mode here (minutes for the grid):
                     # the default tier takes the 1-D and 2-D RPB cases in float32.
-                    slow = backend == "pallas" and (i not in (0, 2) or dtype != jnp.float32)
+                    slow = backend.startswith("pallas") and (i not in (0, 2)
+                                                             or dtype != jnp.float32)
                     out.append(pytest.param(
                         c, with_rpb, target, dtype, backend,
                         marks=pytest.mark.slow if slow else (),
