@@ -54,7 +54,7 @@ def cached_block_sizes(query, value, p: NAParams, has_rpb: bool | None = None
 # Forward (query rows, key rows) alternatives to the default, per dtype family; each one is in
 # the GPU compile gate's sweep (spill-free on sm_80 and sm_90).
 _ALTERNATIVES = {
-    "16bit": ((128, 64), (64, 32), (64, 16), (128, 16), (32, 32), (128, 128)),
+    "16bit": ((128, 64), (64, 32), (64, 16), (128, 16), (32, 32)),
     "float32": ((32, 16), (16, 16), (64, 32)),
 }
 
@@ -62,8 +62,8 @@ _ALTERNATIVES = {
 def candidates(query, value, p: NAParams) -> list[pallas.BlockSizes]:
     """The default plus a few alternatives (larger / smaller query and key tiles; the backward
     tiles and warps stay at the default). Large tiles are left out where the GPU gate found
-    them spilling registers (in 16-bit, 128x128 above head_dim 16 and more than 64x32 above
-    128; in float32, more than 32x32 above head_dim 32)."""
+    them spilling registers or at the 255-register limit (in 16-bit, 128x128 at all and more
+    than 64x32 above head_dim 128; in float32, more than 32x32 above head_dim 32)."""
     spatial = query.shape[1:1 + p.rank]
     rows = [-(-n // d) for n, d in zip(spatial, p.dilation)]
     head_dim = max(query.shape[-1], value.shape[-1])
@@ -71,7 +71,7 @@ def candidates(query, value, p: NAParams) -> list[pallas.BlockSizes]:
                                             query.dtype)
     family = "float32" if query.dtype == jnp.float32 else "16bit"
     if family == "16bit":
-        budget = None if head_dim <= 16 else 128 * 64 if head_dim <= 128 else 64 * 32
+        budget = None if head_dim <= 128 else 64 * 32
     else:
         budget = None if head_dim <= 32 else 32 * 32
     grow = pallas._grow_tile  # noqa: SLF001 (the same tile shaping as the defaults)
