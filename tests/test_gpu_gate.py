@@ -20,7 +20,7 @@ from jax.experimental.pallas import triton as plgpu
 
 from nat_jax.kernels import gpu_gate
 
-SAMPLE = float(os.environ.get("NAT_JAX_GPU_GATE_SAMPLE", "0.08"))
+SAMPLE = float(os.environ.get("NAT_JAX_GPU_GATE_SAMPLE", "0.05"))
 
 
 def assert_gate_passes(rows):

@@ -60,8 +60,10 @@ def _params():
                     continue
                 for backend in BACKENDS:
                     # The Pallas kernels run in interpret mode here (minutes for the grid):
-                    # the default tier takes the 1-D and 2-D RPB cases in float32.
-                    slow = backend.startswith("pallas") and (i not in (0, 2)
+                    # the default tier takes the 1-D and 2-D RPB cases in float32 (pallas_tpu,
+                    # slower to interpret, the 2-D one).
+                    default = (0, 2) if backend == "pallas" else (2,)
+                    slow = backend.startswith("pallas") and (i not in default
                                                              or dtype != jnp.float32)
                     out.append(pytest.param(
                         c, with_rpb, target, dtype, backend,
