@@ -291,14 +291,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                              "xla_gpu_enable_triton_gemm=false")
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per compile")
     args = parser.parse_args(argv)
+    from nat_jax.train import configs
+
     options = {}
     for item in args.xla_option:
         name, sep, value = item.partition("=")
         if not sep or not name:
             parser.error(f"--xla-option {item!r}: expected NAME=VALUE")
-        options[name] = {"true": True, "false": False}.get(value.lower(), value)
-        if isinstance(options[name], str) and options[name].lstrip("-").isdigit():
-            options[name] = int(options[name])
+        # Typed as a training config's xla_options.NAME=VALUE override is.
+        options[name] = configs.parse_value(value)
     report = compile_program(args.target, args.config, per_device_batch=args.per_device_batch,
                              program=args.program,
                              overrides={"fsdp": args.fsdp, "na_backend": args.backend},

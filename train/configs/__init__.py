@@ -94,8 +94,12 @@ def _coerce(text: str, current, *, fixed_length: bool = False):
             if all(isinstance(x, float) for x in current):
                 value = [float(x) for x in value]
         return type(current)(value)
-    # None / placeholders / dicts: a Python literal if it parses (true/false as on a command
-    # line too), else the raw string.
+    return parse_value(text)
+
+
+def parse_value(text: str):
+    """A command-line value of no known type: a Python literal if it parses (``true`` /
+    ``false`` as on a command line too), else the raw string."""
     if text.lower() in ("true", "false"):
         return text.lower() == "true"
     try:
