@@ -10,6 +10,8 @@ Usage::
     python benchmarks/na_ops.py                      # CPU-sized suite, writes JSON + table
     python benchmarks/na_ops.py --suite gpu          # GPU-sized suite (batch 128, large kernel)
     python benchmarks/na_ops.py --only stages --backends xla
+    python benchmarks/na_ops.py --op unfused --only stages   # na2d_av(softmax(na2d_qk)): the
+                                                             # attention-weights path
 """
 
 from __future__ import annotations
@@ -75,7 +77,13 @@ def gpu_suite() -> list[Shape]:
     return out
 
 
-def bench_one(s: Shape, backend: str, repeats: int) -> dict:
+def _temp_mib(fn, *args) -> float | None:
+    """XLA's temporary memory for ``fn`` (compile-time figure; None where not reported)."""
+    stats = jax.jit(fn).lower(*args).compile().memory_analysis()
+    return None if stats is None else stats.temp_size_in_bytes / 2 ** 20
+
+
+def bench_one(s: Shape, backend: str, repeats: int, op: str = "fused") -> dict:
     rank = len(s.spatial)
     dtype = jnp.dtype(s.dtype)
     key = jax.random.key(0)
@@ -86,20 +94,27 @@ def bench_one(s: Shape, backend: str, repeats: int) -> dict:
            else None)
 
     def fwd(q, k, v, rpb):
-        return kernels.neighborhood_attention(q, k, v, s.kernel, dilation=s.dilation, rpb=rpb,
-                                              backend=backend)
+        if op == "fused":
+            return kernels.neighborhood_attention(q, k, v, s.kernel, dilation=s.dilation,
+                                                  rpb=rpb, backend=backend)
+        qk, av = getattr(kernels, f"na{rank}d_qk"), getattr(kernels, f"na{rank}d_av")
+        logits = qk(q, k, s.kernel, dilation=s.dilation, rpb=rpb, backend=backend)
+        return av(jax.nn.softmax(logits, -1).astype(v.dtype), v, s.kernel, dilation=s.dilation,
+                  backend=backend)
 
     def fwd_bwd(q, k, v, rpb):
         out, vjp = jax.vjp(fwd, q, k, v, rpb)
         return vjp(dout)
 
     flops = kernels.na_flops(s.batch, s.heads, s.spatial, (s.kernel,) * rank, s.head_dim)
-    row = dict(dataclasses.asdict(s), backend=backend, flops_fwd=flops)
+    row = dict(dataclasses.asdict(s), backend=backend, op=op, flops_fwd=flops)
     t = median_seconds(jax.jit(fwd), q, k, v, rpb, repeats=repeats)
-    row.update(fwd_ms=t * 1e3, fwd_tflops=flops / t / 1e12)
+    row.update(fwd_ms=t * 1e3, fwd_tflops=flops / t / 1e12,
+               fwd_temp_mib=_temp_mib(fwd, q, k, v, rpb))
     if s.backward:
         t = median_seconds(jax.jit(fwd_bwd), q, k, v, rpb, repeats=repeats)
-        row.update(fwd_bwd_ms=t * 1e3, fwd_bwd_tflops=3.5 * flops / t / 1e12)
+        row.update(fwd_bwd_ms=t * 1e3, fwd_bwd_tflops=3.5 * flops / t / 1e12,
+                   fwd_bwd_temp_mib=_temp_mib(fwd_bwd, q, k, v, rpb))
     return row
 
 
@@ -111,6 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", default=None, help="comma-separated groups: stages,scaling,large")
     parser.add_argument("--backends", default=None,
                         help="comma-separated (default: reference,xla and pallas on GPU)")
+    parser.add_argument("--op", choices=("fused", "unfused"), default="fused",
+                        help="fused na*d, or na*d_av(softmax(na*d_qk)) (attention weights)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/"
                                                     "na_ops_<platform>.json)")
@@ -141,25 +158,29 @@ def main(argv: list[str] | None = None) -> int:
                 if backend == "reference" and gather > 4e9:
                     continue
                 status.update(f"{s.name} [{backend}]")
-                rows.append(bench_one(s, backend, args.repeats))
+                rows.append(bench_one(s, backend, args.repeats, args.op))
 
     device = jax.devices()[0]
+    suffix = "" if args.op == "fused" else "_unfused"
     out = args.out or os.path.join(os.path.dirname(__file__), "results",
-                                   f"na_ops_{platform_name}.json")
-    write_json(out, dict(meta=environment(repeats=args.repeats, suite=args.suite),
+                                   f"na_ops{suffix}_{platform_name}.json")
+    write_json(out, dict(meta=environment(repeats=args.repeats, suite=args.suite, op=args.op),
                          results=rows))
 
-    table = Table(title=f"NA ops on {device.device_kind} ({platform_name}), jax {jax.__version__}")
+    table = Table(title=f"NA ops ({args.op}) on {device.device_kind} ({platform_name}), "
+                        f"jax {jax.__version__}")
     for col in ("shape", "dtype", "backend", "fwd ms", "fwd TFLOP/s", "fwd+bwd ms",
-                "vs reference"):
+                "vs reference", "fwd temp MiB", "fwd+bwd temp MiB"):
         table.add_column(col, justify="left" if col in ("shape", "dtype", "backend") else "right")
     by_key = {(r["name"], r["backend"]): r for r in rows}
     for r in rows:
         ref = by_key.get((r["name"], "reference"))
         ratio = f"{ref['fwd_ms'] / r['fwd_ms']:.1f}x" if ref else "-"
+        mib = lambda x: "-" if x is None else f"{x:.1f}"  # noqa: E731
         table.add_row(r["name"], r["dtype"], r["backend"], f"{r['fwd_ms']:.2f}",
                       f"{r['fwd_tflops']:.4f}",
-                      f"{r['fwd_bwd_ms']:.2f}" if "fwd_bwd_ms" in r else "-", ratio)
+                      f"{r['fwd_bwd_ms']:.2f}" if "fwd_bwd_ms" in r else "-", ratio,
+                      mib(r["fwd_temp_mib"]), mib(r.get("fwd_bwd_temp_mib")))
     console.print(table)
     scaling = [r for r in rows if r["group"] == "scaling" and r["backend"] == "xla"]
     if len(scaling) > 1:

@@ -38,7 +38,7 @@ class Backend:
       partitionable: whether XLA can partition it under sharding; kernels it cannot partition
         (custom calls) run under ``shard_map`` when a mesh is set (:mod:`sharding`).
       qk: ``qk(query, key, p, rpb) -> logits`` (the unfused first half), or None: the backend
-        has none, and ``na*_qk(..., backend=name)`` uses the reference one (warning once).
+        has none, and ``na*_qk(..., backend=name)`` uses the ``"xla"`` one (warning once).
       av: ``av(weights, value, p) -> output`` (the unfused second half), or None (likewise).
     """
 
@@ -79,7 +79,7 @@ def _pallas_tpu_blocks(query, value, p, rpb):
 # Every backend, explicitly (no registration on import). "auto" walks them in this order.
 _BACKENDS: dict[str, Backend] = {
     "reference": Backend(_reference, qk=reference.na_qk, av=reference.na_av),
-    "xla": Backend(_xla),
+    "xla": Backend(_xla, qk=xla.na_qk, av=xla.na_av),
     "pallas": Backend(_pallas, platforms=("cuda",), unsupported=pallas.unsupported,
                       config=_pallas_blocks, partitionable=False),
     "pallas_tpu": Backend(_pallas_tpu, platforms=("tpu",), unsupported=pallas_tpu.unsupported,
@@ -274,10 +274,10 @@ _warned_fallback: set[tuple[str, str]] = set()
 def resolve_unfused_backend(backend: str, op: str = "qk") -> str:
     """The backend whose unfused ``op`` ("qk" or "av") a call with ``backend`` runs on.
 
-    ``"auto"`` takes the first of :data:`_UNFUSED_AUTO` that has one. A named backend without
-    one (``"xla"`` and ``"pallas"`` today) uses ``"reference"`` (gathers every window: memory
-    ``O(tokens * K^2 * head_dim)``), with a warning the first time per backend and op, so a
-    model asked for attention weights keeps working and says where the memory goes.
+    ``"auto"`` takes the first of :data:`_UNFUSED_AUTO` that has one (``"xla"``: tiled, memory
+    ``O(tokens * K^2)`` beyond the inputs). A named backend without one (the kernel backends
+    ``"pallas"``, ``"pallas_tpu"``) uses ``"xla"``'s, with a warning the first time per backend
+    and op, so a model asked for attention weights keeps working and says what it runs.
     """
     if backend == "auto":
         return next(name for name in _UNFUSED_AUTO
@@ -286,12 +286,12 @@ def resolve_unfused_backend(backend: str, op: str = "qk") -> str:
         raise ValueError(f"{backend=} is not one of {('auto',) + available_backends()}")
     if getattr(_BACKENDS[backend], op) is not None:
         return backend
+    fallback = resolve_unfused_backend("auto", op)
     if (backend, op) not in _warned_fallback:
         _warned_fallback.add((backend, op))
-        warnings.warn(f"na*_{op}: backend {backend!r} has no unfused implementation yet; using "
-                      "'reference' (gathers every window, memory O(tokens * K^2 * head_dim))",
-                      stacklevel=3)
-    return "reference"
+        warnings.warn(f"na*_{op}: backend {backend!r} has no unfused kernels; using "
+                      f"{fallback!r}'s", stacklevel=3)
+    return fallback
 
 
 @functools.partial(jax.jit, static_argnames=("p", "backend"))
@@ -320,8 +320,8 @@ def _make_qk(rank: int, axes: str):
       query, key: ``[batch, {axes}, heads, head_dim]``.
       kernel_size: as for :func:`na{rank}d`; every later argument is keyword-only.
       stride, dilation, is_causal, scale, rpb: as for :func:`na{rank}d`.
-      backend: ``"auto"`` (the best with an unfused implementation), or a backend name; one
-        without unfused kernels runs the ``"reference"`` ones (warning once).
+      backend: ``"auto"`` (the best with an unfused implementation: ``"xla"``, tiled), or a
+        backend name; one without unfused kernels runs ``"xla"``'s (warning once).
 
     Returns:
       float32 logits ``[batch, {axes}, heads, prod(kernel_size)]``: ``scale * q.k (+ rpb)`` with

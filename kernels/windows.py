@@ -157,6 +157,21 @@ class HaloPlan:
             - np.arange(self.tile)[:, None]
         return np.clip(off, 0, 2 * self.kernel - 2).astype(np.int32)
 
+    def slots(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(halo_slot, valid)``, both ``[dilation, num_tiles, tile, kernel]``: the halo slot
+        holding window slot ``j`` of tile row ``q`` (window slot ``j`` = key ``start + j``, as
+        :func:`neighbor_indices`), and whether that slot is in the window (False past a causal
+        window's end and on padded query rows; the slot is then clamped to a real halo slot)."""
+        glen = _group_lengths_column(self.length, self.dilation)[..., None, None]  # [d,1,1,1]
+        t = np.arange(self.num_tiles)[:, None, None]
+        q = t * self.tile + np.arange(self.tile)[:, None]  # [nt, tile, 1]
+        start, end = window_bounds(np.minimum(q, glen - 1), glen, self.kernel, self.stride,
+                                   self.causal)
+        slot = start + np.arange(self.kernel)  # [d, nt, tile, kernel]
+        valid = (slot < end) & (q < glen)
+        halo_slot = np.minimum(slot, end - 1) - (t * self.tile - self.offset)
+        return np.clip(halo_slot, 0, self.halo - 1).astype(np.int32), valid
+
 
 def _group_lengths_column(length: int, dilation: int) -> np.ndarray:
     """``[dilation, 1]`` length of every dilation group."""

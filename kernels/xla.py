@@ -524,6 +524,106 @@ def na_backward_contained(query: jax.Array, key: jax.Array, value: jax.Array,
                      query.shape[0], True)
 
 
+# ------------------------------------------------------------------------------ unfused pieces
+#
+# ``na_qk`` / ``na_av`` return or take one value per (query, window slot), so they gather each
+# tile row's window out of its tile's halo (a static ``[NT, Tq, W]`` table of halo slots)
+# instead of running dense tile products: a gathered key or value only ever meets its own
+# query's weight, so non-finite inputs cannot leak and autodiff gives exact gradients. The
+# gathered ``[Tq, W, d]`` block of a chunk of tiles is the only large intermediate; chunks keep
+# it within the logits budget and are rematerialized in the backward pass, so memory beyond
+# the inputs' halos is the ``O(tokens * W)`` weights themselves.
+
+
+def _slot_tables(plans) -> tuple[np.ndarray, np.ndarray]:
+    """``(slot [G*NT, Tq, W] int32, valid [G*NT, Tq, W] bool)``: the flat halo slot of each
+    (tile row, window slot) pair, window slots row-major over the axes as in the reference."""
+    n = len(plans)
+    flat, valid = np.zeros((), np.int64), np.ones((), bool)
+    for a, pl in enumerate(plans):
+        idx, ok = pl.slots()
+        flat = flat * pl.halo + windows.interleave_axis(idx, a, n, 4)
+        valid = valid & windows.interleave_axis(ok, a, n, 4)
+    full = (tuple(pl.dilation for pl in plans) + tuple(pl.num_tiles for pl in plans)
+            + tuple(pl.tile for pl in plans) + tuple(pl.kernel for pl in plans))
+
+    def shape(x):
+        x = np.broadcast_to(x, full)
+        return x.reshape(math.prod(full[:2 * n]), math.prod(full[2 * n:3 * n]), -1)
+
+    return shape(flat).astype(np.int32), shape(valid)
+
+
+def _window_gather(xh: jax.Array, slot: jax.Array, valid: jax.Array) -> jax.Array:
+    """``xh [C, N, Hk, c]`` -> ``[C, N, Tq, W, c]``, zero where a slot is not in the window
+    (a select, so a clamped slot's non-finite token reaches nothing, forward or backward)."""
+    g = jax.vmap(lambda x: jax.vmap(lambda xn, sn: xn[sn])(x, slot))(xh)
+    return jnp.where(valid[None, ..., None], g, jnp.zeros((), xh.dtype))
+
+
+def _unfused_chunks(fn, args, kinds: str, pair_bytes: int):
+    # Rematerialized: autodiff of the chunk loop would otherwise keep every chunk's gathered
+    # windows, O(tokens * W * d) in all.
+    return _chunked(jax.checkpoint(fn), args, kinds, "p", pair_bytes)
+
+
+def _untile(x: jax.Array, plans, spatial, batch: int) -> jax.Array:
+    """``[B*h, G*NT, Tq, c]`` -> ``[B, *spatial, h, c]``."""
+    g = math.prod(pl.dilation for pl in plans)
+    return _from_tiles(x.reshape(batch, -1, g, x.shape[1] // g, *x.shape[2:]), plans, spatial)
+
+
+def na_qk(query: jax.Array, key: jax.Array, p: NAParams, rpb: jax.Array | None = None,
+          tile_sizes: tuple[int, ...] | None = None) -> jax.Array:
+    """Tiled logits ``[B, *spatial, heads, prod(K)]`` float32: ``scale * q.k (+ rpb)``; slots
+    outside a causal window hold ``-inf``. Same contract as :func:`reference.na_qk`, without its
+    ``[tokens, prod(K), head_dim]`` gather of every window at once."""
+    spatial, plans, qt, kh, _ = _layout(query, key, key, p, tile_sizes)
+    slot, valid = _slot_tables(plans)
+    w = slot.shape[-1]
+
+    def fn(q, kb, s, ok):
+        return (jnp.einsum("cnqd,cnqwd->cnqw", q, _window_gather(kb, s, ok),
+                           preferred_element_type=jnp.float32),)
+
+    pair_bytes = max(4, kh.dtype.itemsize) * qt.shape[1] * qt.shape[2] * w * kh.shape[-1]
+    (logits,) = _unfused_chunks(fn, (qt, kh, jnp.asarray(slot), jnp.asarray(valid)), "ppnn",
+                                pair_bytes)
+    logits = logits * p.scale
+    if rpb is not None:
+        h = rpb.shape[0]
+        rel = np.take_along_axis(np.broadcast_to(_rel(plans), slot.shape[:1] + _rel(plans).shape),
+                                 slot, axis=-1)  # [G*NT, Tq, W]
+        bias = rpb.astype(jnp.float32).reshape(h, -1)[:, rel]
+        logits = (logits.reshape(query.shape[0], h, *logits.shape[1:]) + bias[None]
+                  ).reshape(logits.shape)
+    logits = jnp.where(valid[None], logits, -jnp.inf)
+    return _untile(logits, plans, spatial, query.shape[0])
+
+
+def na_av(weights: jax.Array, value: jax.Array, p: NAParams,
+          tile_sizes: tuple[int, ...] | None = None) -> jax.Array:
+    """Tiled ``weights [B, *spatial, heads, prod(K)]`` times window values -> ``[B, *spatial,
+    heads, head_dim]`` in ``value.dtype``; weights of slots outside a causal window are ignored.
+    Same contract as :func:`reference.na_av`."""
+    spatial, plans, _, _, vh = _layout(value, value, value, p, tile_sizes)
+    slot, valid = _slot_tables(plans)
+    z = vh.shape[0]
+    dtype = jnp.promote_types(weights.dtype, value.dtype)
+    wt = _to_tiles(weights, plans).reshape(z, -1, *slot.shape[1:])
+    wt = jnp.where(valid[None], wt, jnp.zeros((), wt.dtype)).astype(dtype)
+
+    def fn(wb, vb, s, ok):
+        return (jnp.einsum("cnqw,cnqwd->cnqd", wb, _window_gather(vb, s, ok).astype(dtype),
+                           preferred_element_type=jnp.float32).astype(value.dtype),)
+
+    pair_bytes = max(4, vh.dtype.itemsize) * wt.shape[1] * wt.shape[2] * wt.shape[3] \
+        * vh.shape[-1]
+    (out,) = _unfused_chunks(fn, (wt, vh, jnp.asarray(slot), jnp.asarray(valid)), "ppnn",
+                             pair_bytes)
+    return _untile(out, plans, spatial, value.shape[0])
+
+
 def _finite_or_zero(tree):
     return jax.tree.map(lambda x: jnp.where(jnp.isfinite(x), x, jnp.zeros_like(x)), tree)
 

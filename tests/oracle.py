@@ -121,16 +121,16 @@ def na_backward(q, k, v, dout, kernel, stride=1, dilation=1, causal=False, scale
     return dq, dk, dv, drpb
 
 
-def na_qk(q, k, kernel, dilation=1, causal=False, scale=None, rpb=None):
+def na_qk(q, k, kernel, dilation=1, causal=False, scale=None, rpb=None, stride=1):
     """Logits ``[B, *spatial, heads, prod(K)]``, window slots row-major, -inf where a causal
-    window has fewer than K keys (stride 1)."""
+    window has fewer than K keys."""
     q, k = np.asarray(q, np.float64), np.asarray(k, np.float64)
     n = q.ndim - 3
     kernel, dilation, causal = (_as_tuple(a, n) for a in (kernel, dilation, causal))
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     width = int(np.prod(kernel))
     out = np.full(q.shape[:-1] + (width,), -np.inf)
-    strides = (1,) * n
+    strides = _as_tuple(stride, n)
     for idx, keys, slots in _neighbors(q.shape[1:1 + n], kernel, strides, dilation, causal):
         qi = q[(slice(None), *idx)]
         for key, slot in zip(keys, slots):
@@ -144,14 +144,14 @@ def na_qk(q, k, kernel, dilation=1, causal=False, scale=None, rpb=None):
     return out
 
 
-def na_av(attn, v, kernel, dilation=1, causal=False):
+def na_av(attn, v, kernel, dilation=1, causal=False, stride=1):
     """Weighted sum of window values: ``attn [B, *spatial, heads, prod(K)]`` -> ``[B, *spatial,
     heads, dim]``."""
     attn, v = np.asarray(attn, np.float64), np.asarray(v, np.float64)
     n = v.ndim - 3
     kernel, dilation, causal = (_as_tuple(a, n) for a in (kernel, dilation, causal))
     out = np.zeros_like(v)
-    strides = (1,) * n
+    strides = _as_tuple(stride, n)
     for idx, keys, slots in _neighbors(v.shape[1:1 + n], kernel, strides, dilation, causal):
         for key, slot in zip(keys, slots):
             flat = int(np.ravel_multi_index(slot, kernel))

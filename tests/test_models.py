@@ -427,7 +427,7 @@ def test_unfused_attention_runs_on_the_model_backend(rng, monkeypatch, trigger):
 
 
 def test_unfused_attention_without_backend_kernels_warns_once(rng, recwarn):
-    """A backend with no unfused kernels ('pallas' today) runs the reference ones, saying so
+    """A backend with no unfused kernels ('pallas' today) runs the tiled xla ones, saying so
     once per op instead of silently."""
     from nat_jax.kernels import ops
 
@@ -435,7 +435,7 @@ def test_unfused_attention_without_backend_kernels_warns_once(rng, recwarn):
     ops._warned_fallback.discard(("pallas", "av"))
     model = nat_jax.build_model(SMALL, rngs=nnx.Rngs(0), na_backend="pallas")
     x = _images(rng, 2, 32, 32)
-    with pytest.warns(UserWarning, match="backend 'pallas' has no unfused implementation yet"):
+    with pytest.warns(UserWarning, match="backend 'pallas' has no unfused kernels; using 'xla'"):
         nnx.jit(lambda m, x: m(x, output_attentions=True).attentions)(model, x)
     recwarn.clear()
     nnx.jit(lambda m, x: m(x, output_attentions=True).attentions)(model, x[:1])  # retrace

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pytest
 
@@ -174,14 +176,19 @@ def test_matches_natten_flex(rng, c, backend):
     (na_cases.case((9, 11), (3, 5), dilation=(2, 1)), True),
     (na_cases.case((10,), 4, dilation=2, causal=True), False),
     (na_cases.case((6, 5, 7), 3, dilation=(1, 1, 2), causal=(True, False, False)), False),
+    (na_cases.case((13, 12), (5, 4), stride=(2, 3), causal=(False, True)), False),
 ], ids=lambda x: na_cases.case_id(x) if isinstance(x, dict) else str(x))
-def test_qk_av_pieces(rng, c, with_rpb):
+@pytest.mark.parametrize("backend", ["xla", "reference"])
+def test_qk_av_pieces(rng, c, with_rpb, backend):
     (q, k, v, rpb), (q64, k64, _, rpb64) = make_inputs(rng, c, with_rpb=with_rpb)
     rank = len(c["shape"])
-    qk = getattr(kernels, f"na{rank}d_qk")
-    av = getattr(kernels, f"na{rank}d_av")
+    qk = functools.partial(getattr(kernels, f"na{rank}d_qk"), backend=backend,
+                           stride=c["stride"])
+    av = functools.partial(getattr(kernels, f"na{rank}d_av"), backend=backend,
+                           stride=c["stride"])
     logits = qk(q, k, c["kernel"], dilation=c["dilation"], is_causal=c["causal"], rpb=rpb)
-    want = oracle.na_qk(q64, k64, c["kernel"], c["dilation"], c["causal"], rpb=rpb64)
+    want = oracle.na_qk(q64, k64, c["kernel"], c["dilation"], c["causal"], rpb=rpb64,
+                        stride=c["stride"])
     assert logits.shape == (*q.shape[:-1], int(np.prod(c["kernel"])))
     finite = np.isfinite(want)
     assert np.array_equal(np.isfinite(np.asarray(logits)), finite)
@@ -189,9 +196,74 @@ def test_qk_av_pieces(rng, c, with_rpb):
     weights = jax.nn.softmax(logits, axis=-1)
     out = av(weights, v, c["kernel"], dilation=c["dilation"], is_causal=c["causal"])
     assert_close(out, oracle.na_av(np.asarray(weights, np.float64), np.asarray(v, np.float64),
-                                   c["kernel"], c["dilation"], c["causal"]), 2e-5, 1e-5)
+                                   c["kernel"], c["dilation"], c["causal"], stride=c["stride"]),
+                 2e-5, 1e-5)
     fused = call(c, q, k, v, rpb, backend="xla")
     assert_close(out, np.asarray(fused, np.float64), 2e-5, 1e-5)
+
+
+@pytest.mark.parametrize("c,with_rpb", [
+    (na_cases.case((9, 11), (3, 5), dilation=(2, 1)), True),
+    (na_cases.case((11, 7), (4, 3), stride=(2, 1), dilation=(2, 1), causal=(True, False)), False),
+    (na_cases.case((5, 6, 7), 3, dilation=(1, 2, 1)), True),
+], ids=lambda x: na_cases.case_id(x) if isinstance(x, dict) else str(x))
+def test_qk_av_gradients(rng, c, with_rpb):
+    """Autodiff of ``na_av(softmax(na_qk))`` on the tiled xla pieces (chunked, rematerialized)
+    is the gradient of NA: the float64 oracle's backward, for q, k, v and rpb."""
+    from nat_jax.kernels import xla
+
+    (q, k, v, rpb), (q64, k64, v64, rpb64) = make_inputs(rng, c, with_rpb=with_rpb)
+    rank = len(c["shape"])
+    dout = jnp.asarray(rng.standard_normal(q.shape), jnp.float32)
+    kw = dict(stride=c["stride"], dilation=c["dilation"], is_causal=c["causal"], backend="xla")
+
+    def loss(q, k, v, rpb):
+        logits = getattr(kernels, f"na{rank}d_qk")(q, k, c["kernel"], rpb=rpb, **kw)
+        out = getattr(kernels, f"na{rank}d_av")(jax.nn.softmax(logits, -1), v, c["kernel"], **kw)
+        return jnp.sum(out * dout)
+
+    want = oracle.na_backward(q64, k64, v64, np.asarray(dout, np.float64), rpb=rpb64,
+                              **oracle_args(c))
+    argnums = (0, 1, 2, 3) if with_rpb else (0, 1, 2)
+    budget = xla._LOGITS_BUDGET
+    try:
+        for xla._LOGITS_BUDGET in (None, 1 << 11):  # whole, and chunked tile by tile
+            kernels.ops._qk.clear_cache()
+            kernels.ops._av.clear_cache()
+            grads = jax.grad(loss, argnums=argnums)(q, k, v, rpb)
+            for name, g, w in zip("q k v rpb".split(), grads, want):
+                assert_close(g, w, 2e-5, 1e-5, f"d{name}, budget {xla._LOGITS_BUDGET}")
+    finally:
+        xla._LOGITS_BUDGET = budget
+        kernels.ops._qk.clear_cache()
+        kernels.ops._av.clear_cache()
+
+
+def test_qk_av_keep_nonfinite_inside_windows(rng):
+    """A NaN key and an Inf value reach exactly the logits / outputs / gradients whose windows
+    hold them, on the tiled pieces as on the reference (whose gather never mixes windows)."""
+    q, k, v = (jnp.asarray(rng.standard_normal((1, 15, 13, 2, 8)), jnp.float32)
+               for _ in range(3))
+    k = k.at[0, 2, 3, 0, 1].set(jnp.nan)
+    v = v.at[0, 9, 12, 1, 4].set(jnp.inf)
+
+    def run(backend):
+        kw = dict(dilation=(1, 2), backend=backend)
+
+        def out(q, k, v):
+            logits = kernels.na2d_qk(q, k, 5, **kw)
+            return logits, kernels.na2d_av(jax.nn.softmax(logits, -1), v, 5, **kw)
+
+        (logits, o), vjp = jax.vjp(out, q, k, v)
+        return [logits, o, *vjp((jnp.ones_like(logits), jnp.ones_like(o)))]
+
+    for name, got, want in zip(["logits", "out", "dq", "dk", "dv"], run("xla"),
+                               run("reference")):
+        bad = ~np.isfinite(np.asarray(want))
+        assert 0 < bad.sum() < bad.size / 4, name
+        np.testing.assert_array_equal(~np.isfinite(np.asarray(got)), bad, err_msg=name)
+        assert_close(np.where(bad, 0, got), np.where(bad, 0, np.asarray(want, np.float64)),
+                     2e-5, 1e-5, name)
 
 
 def test_positional_arguments_agree(rng):
@@ -214,25 +286,28 @@ def test_positional_arguments_agree(rng):
 
 
 def test_unfused_backend_argument(rng, recwarn):
-    """``backend=`` on na*_qk / na*_av: "auto" and "reference" run the reference pieces; a
-    backend without unfused kernels ("xla", "pallas" today) runs them too, warning once."""
+    """``backend=`` on na*_qk / na*_av: "auto" runs the tiled xla pieces, "reference" the
+    gather ones; a backend without unfused kernels ("pallas") runs xla's, warning once."""
     from nat_jax.kernels import ops
 
     q, k, v = (jnp.asarray(rng.standard_normal((1, 9, 10, 2, 4)), jnp.float32)
                for _ in range(3))
     rpb = jnp.asarray(rng.standard_normal((2, 5, 5)), jnp.float32)
-    want = kernels.na2d_qk(q, k, 3, dilation=2, rpb=rpb, backend="reference")
+    assert ops.resolve_unfused_backend("auto", "qk") == "xla"
+    assert ops.resolve_unfused_backend("auto", "av") == "xla"
+    want = kernels.na2d_qk(q, k, 3, dilation=2, rpb=rpb, backend="xla")
     np.testing.assert_array_equal(kernels.na2d_qk(q, k, 3, dilation=2, rpb=rpb), want)
-    assert ops.resolve_unfused_backend("auto", "qk") == "reference"
-    ops._warned_fallback.discard(("xla", "qk"))
-    with pytest.warns(UserWarning, match="backend 'xla' has no unfused implementation yet"):
-        got = kernels.na2d_qk(q, k, 3, dilation=2, rpb=rpb, backend="xla")
+    assert_close(kernels.na2d_qk(q, k, 3, dilation=2, rpb=rpb, backend="reference"),
+                 np.asarray(want, np.float64), 2e-5, 1e-5)
+    ops._warned_fallback.discard(("pallas", "qk"))
+    with pytest.warns(UserWarning, match="backend 'pallas' has no unfused kernels; using 'xla'"):
+        got = kernels.na2d_qk(q, k, 3, dilation=2, rpb=rpb, backend="pallas")
     np.testing.assert_array_equal(got, want)
     recwarn.clear()
-    kernels.na2d_qk(q, k, 3, backend="xla")
+    kernels.na2d_qk(q, k, 3, backend="pallas")
     assert not [w for w in recwarn if "unfused" in str(w.message)]  # once per backend and op
     w = jax.nn.softmax(want, -1)
-    np.testing.assert_array_equal(kernels.na2d_av(w, v, 3, dilation=2, backend="reference"),
+    np.testing.assert_array_equal(kernels.na2d_av(w, v, 3, dilation=2, backend="xla"),
                                   kernels.na2d_av(w, v, 3, dilation=2, backend="auto"))
     for op in (lambda: kernels.na2d_qk(q, k, 3, backend="cuda-magic"),
                lambda: kernels.na2d_av(w, v, 3, backend="cuda-magic")):
