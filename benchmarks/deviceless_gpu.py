@@ -12,11 +12,14 @@ Usage::
 
     python benchmarks/deviceless_gpu.py                          # every config, pallas
     python benchmarks/deviceless_gpu.py --configs nat_tiny dinat_tiny --backends pallas xla
+    python benchmarks/deviceless_gpu.py --configs nat_base --append   # add rows to the JSON
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
 
 from nat_jax.kernels import gpu_gate
@@ -33,8 +36,14 @@ def main(argv=None) -> int:
     parser.add_argument("--per-device-batch", type=int, default=128)
     parser.add_argument("--timeout", type=float, default=3600.0)
     parser.add_argument("--out", default="benchmarks/results/deviceless_h100x8.json")
+    parser.add_argument("--append", action="store_true",
+                        help="keep the rows already in --out (same config and backend replaced)")
     args = parser.parse_args(argv)
 
+    kept = []
+    if args.append and os.path.exists(args.out):
+        with open(args.out) as f:
+            kept = json.load(f)["rows"]
     rows = []
     for name in args.configs:
         for backend in args.backends:
@@ -46,9 +55,11 @@ def main(argv=None) -> int:
                 row = {"config": name, "na_backend": backend, "error": str(err).splitlines()[0]}
             rows.append(row)
             print(row, flush=True)
+            done = {(r["config"], r["na_backend"]) for r in rows}
+            merged = [r for r in kept if (r["config"], r["na_backend"]) not in done] + rows
             write_json(args.out, {**environment(compiled_for="8 abstract H100 80GB (sm_90)",
                                                 cuda_plugin=gpu_gate.environment()["cuda_plugin"]),
-                                  "target": "h100x8", "rows": rows})
+                                  "target": "h100x8", "rows": merged})
     gib = 2 ** 30
     print("\n| config | NA backend | batch (per GPU) | fsdp | params | peak GiB per GPU | "
           "fits 80 GB | Triton launches | kernels spill-free | all-gathers (over the batch) | "
