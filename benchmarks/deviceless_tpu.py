@@ -8,14 +8,21 @@ against the model's own count, bytes per step, and the roofline time they imply.
 so the times are what the chip's peak rate and bandwidth allow, not measurements.
 
 Results go to ``benchmarks/results/tpu_gate_models.json`` (``--append`` keeps earlier rows; a
-job compiled again replaces its row); the README table is printed as markdown. A whole-model
-compile takes 7 to 20 minutes on the shared 2-core machine.
+job compiled again replaces its row; the file is rewritten after every job); the README table is
+printed as markdown. A whole-model compile takes 7 to 20 minutes on the shared 2-core machine.
+
+``--backend window`` is the baseline the xla path's bytes are judged against: the same model
+with dense attention inside non-overlapping ``K x K`` windows (Swin-style, no shift; RPB from
+the same table) instead of neighborhood attention. Every query sees ``K^2`` keys either way, so
+the FLOPs needed are the same; what differs is what each implementation moves.
 
 Usage::
 
     python benchmarks/deviceless_tpu.py                                  # the minis, everything
     python benchmarks/deviceless_tpu.py --config dinat_mini --target v4-8 --program train \\
         --sharding dp --append
+    python benchmarks/deviceless_tpu.py --config nat_mini --target v5e-8 --program train \\
+        --sharding dp --backend window --append                      # the dense-window baseline
 """
 
 from __future__ import annotations
@@ -34,6 +41,64 @@ from nat_jax.train import configs, deviceless
 
 RESULTS = Path(__file__).parent / "results" / "tpu_gate_models.json"
 BACKENDS = ("xla", "pallas_tpu")
+WINDOW = "window"  # the dense-window baseline (not an NA backend)
+
+
+def window_attention(query, key, value, p, rpb, config):
+    """Dense attention inside non-overlapping ``K``-sized windows, as an NA backend's
+    ``fn(query, key, value, p, rpb, config) -> (out, lse)`` (dilation, stride and causal are
+    ignored: it is a cost baseline, not neighborhood attention). Each spatial axis must be a
+    multiple of its kernel size."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    b, *spatial, h, d = query.shape
+    kernel = p.kernel_size
+    if any(n % k for n, k in zip(spatial, kernel)):
+        raise ValueError(f"window baseline: spatial {tuple(spatial)} is not a multiple of the "
+                         f"kernel {kernel}")
+    rank = len(spatial)
+    split = [x for n, k in zip(spatial, kernel) for x in (n // k, k)]
+    # [B, n0, k0, n1, k1, ..., h, c] -> [B, h, windows, K, c]
+    perm = [0, 2 * rank + 1] + [1 + 2 * a for a in range(rank)] \
+        + [2 + 2 * a for a in range(rank)] + [2 * rank + 2]
+
+    def windows(x):
+        x = jnp.transpose(x.reshape(b, *split, h, x.shape[-1]), perm)
+        return x.reshape(b, h, -1, int(np.prod(kernel)), x.shape[-1])
+
+    qw, kw, vw = windows(query), windows(key), windows(value)
+    s = jnp.einsum("bhwqd,bhwkd->bhwqk", qw, kw, preferred_element_type=jnp.float32) * p.scale
+    if rpb is not None:
+        rel = np.zeros((), np.int64)
+        for a, k in enumerate(kernel):
+            off = np.arange(k)[None, :] - np.arange(k)[:, None] + k - 1  # [query, key]
+            shape = [1] * (2 * rank)
+            shape[a], shape[rank + a] = k, k
+            rel = rel * (2 * k - 1) + off.reshape(shape)
+        rel = np.broadcast_to(rel, kernel + kernel).reshape(int(np.prod(kernel)), -1)
+        s = s + rpb.astype(jnp.float32).reshape(h, -1)[:, rel][None, :, None]
+    lse = jax.nn.logsumexp(s, axis=-1)
+    probs = jnp.exp(s - lse[..., None]).astype(value.dtype)
+    o = jnp.einsum("bhwqk,bhwkd->bhwqd", probs, vw, preferred_element_type=jnp.float32)
+
+    def unwindows(x):
+        x = x.reshape(b, h, *(n // k for n, k in zip(spatial, kernel)), *kernel, x.shape[-1])
+        inv = np.argsort(perm)
+        return jnp.transpose(x, inv).reshape(b, *spatial, h, x.shape[-1])
+
+    return unwindows(o.astype(value.dtype)), unwindows(lse[..., None])[..., 0]
+
+
+def _compile_with_window_attention(target: str, config: str, overrides: dict,
+                                   per_device_batch: int, program: str) -> dict:
+    """Worker task: register the baseline as an NA backend, then compile as any other job."""
+    from nat_jax.kernels import ops
+
+    ops.register_backend(WINDOW, ops.Backend(window_attention))
+    return deviceless._compile_program(target, config, overrides,  # noqa: SLF001
+                                       per_device_batch, program)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,11 +129,16 @@ def compile_job(job: Job, timeout: float) -> dict:
     target = deviceless.TARGETS[job.target]
     recipe = configs.get_config(job.config).global_batch_size
     row = {"job": job.name, **dataclasses.asdict(job)}
+    overrides = {"fsdp": -1 if job.fsdp else 1, "na_backend": job.backend}
     try:
-        row.update(deviceless.compile_program(
-            job.target, job.config, per_device_batch=recipe // target.devices,
-            program=job.program, timeout=timeout,
-            overrides={"fsdp": -1 if job.fsdp else 1, "na_backend": job.backend}))
+        if job.backend == WINDOW:
+            row.update(deviceless.run_isolated(
+                job.target, _compile_with_window_attention, job.target, job.config, overrides,
+                recipe // target.devices, job.program, timeout=timeout))
+        else:
+            row.update(deviceless.compile_program(
+                job.target, job.config, per_device_batch=recipe // target.devices,
+                program=job.program, timeout=timeout, overrides=overrides))
     except (RuntimeError, TimeoutError) as err:
         row["error"] = str(err)[:4000]
     return row
@@ -104,7 +174,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--target", default=",".join(tpu_gate.TOPOLOGIES))
     parser.add_argument("--program", default=",".join(deviceless.PROGRAMS))
     parser.add_argument("--sharding", default="dp,fsdp", help="dp and/or fsdp")
-    parser.add_argument("--backend", default=",".join(BACKENDS))
+    parser.add_argument("--backend", default=",".join(BACKENDS),
+                        help=f"NA backends; '{WINDOW}' = the dense-window baseline")
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds per compile")
     parser.add_argument("--json", type=Path, default=RESULTS)
     parser.add_argument("--append", action="store_true",
@@ -117,19 +188,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     selected = jobs(split(args.config), split(args.target), split(args.program),
                     split(args.sharding), split(args.backend))
     start = time.perf_counter()
+    old_rows, old_seconds = [], 0.0
+    if args.append and args.json.exists():
+        old = json.loads(args.json.read_text())
+        old_rows, old_seconds = old["rows"], old.get("compile_seconds_total", 0)
+    env = tpu_gate.environment()
     rows = []
     for i, job in enumerate(selected, 1):
         rows.append(compile_job(job, args.timeout))
         print(f"{i}/{len(selected)} {job.name}: "
               f"{'error' if rows[-1].get('error') else 'compiled'}", flush=True)
-    seconds = round(time.perf_counter() - start, 1)
-    if args.append and args.json.exists():
-        old = json.loads(args.json.read_text())
         names = {r["job"] for r in rows}
-        rows = [r for r in old["rows"] if r["job"] not in names] + rows
-        seconds += old.get("compile_seconds_total", 0)
-    env = tpu_gate.environment()
-    write_json(args.json, {"environment": env, "compile_seconds_total": seconds, "rows": rows})
+        seconds = round(old_seconds + time.perf_counter() - start, 1)
+        rows_out = [r for r in old_rows if r["job"] not in names] + rows
+        write_json(args.json, {"environment": env, "compile_seconds_total": seconds,
+                               "rows": rows_out})
+    rows = [r for r in old_rows if r["job"] not in {r2["job"] for r2 in rows}] + rows
     print(markdown(rows))
     return 1 if any(r.get("error") or not r["fits"] for r in rows) else 0
 

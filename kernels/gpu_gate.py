@@ -165,11 +165,14 @@ def export_for_cuda(fn: Callable, *args: Any) -> str:
     ``jax.ShapeDtypeStruct`` (``None`` passes through)."""
     import jax
 
+    from nat_jax.kernels import ops
+
     specs = [None if a is None else jax.ShapeDtypeStruct(a.shape, a.dtype) for a in args]
-    exported = jax.export.export(
-        jax.jit(fn), platforms=["cuda"],
-        disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(TRITON_TARGET)],
-    )(*specs)
+    with ops.lowering_platforms("cuda"):
+        exported = jax.export.export(
+            jax.jit(fn), platforms=["cuda"],
+            disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(TRITON_TARGET)],
+        )(*specs)
     return exported.mlir_module()
 
 

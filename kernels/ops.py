@@ -9,10 +9,12 @@ positional call can mean stride in one and dilation in the other.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import functools
 import warnings
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterator
 
 import jax
 
@@ -113,14 +115,88 @@ def _unsupported(name: str, query, value, p: NAParams, rpb) -> str | None:
     return b.unsupported(q, v, p, r)
 
 
-def _auto_choices(query, key, value, p: NAParams, rpb) -> tuple[tuple[str, str], ...]:
-    """``(platform, backend)`` pairs that ``auto`` uses instead of ``xla`` for this call."""
+def _declared_platforms_state():
+    """Where :func:`lowering_platforms` keeps its platforms: a JAX config state that is part of
+    the trace context, so JAX's tracing caches tell a call traced inside the context from one
+    traced outside (a jitted function traced once for the CPU and then exported for CUDA would
+    otherwise reuse the CPU trace). JAX has no public API for such states; where the private
+    one is missing, a plain context variable (without that cache safety) stands in."""
+    try:
+        from jax._src import config as jax_config
+
+        return jax_config.string_or_object_state(
+            "nat_jax_lowering_platforms", (),
+            "Platforms nat_jax's backend='auto' also prepares calls for "
+            "(nat_jax.kernels.lowering_platforms).", include_in_trace_context=True)
+    except Exception:  # noqa: BLE001 (a private API that may move)
+        var = contextvars.ContextVar("nat_jax_lowering_platforms", default=())
+
+        class _State:
+            @property
+            def value(self):
+                return var.get()
+
+            @contextlib.contextmanager
+            def __call__(self, value):
+                token = var.set(value)
+                try:
+                    yield
+                finally:
+                    var.reset(token)
+
+        return _State()
+
+
+_declared_platforms = _declared_platforms_state()
+
+
+def _platform_name(platform: str) -> str:
+    return {"gpu": "cuda"}.get(platform, platform)
+
+
+@contextlib.contextmanager
+def lowering_platforms(*platforms: str) -> Iterator[None]:
+    """Inside this context, ``backend="auto"`` also prepares each call for ``platforms``
+    (e.g. ``"cuda"``, ``"tpu"``): the way to ``jax.export`` a model for an accelerator from a
+    host that has none, with no mesh of that accelerator's devices in context::
+
+        with nat_jax.kernels.lowering_platforms("cuda"):
+            exported = jax.export.export(jax.jit(f), platforms=["cuda"])(*specs)
+
+    Outside it, ``auto`` prepares calls for :func:`target_platforms`."""
+    names = tuple(sorted(set(_declared_platforms.value)
+                         | {_platform_name(p) for p in platforms}))
+    with _declared_platforms(names):
+        yield
+
+
+def target_platforms() -> frozenset[str]:
+    """Platforms a call traced now may be lowered for, as ``backend="auto"`` sees them: those
+    of this process's devices (``jax.devices()``), of the context mesh's devices (e.g. abstract
+    TPU or GPU devices of ``jax.experimental.topologies``), and any declared with
+    :func:`lowering_platforms`.
+
+    ``auto`` specializes a call (a ``lax.platform_dependent`` branch with the kernel backend)
+    only for these: tracing the Pallas kernels of every platform in every CPU program took most
+    of the time of tracing a train step (~50 of ~70 s for nat_mini on 2 cores)."""
+    found = {_platform_name(d.platform) for d in jax.devices()}
+    if (platform := sharding.mesh_platform()) is not None:
+        found.add(_platform_name(platform))
+    return frozenset(found | set(_declared_platforms.value))
+
+
+def _auto_choices(query, key, value, p: NAParams, rpb, platforms: frozenset[str] | None = None
+                  ) -> tuple[tuple[str, str], ...]:
+    """``(platform, backend)`` pairs that ``auto`` uses instead of ``xla`` for this call, for
+    ``platforms`` (default: the :func:`target_platforms`)."""
+    targets = target_platforms() if platforms is None else platforms
     choices: dict[str, str] = {}
     for name, b in _BACKENDS.items():
         if _unsupported(name, query, value, p, rpb) is not None:
             continue
         for platform in b.platforms:
-            choices.setdefault(platform, name)
+            if platform in targets:
+                choices.setdefault(platform, name)
     return tuple(choices.items())
 
 
@@ -132,9 +208,9 @@ def resolve_backend(backend: str, query, key, value, p: NAParams, rpb,
         if backend not in _BACKENDS:
             raise ValueError(f"{backend=} is not one of {('auto',) + available_backends()}")
         return backend
-    platform = platform or jax.default_backend()
-    platform = {"gpu": "cuda"}.get(platform, platform)
-    return dict(_auto_choices(query, key, value, p, rpb)).get(platform, "xla")
+    platform = _platform_name(platform or jax.default_backend())
+    return dict(_auto_choices(query, key, value, p, rpb, frozenset({platform}))).get(platform,
+                                                                                      "xla")
 
 
 def _prepare(rank, query, key, value, kernel_size, stride, dilation, is_causal, scale, rpb):

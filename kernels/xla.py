@@ -54,7 +54,7 @@ import jax.numpy as jnp
 from jax import lax
 import numpy as np
 
-from nat_jax.kernels import windows
+from nat_jax.kernels import sharding, windows
 from nat_jax.kernels.params import NAParams
 
 # Non-finite containment (module docstring) on every backend that uses this module's helpers
@@ -71,9 +71,12 @@ _LOGITS_BUDGET: int | None = None
 
 
 def _logits_budget() -> int:
+    """Per platform: the context mesh's (a TPU program compiled on a CPU host is chunked as
+    on a TPU), else the default backend's."""
     if _LOGITS_BUDGET is not None:
         return _LOGITS_BUDGET
-    return 1 << 24 if jax.default_backend() == "cpu" else 1 << 30
+    platform = sharding.mesh_platform() or jax.default_backend()
+    return 1 << 24 if platform == "cpu" else 1 << 30
 
 
 # ------------------------------------------------------------------------------------- layout

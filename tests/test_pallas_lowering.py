@@ -74,6 +74,28 @@ def test_auto_backend_follows_the_lowering_platform(rng):
     np.testing.assert_allclose(np.asarray(out), np.asarray(want), rtol=1e-5, atol=1e-5)
 
 
+def test_auto_prepares_calls_only_for_the_target_platforms(rng):
+    """On a CPU-only host ``auto`` traces the xla path alone (tracing every platform's Pallas
+    kernels into every CPU program took most of a train step's trace time); inside
+    ``lowering_platforms("cuda")`` (how ``gpu_gate.export_for_cuda`` exports) the CUDA branch
+    with the kernels is there too, and ``target_platforms`` says which platforms count."""
+    q = jax.ShapeDtypeStruct((1, 20, 20, 2, 32), jnp.float32)
+
+    def op(q):
+        return kernels.na2d(q, q, q, 5, dilation=2, backend="auto")
+
+    assert kernels.target_platforms() == {"cpu"}
+    assert "pallas_call" not in str(jax.make_jaxpr(op)(q))
+    with kernels.lowering_platforms("cuda"):
+        assert kernels.target_platforms() == {"cpu", "cuda"}
+        text = str(jax.make_jaxpr(op)(q))
+        assert "pallas_call" in text and "platform_index" in text
+    assert kernels.target_platforms() == {"cpu"}  # the context is left behind
+    # Exported for CUDA without the context, the program is the (portable) xla path.
+    plain = jax.export.export(jax.jit(op), platforms=["cuda"])(q).mlir_module()
+    assert "custom_call" not in plain or gpu_gate.TRITON_TARGET not in plain
+
+
 def test_auto_keeps_unsupported_calls_on_xla_for_cuda():
     """A head_dim beyond the kernels' limit stays on the xla path even in a CUDA program."""
     q = jax.ShapeDtypeStruct((1, 16, 16, 1, 512), jnp.bfloat16)

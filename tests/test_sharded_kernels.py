@@ -66,13 +66,16 @@ def test_kernel_limits_apply_per_shard():
     rpb = jax.ShapeDtypeStruct((2, 13, 13), jnp.bfloat16)
     p = make_params((56, 56), 32, 7, dilation=8)
     assert "65535" in ops._unsupported("pallas", q, q, p, rpb)  # noqa: SLF001
-    assert ("cuda", "pallas") not in ops._auto_choices(q, q, q, p, rpb)  # noqa: SLF001
+    with ops.lowering_platforms("cuda"):
+        assert ("cuda", "pallas") not in ops._auto_choices(q, q, q, p, rpb)  # noqa: SLF001
     mesh = sharding.make_mesh(fsdp=1)
     with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
         local, _, local_rpb = na_sharding.local_shapes(q, q, rpb)
         assert local.shape == (128, 56, 56, 2, 32) and local_rpb.shape == (2, 13, 13)
         assert ops._unsupported("pallas", q, q, p, rpb) is None  # noqa: SLF001
-        assert ("cuda", "pallas") in ops._auto_choices(q, q, q, p, rpb)  # noqa: SLF001
+        assert ("cuda", "pallas") not in ops._auto_choices(q, q, q, p, rpb)  # noqa: SLF001
+        with ops.lowering_platforms("cuda"):  # a CPU mesh: CUDA only when asked for
+            assert ("cuda", "pallas") in ops._auto_choices(q, q, q, p, rpb)  # noqa: SLF001
     heads = sharding.make_mesh(fsdp=8)  # batch over (data, fsdp) still: 1024 divides by 8
     with jax.sharding.use_abstract_mesh(heads.abstract_mesh):
         assert na_sharding.local_shapes(q, q, rpb)[0].shape[0] == 128

