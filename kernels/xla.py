@@ -440,7 +440,7 @@ def _forward_core(qt, kh, vh, bias, plans, scale: float, contained: bool):
     def fn(q, k, v, b, mask):
         return _forward_tiles(q, k, v, b, mask=mask, scale=scale, contained=contained)
 
-    group = qt.shape[2] // _mask(plans).shape[2]
+    group = qt.shape[2] // math.prod(pl.tile for pl in plans)
     return _chunked(fn, (qt, kh, vh, bias, _mask_flat(plans, group)), "pppzn", "pp",
                     _pair_bytes(qt, kh))
 
@@ -451,7 +451,7 @@ def _backward_core(qt, kh, vh, bias, ot, lset, dot, dlset, plans, scale: float,
         return _backward_tiles(q, k, v, b, o, lse, do, dlse, mask=mask, scale=scale,
                                contained=contained)
 
-    group = qt.shape[2] // _mask(plans).shape[2]
+    group = qt.shape[2] // math.prod(pl.tile for pl in plans)
     return _chunked(fn, (qt, kh, vh, bias, ot, lset, dot, dlset, _mask_flat(plans, group)),
                     "pppzppppn", "ppps", _pair_bytes(qt, kh))
 
