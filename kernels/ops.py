@@ -19,8 +19,8 @@ from collections.abc import Callable, Hashable, Iterator
 import jax
 
 from nat_jax.kernels import autotune, pallas, pallas_tpu, reference, sharding, xla
-from nat_jax.kernels.params import (BoolOrTuple, IntOrTuple, NAParams, check_qkv, check_rpb,
-                                    make_params)
+from nat_jax.kernels.params import (BoolOrTuple, IntOrTuple, NAParams, check_heads, check_qkv,
+                                    check_rpb, make_params)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -213,10 +213,11 @@ def resolve_backend(backend: str, query, key, value, p: NAParams, rpb,
                                                                                       "xla")
 
 
-def _prepare(rank, query, key, value, kernel_size, stride, dilation, is_causal, scale, rpb):
+def _prepare(rank, query, key, value, kernel_size, stride, dilation, is_causal, scale, rpb,
+             is_periodic):
     check_qkv(rank, query, key, value)
     p = make_params(tuple(query.shape[1:1 + rank]), query.shape[-1], kernel_size, stride,
-                    dilation, is_causal, scale)
+                    dilation, is_causal, scale, is_periodic)
     if rpb is not None:
         check_rpb(rpb, p, query.shape[-2])
     return p
@@ -247,7 +248,8 @@ def neighborhood_attention(query: jax.Array, key: jax.Array, value: jax.Array,
                            kernel_size: IntOrTuple, stride: IntOrTuple = 1,
                            dilation: IntOrTuple = 1, is_causal: BoolOrTuple = False,
                            scale: float | None = None, rpb: jax.Array | None = None,
-                           backend: str = "auto", return_lse: bool = False):
+                           backend: str = "auto", return_lse: bool = False,
+                           is_periodic: BoolOrTuple = False):
     """N-dimensional neighborhood attention (rank taken from ``query.ndim - 3``).
 
     See :func:`na2d` for the arguments. Returns the output, or ``(output, lse)`` with
@@ -258,7 +260,7 @@ def neighborhood_attention(query: jax.Array, key: jax.Array, value: jax.Array,
         raise ValueError(f"query.ndim={query.ndim}: expected 4, 5 or 6 "
                          "([batch, *spatial(1-3), heads, head_dim])")
     return _na(rank, query, key, value, kernel_size, stride, dilation, is_causal, scale, rpb,
-               backend, return_lse)
+               backend, return_lse, is_periodic)
 
 
 def _config(name: str, query, value, p: NAParams, rpb):
@@ -270,8 +272,9 @@ def _config(name: str, query, value, p: NAParams, rpb):
 
 
 def _na(rank, query, key, value, kernel_size, stride, dilation, is_causal, scale, rpb, backend,
-        return_lse):
-    p = _prepare(rank, query, key, value, kernel_size, stride, dilation, is_causal, scale, rpb)
+        return_lse, is_periodic):
+    p = _prepare(rank, query, key, value, kernel_size, stride, dilation, is_causal, scale, rpb,
+                 is_periodic)
     if backend == "auto":
         choices = _auto_choices(query, key, value, p, rpb)
         if choices:
@@ -290,9 +293,12 @@ def _na(rank, query, key, value, kernel_size, stride, dilation, is_causal, scale
 
 _DOC_ARGS = """
     Args:
-      query, key: ``[batch, {axes}, heads, head_dim]`` (heads-last, NATTEN's layout); same shape
-        and floating dtype.
-      value: ``[batch, {axes}, heads, head_dim_v]``, same dtype.
+      query: ``[batch, {axes}, heads, head_dim]`` (heads-last, NATTEN's layout), floating.
+      key: ``[batch, {axes}, heads_kv, head_dim]``, same dtype. ``heads_kv`` may be smaller than
+        ``heads`` (grouped-query / multi-query attention) if it divides it: query head ``i``
+        attends with key/value head ``i // (heads // heads_kv)``. Key and value are never
+        repeated in memory; their gradients are summed over each group.
+      value: ``[batch, {axes}, heads_kv, head_dim_v]``, same dtype.
       kernel_size: window size, int or one per axis; ``>= 2`` and ``kernel_size * dilation <=``
         the axis length. Even sizes take ``K/2`` keys before and ``K/2 - 1`` after the query.
       stride: int or per axis, ``1 <= stride <= kernel_size``; queries in a block of ``stride``
@@ -302,12 +308,24 @@ _DOC_ARGS = """
         and a query attends only within its group.
       is_causal: bool or per axis; causal windows end at the query.
       scale: multiplies ``q . k``; defaults to ``head_dim ** -0.5`` (``0.0`` is a valid value).
-      rpb: optional relative positional bias ``[heads, {rpb}]``, added after scaling; requires
-        odd kernels, stride 1 and no causal axis. Differentiable.
+      rpb: optional relative positional bias ``[heads, {rpb}]`` (one table per *query* head),
+        added after scaling; requires odd kernels, stride 1 and no causal axis. The bias of a
+        key is ``rpb[h, K-1 + (key - query)]`` per axis, the offset counted in dilated units
+        (on a periodic axis the wrapped offset, so only the centre ``K`` entries are used).
+        Differentiable.
       backend: ``"auto"`` (the best supported one for the platform), ``"reference"`` (plain
         gather, ground truth), ``"xla"`` (tiled, memory-efficient, any platform) or a
         registered kernel backend such as ``"pallas"``.
       return_lse: also return the float32 logsumexp ``[batch, {axes}, heads]``.
+      is_periodic: bool or per axis (default False): the axis is a ring. The window is centred
+        on the query (``K // 2`` keys before, ``K // 2 - 1 + K % 2`` after, NATTEN's even-kernel
+        rule) and wraps around instead of shifting inwards. With dilation it wraps within the
+        query's dilation group: group coordinates modulo *that group's* length (when the
+        dilation does not divide the axis, groups differ in length by one and each wraps on
+        its own), and ``kernel_size`` must not exceed the shortest group (``length //
+        dilation``) so no key appears twice in a window. With stride, the block's leader query's
+        window is used, as on other axes. Not combinable with ``is_causal`` on the same axis.
+        Backends without it (``pallas``, ``pallas_tpu``) are skipped by ``"auto"``.
 
     Windows follow NATTEN exactly: they are shifted inwards at the borders (never zero-padded),
     so every non-causal query sees exactly ``prod(kernel_size)`` keys. bf16/fp16 inputs compute
@@ -326,9 +344,9 @@ def _make_fused(rank: int, axes: str, rpb_shape: str):
     def op(query: jax.Array, key: jax.Array, value: jax.Array, kernel_size: IntOrTuple,
            stride: IntOrTuple = 1, dilation: IntOrTuple = 1, is_causal: BoolOrTuple = False,
            scale: float | None = None, rpb: jax.Array | None = None, backend: str = "auto",
-           return_lse: bool = False):
+           return_lse: bool = False, is_periodic: BoolOrTuple = False):
         return _na(rank, query, key, value, kernel_size, stride, dilation, is_causal, scale, rpb,
-                   backend, return_lse)
+                   backend, return_lse, is_periodic)
 
     op.__name__ = op.__qualname__ = f"na{rank}d"
     op.__doc__ = f"{rank}-D neighborhood attention.\n" + _DOC_ARGS.format(axes=axes, rpb=rpb_shape)
@@ -384,25 +402,28 @@ def _make_qk(rank: int, axes: str):
     def qk(query: jax.Array, key: jax.Array, kernel_size: IntOrTuple, *,
            stride: IntOrTuple = 1, dilation: IntOrTuple = 1, is_causal: BoolOrTuple = False,
            scale: float | None = None, rpb: jax.Array | None = None,
-           backend: str = "auto") -> jax.Array:
+           backend: str = "auto", is_periodic: BoolOrTuple = False) -> jax.Array:
         p = _prepare(rank, query, key, None, kernel_size, stride, dilation, is_causal, scale,
-                     rpb)
+                     rpb, is_periodic)
         return _qk(query, key, rpb, p, resolve_unfused_backend(backend, "qk"))
 
     qk.__name__ = qk.__qualname__ = f"na{rank}d_qk"
     qk.__doc__ = f"""{rank}-D neighborhood attention logits (the unfused first half).
 
     Args:
-      query, key: ``[batch, {axes}, heads, head_dim]``.
+      query: ``[batch, {axes}, heads, head_dim]``.
+      key: ``[batch, {axes}, heads_kv, head_dim]``; ``heads_kv`` divides ``heads`` (query head
+        ``i`` uses key head ``i // (heads // heads_kv)``).
       kernel_size: as for :func:`na{rank}d`; every later argument is keyword-only.
-      stride, dilation, is_causal, scale, rpb: as for :func:`na{rank}d`.
+      stride, dilation, is_causal, scale, rpb, is_periodic: as for :func:`na{rank}d`.
       backend: ``"auto"`` (the best with an unfused implementation: ``"xla"``, tiled), or a
         backend name; one without unfused kernels runs ``"xla"``'s (warning once).
 
     Returns:
       float32 logits ``[batch, {axes}, heads, prod(kernel_size)]``: ``scale * q.k (+ rpb)`` with
-      the window flattened row-major (slot ``j`` = key ``start + j`` per axis). Slots a causal
-      window does not reach hold ``-inf``. ``na{rank}d_av(softmax(logits), v, ...)`` equals
+      the window flattened row-major (slot ``j`` = key ``start + j`` per axis; on a periodic
+      axis the key at offset ``j - K // 2`` from the query, from its leader with stride,
+      wrapped within its dilation group). Slots a causal window does not reach hold ``-inf``. ``na{rank}d_av(softmax(logits), v, ...)`` equals
       ``na{rank}d(q, k, v, ...)``.
     """
     return qk
@@ -411,15 +432,17 @@ def _make_qk(rank: int, axes: str):
 def _make_av(rank: int, axes: str):
     def av(weights: jax.Array, value: jax.Array, kernel_size: IntOrTuple, *,
            stride: IntOrTuple = 1, dilation: IntOrTuple = 1, is_causal: BoolOrTuple = False,
-           backend: str = "auto") -> jax.Array:
+           backend: str = "auto", is_periodic: BoolOrTuple = False) -> jax.Array:
         if value.ndim != rank + 3:
             check_qkv(rank, value, value)
         p = make_params(tuple(value.shape[1:1 + rank]), value.shape[-1], kernel_size, stride,
-                        dilation, is_causal)
-        want = (*value.shape[:-1], p.window)
+                        dilation, is_causal, is_periodic=is_periodic)
+        heads = weights.shape[-2] if weights.ndim == rank + 3 else value.shape[-2]
+        want = (*value.shape[:-2], heads, p.window)
         if tuple(weights.shape) != want:
             raise ValueError(f"weights.shape={tuple(weights.shape)} must be {want} "
                              "([batch, *spatial, heads, prod(kernel_size)])")
+        check_heads(heads, value.shape[-2], "value")
         return _av(weights, value, p, resolve_unfused_backend(backend, "av"))
 
     av.__name__ = av.__qualname__ = f"na{rank}d_av"
@@ -427,9 +450,10 @@ def _make_av(rank: int, axes: str):
 
     Args:
       weights: ``[batch, {axes}, heads, prod(kernel_size)]`` (e.g. softmax of ``na{rank}d_qk``).
-      value: ``[batch, {axes}, heads, head_dim]``.
+      value: ``[batch, {axes}, heads_kv, head_dim]``; ``heads_kv`` divides ``heads`` (weights of
+        head ``i`` sum value head ``i // (heads // heads_kv)``).
       kernel_size: as for :func:`na{rank}d`; every later argument is keyword-only.
-      stride, dilation, is_causal, backend: as for :func:`na{rank}d_qk`.
+      stride, dilation, is_causal, is_periodic, backend: as for :func:`na{rank}d_qk`.
 
     Returns:
       ``[batch, {axes}, heads, head_dim]`` in ``value.dtype``.

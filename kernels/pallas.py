@@ -55,7 +55,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from nat_jax.kernels import reference, windows, xla
-from nat_jax.kernels.params import NAParams
+from nat_jax.kernels.params import NAParams, missing_features
 
 LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)
@@ -912,6 +912,9 @@ def na_reference(query, key, value, p: NAParams, rpb=None):
 def unsupported(query, value, p: NAParams, rpb) -> str | None:
     """Why these kernels cannot take a call (``None``: they can). Everything else is covered by
     the GPU compile gate (:mod:`gpu_gate`): every rank, feature, dtype and head_dim up to 256."""
+    why = missing_features(query, value, p, "pallas")
+    if why:
+        return why
     if query.dtype not in SUPPORTED_DTYPES:
         return f"query.dtype={query.dtype}: the pallas backend supports float32, bfloat16, float16"
     if query.shape[-1] > MAX_HEAD_DIM or value.shape[-1] > MAX_HEAD_DIM:

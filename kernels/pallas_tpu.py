@@ -74,7 +74,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from nat_jax.kernels import windows, xla
-from nat_jax.kernels.params import NAParams
+from nat_jax.kernels.params import NAParams, missing_features
 # Backend-neutral tiling geometry and layout shared with the GPU kernels.
 from nat_jax.kernels.pallas import (_from_tiles, _group_lengths, _grow_tile, _make_plan,
                                     _pair_inside, _Plan, _ravel, _to_tiles, _unravel,
@@ -928,6 +928,9 @@ def unsupported(query, value, p: NAParams, rpb) -> str | None:
     """Why these kernels cannot take a call (``None``: they can). ``backend="auto"`` picks them
     on TPU for everything else: every configuration the TPU gate compiles for v5e and v4
     (ranks 1-3, each feature, both dtypes, head dims 16 to 256)."""
+    why = missing_features(query, value, p, "pallas_tpu")
+    if why:
+        return why
     if query.dtype not in SUPPORTED_DTYPES:
         return (f"query.dtype={query.dtype}: the pallas_tpu backend supports float32 and "
                 "bfloat16")

@@ -4,6 +4,10 @@ Written for clarity, not speed: it materializes ``[B, *spatial, prod(K), heads, 
 keys and values. It is the project's ground truth for the other backends (alongside the float64
 oracle in the tests), and it provides the unfused ``qk`` / ``av`` pieces used for
 ``output_attentions``. Gradients come from JAX autodiff.
+
+Grouped-query attention (key/value with ``heads_kv`` heads, ``heads`` a multiple of it): query
+heads are viewed as ``[heads_kv, group]`` and contracted against their key/value head's
+gathered windows, so key and value are never repeated per query head.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ def _window_index(spatial: tuple[int, ...], p: NAParams):
     idx, valid = [], np.ones((), bool)
     for a in range(n):
         ia, va = windows.neighbor_indices(spatial[a], p.kernel_size[a], p.stride[a],
-                                          p.dilation[a], p.is_causal[a])
+                                          p.dilation[a], p.is_causal[a], p.is_periodic[a])
         idx.append(windows.interleave_axis(ia, a, n, 2))
         valid = valid & windows.interleave_axis(va, a, n, 2)
     valid = np.broadcast_to(valid, spatial + p.kernel_size)
@@ -37,7 +41,8 @@ def _rpb_bias(rpb: jax.Array, spatial: tuple[int, ...], p: NAParams) -> jax.Arra
     n = len(spatial)
     flat = np.zeros((), np.int64)
     for a in range(n):
-        rel = windows.rpb_indices(spatial[a], p.kernel_size[a], p.dilation[a])
+        rel = windows.rpb_indices(spatial[a], p.kernel_size[a], p.dilation[a],
+                                  p.is_periodic[a])
         flat = flat * (2 * p.kernel_size[a] - 1) + windows.interleave_axis(rel, a, n, 2)
     flat = np.broadcast_to(flat, spatial + p.kernel_size).reshape(math.prod(spatial), -1)
     return rpb.astype(jnp.float32).reshape(rpb.shape[0], -1)[:, flat]
@@ -62,13 +67,14 @@ def _gather(x: jax.Array, idx, valid: np.ndarray) -> jax.Array:
 def na_qk(query: jax.Array, key: jax.Array, p: NAParams, rpb: jax.Array | None = None
           ) -> jax.Array:
     """Scaled (+ biased) logits ``[B, *spatial, heads, prod(K)]`` in float32; slots outside a
-    causal window hold ``-inf``."""
+    causal window hold ``-inf``. ``key`` may have fewer heads (grouped-query attention)."""
     spatial = query.shape[1:-2]
     idx, valid = _window_index(spatial, p)
-    b, h = query.shape[0], query.shape[-2]
-    qf = query.reshape(b, -1, h, query.shape[-1])
-    logits = jnp.einsum("bnhd,bnwhd->bnhw", qf, _gather(key, idx, valid),
-                        preferred_element_type=jnp.float32) * p.scale
+    b, h, hk = query.shape[0], query.shape[-2], key.shape[-2]
+    qf = query.reshape(b, -1, hk, h // hk, query.shape[-1])
+    logits = jnp.einsum("bnkgd,bnwkd->bnkgw", qf, _gather(key, idx, valid),
+                        preferred_element_type=jnp.float32).reshape(b, -1, h, valid.shape[-1])
+    logits = logits * p.scale
     if rpb is not None:
         logits = logits + jnp.transpose(_rpb_bias(rpb, spatial, p), (1, 0, 2))[None]
     logits = jnp.where(valid[None, :, None, :], logits, -jnp.inf)
@@ -77,16 +83,17 @@ def na_qk(query: jax.Array, key: jax.Array, p: NAParams, rpb: jax.Array | None =
 
 def na_av(weights: jax.Array, value: jax.Array, p: NAParams) -> jax.Array:
     """``weights [B, *spatial, heads, prod(K)]`` times window values -> ``[B, *spatial, heads,
-    head_dim]`` in ``value.dtype``."""
+    head_dim]`` in ``value.dtype``. ``value`` may have fewer heads (grouped-query attention)."""
     spatial = value.shape[1:-2]
     idx, valid = _window_index(spatial, p)
-    b, h = value.shape[0], value.shape[-2]
+    b, h, hk = weights.shape[0], weights.shape[-2], value.shape[-2]
     wf = weights.reshape(b, -1, h, weights.shape[-1])
     wf = jnp.where(valid[None, :, None, :], wf, 0).astype(
         jnp.promote_types(weights.dtype, value.dtype))
-    out = jnp.einsum("bnhw,bnwhd->bnhd", wf, _gather(value, idx, valid),
+    wf = wf.reshape(b, wf.shape[1], hk, h // hk, wf.shape[-1])
+    out = jnp.einsum("bnkgw,bnwkd->bnkgd", wf, _gather(value, idx, valid),
                      preferred_element_type=jnp.float32)
-    return out.astype(value.dtype).reshape(value.shape)
+    return out.astype(value.dtype).reshape(*weights.shape[:-1], value.shape[-1])
 
 
 def na_fused(query: jax.Array, key: jax.Array, value: jax.Array, p: NAParams,

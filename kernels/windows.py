@@ -12,6 +12,13 @@ Conventions (see NATTEN's rules, reproduced in ``shared/reference/na-semantics.m
 * Within a group, NA is plain (undilated) NA over the group's length: the window of group
   coordinate ``ic`` is ``[start, end)`` in group coordinates, as returned by :func:`window_bounds`.
 * Multi-dimensional NA is the Cartesian product of the per-axis windows.
+* Periodic axes: the window is centred on the (leader) query, ``K // 2`` keys before and
+  ``K // 2 - 1 + K % 2`` after, and wraps around the query's *dilation group* (group
+  coordinates modulo that group's length) instead of shifting inwards. Window bounds on a
+  periodic axis are *unwrapped* coordinates (``start`` may be negative, ``end`` may pass the
+  group's end); the key of unwrapped coordinate ``c`` is ``c mod group_len``. Keeping them
+  unwrapped keeps every rule below monotone in the query, and a key's unwrapped offset from
+  its query is the wrapped offset RPB uses.
 """
 
 from __future__ import annotations
@@ -41,7 +48,8 @@ def group_length(length: int, dilation: int, group: Any, xp: Any = np) -> Any:
     return length // dilation + index(group < length % dilation, xp)
 
 
-def window_bounds(ic: Any, group_len: Any, kernel: int, stride: int, causal: bool, xp: Any = np):
+def window_bounds(ic: Any, group_len: Any, kernel: int, stride: int, causal: bool, xp: Any = np,
+                  periodic: bool = False):
     """Neighborhood ``[start, end)`` of group coordinate(s) ``ic`` along one axis.
 
     Args:
@@ -50,14 +58,22 @@ def window_bounds(ic: Any, group_len: Any, kernel: int, stride: int, causal: boo
       kernel, stride: static window size and stride along this axis.
       causal: static; causal windows end at the query itself.
       xp: ``numpy`` or ``jax.numpy``.
+      periodic: static; the window is centred on the leader and wraps around the group
+        (never together with ``causal``; :func:`params.make_params` rejects that).
 
     Returns:
       ``(start, end)`` in group coordinates. Non-causal windows always hold exactly ``kernel``
       keys (shifted inwards at the borders, never padded); causal windows hold
-      ``min(ic + 1, kernel)``-ish keys, fewer near the start.
+      ``min(ic + 1, kernel)``-ish keys, fewer near the start. Periodic windows hold ``kernel``
+      keys in *unwrapped* coordinates ``leader - kernel // 2 + [0, kernel)`` (reduce modulo
+      ``group_len`` for the key).
     """
     left = kernel // 2
     right = kernel // 2 + (kernel % 2 - 1)
+    assert not (causal and periodic), "causal and periodic on one axis"
+    if periodic:
+        leader = xp.minimum((ic // stride) * stride + stride // 2, group_len - 1)
+        return leader - left, leader - left + kernel
     if causal:
         leader = xp.minimum((ic // stride) * stride + stride - 1, group_len - 1)
         start = xp.maximum(leader - left - right, 0)
@@ -70,12 +86,15 @@ def window_bounds(ic: Any, group_len: Any, kernel: int, stride: int, causal: boo
     return start, start + kernel
 
 
-def _axis_tables(length: int, kernel: int, stride: int, dilation: int, causal: bool):
-    """Per-token window bounds of one axis in *original* token order (group coordinates)."""
+def _axis_tables(length: int, kernel: int, stride: int, dilation: int, causal: bool,
+                 periodic: bool = False):
+    """Per-token window bounds of one axis in *original* token order (group coordinates), and
+    the length of each token's group."""
     i = np.arange(length)
     g, ic = i % dilation, i // dilation
-    start, end = window_bounds(ic, group_length(length, dilation, g), kernel, stride, causal)
-    return g, ic, start, end
+    glen = group_length(length, dilation, g)
+    start, end = window_bounds(ic, glen, kernel, stride, causal, periodic=periodic)
+    return g, ic, start, end, glen
 
 
 def interleave_axis(arr: Any, axis: int, rank: int, slots: int) -> Any:
@@ -89,31 +108,38 @@ def interleave_axis(arr: Any, axis: int, rank: int, slots: int) -> Any:
 
 
 @functools.lru_cache(maxsize=512)
-def neighbor_indices(length: int, kernel: int, stride: int, dilation: int, causal: bool):
+def neighbor_indices(length: int, kernel: int, stride: int, dilation: int, causal: bool,
+                     periodic: bool = False):
     """Original key indices of every query's window along one axis.
 
     Returns:
       ``(idx, valid)``, both ``[length, kernel]``: slot ``j`` of query ``i`` holds key
-      ``g + (start + j) * dilation``; ``valid`` is False for slots past the window end (only
-      causal windows have those; their ``idx`` is clamped to a real token).
+      ``g + (start + j) * dilation`` (periodic: ``g + ((start + j) mod group_len) * dilation``,
+      i.e. the key at offset ``j - kernel // 2`` from the leader); ``valid`` is False for slots
+      past the window end (only causal windows have those; their ``idx`` is clamped to a real
+      token).
     """
-    g, _, start, end = _axis_tables(length, kernel, stride, dilation, causal)
+    g, _, start, end, glen = _axis_tables(length, kernel, stride, dilation, causal, periodic)
     slot = start[:, None] + np.arange(kernel)[None, :]
     valid = slot < end[:, None]
-    idx = g[:, None] + np.minimum(slot, end[:, None] - 1) * dilation
+    slot = np.minimum(slot, end[:, None] - 1)
+    if periodic:
+        slot = slot % glen[:, None]
+    idx = g[:, None] + slot * dilation
     idx.setflags(write=False)
     valid.setflags(write=False)
     return idx, valid
 
 
 @functools.lru_cache(maxsize=512)
-def rpb_indices(length: int, kernel: int, dilation: int):
+def rpb_indices(length: int, kernel: int, dilation: int, periodic: bool = False):
     """RPB column of every (query, window slot) pair along one axis, ``[length, kernel]``.
 
     The bias of a key ``kernel - 1 + (key_g - query_g)`` depends on the offset in dilated units
-    (stride 1, non-causal: the only case RPB is defined for).
+    (stride 1, non-causal: the only case RPB is defined for). On a periodic axis the offset is
+    the wrapped one (unwrapped coordinates), so only the centre ``kernel`` columns occur.
     """
-    _, ic, start, _ = _axis_tables(length, kernel, 1, dilation, False)
+    _, ic, start, _, _ = _axis_tables(length, kernel, 1, dilation, False, periodic)
     slot = start[:, None] + np.arange(kernel)[None, :]
     out = kernel - 1 + slot - ic[:, None]
     out.setflags(write=False)
@@ -136,6 +162,10 @@ class HaloPlan:
     RPB table serves every tile). ``mask[g, t, q, h]`` says whether halo slot ``h`` is in the
     window of tile row ``q`` (keys outside the group, including the padding, never are; padded
     query rows have no keys).
+
+    On a periodic axis the key rows are unwrapped coordinates: halo row ``r`` holds the group's
+    row ``r mod group_len`` (:meth:`source_tokens`), so a key can sit in a halo more than once,
+    but only one copy lies in any window (``kernel <= group_len``).
     """
 
     length: int
@@ -149,6 +179,22 @@ class HaloPlan:
     offset: int
     halo: int
     mask: np.ndarray  # [dilation, num_tiles, tile, halo] bool
+    periodic: bool = False
+
+    @property
+    def halo_rows(self) -> int:
+        """Key rows per group that the halos are cut from: every tile's halo, tile-aligned."""
+        return (self.num_tiles + -(-self.halo // self.tile) - 1) * self.tile
+
+    def source_tokens(self) -> np.ndarray:
+        """``[halo_rows * dilation]`` original token index of halo row ``e`` of group ``g`` at
+        ``e * dilation + g`` (periodic axes): unwrapped group row ``e - offset`` wraps modulo
+        the group's own length."""
+        assert self.periodic
+        glen = _group_lengths_column(self.length, self.dilation)  # [d, 1]
+        rows = (np.arange(self.halo_rows)[None, :] - self.offset) % glen
+        src = np.arange(self.dilation)[:, None] + rows * self.dilation  # [d, halo_rows]
+        return src.T.reshape(-1)
 
     def rel(self) -> np.ndarray:
         """``[tile, halo]`` RPB column ``kernel - 1 + key - query`` (stride 1, non-causal; clipped
@@ -166,7 +212,7 @@ class HaloPlan:
         t = np.arange(self.num_tiles)[:, None, None]
         q = t * self.tile + np.arange(self.tile)[:, None]  # [nt, tile, 1]
         start, end = window_bounds(np.minimum(q, glen - 1), glen, self.kernel, self.stride,
-                                   self.causal)
+                                   self.causal, periodic=self.periodic)
         slot = start + np.arange(self.kernel)  # [d, nt, tile, kernel]
         valid = (slot < end) & (q < glen)
         halo_slot = np.minimum(slot, end - 1) - (t * self.tile - self.offset)
@@ -179,7 +225,7 @@ def _group_lengths_column(length: int, dilation: int) -> np.ndarray:
 
 
 def _uniform_halo(length: int, kernel: int, stride: int, dilation: int, causal: bool,
-                  tile: int) -> tuple[int, int, int, int]:
+                  tile: int, periodic: bool = False) -> tuple[int, int, int, int]:
     """``(tile, num_tiles, offset, halo)``: the smallest uniform halo covering every query
     tile's :func:`tile_box` (one-row key tiles) in every dilation group."""
     rows = -(-length // dilation)
@@ -187,7 +233,7 @@ def _uniform_halo(length: int, kernel: int, stride: int, dilation: int, causal: 
     num_tiles = -(-rows // tile)
     t = np.arange(num_tiles)[None, :]
     lo, hi = tile_box(t, tile, 1, _group_lengths_column(length, dilation), kernel, stride,
-                      causal)
+                      causal, periodic=periodic)
     offset = int((t * tile - lo).max())
     halo = int((hi - t * tile).max()) + offset
     return tile, num_tiles, offset, halo
@@ -195,27 +241,28 @@ def _uniform_halo(length: int, kernel: int, stride: int, dilation: int, causal: 
 
 @functools.lru_cache(maxsize=512)
 def halo_plan(length: int, kernel: int, stride: int, dilation: int, causal: bool,
-              tile: int) -> HaloPlan:
+              tile: int, periodic: bool = False) -> HaloPlan:
     """Build the static plan of one axis (numpy, cached); the mask is :func:`in_window`, the
     arithmetic the Pallas kernels evaluate in-kernel."""
-    tile, num_tiles, offset, halo = _uniform_halo(length, kernel, stride, dilation, causal, tile)
+    tile, num_tiles, offset, halo = _uniform_halo(length, kernel, stride, dilation, causal, tile,
+                                                  periodic)
     glen = _group_lengths_column(length, dilation)[..., None, None]  # [d, 1, 1, 1]
     t = np.arange(num_tiles)[:, None, None]
     keys = t * tile - offset + np.arange(halo)  # [nt, 1, halo]
     q = t * tile + np.arange(tile)[:, None]  # [nt, tile, 1]
     # Query rows past the group's end (tile padding) get no keys at all: their results are
     # cropped, and in the backward pass they must contribute nothing (not even 0 * nan).
-    mask = in_window(q, keys, glen, kernel, stride, causal) & (q < glen)  # [d, nt, tile, halo]
-    mask.setflags(write=False)
+    mask = in_window(q, keys, glen, kernel, stride, causal, periodic=periodic) & (q < glen)
+    mask.setflags(write=False)  # [d, nt, tile, halo]
     return HaloPlan(length, kernel, stride, dilation, causal, tile, -(-length // dilation),
-                    num_tiles, offset, halo, mask)
+                    num_tiles, offset, halo, mask, periodic)
 
 
 @functools.lru_cache(maxsize=512)
 def xla_tile_sizes(shape: tuple[int, ...], kernel: tuple[int, ...],
                    dilation: tuple[int, ...], stride: tuple[int, ...] | None = None,
-                   causal: tuple[bool, ...] | None = None, head_dim: int = 32
-                   ) -> tuple[int, ...]:
+                   causal: tuple[bool, ...] | None = None, head_dim: int = 32,
+                   periodic: tuple[bool, ...] | None = None) -> tuple[int, ...]:
     """Query tile per axis for the XLA path, from a small cost model fitted on CPU.
 
     Every (padded) query computes logits against its tile's whole halo (``Hk`` keys). Measured
@@ -229,13 +276,14 @@ def xla_tile_sizes(shape: tuple[int, ...], kernel: tuple[int, ...],
     rank = len(shape)
     stride = stride or (1,) * rank
     causal = causal or (False,) * rank
+    periodic = periodic or (False,) * rank
     limit = {1: 512, 2: 32, 3: 16}.get(rank, 16)
     per_axis = []
-    for n, k, s, d, c in zip(shape, kernel, stride, dilation, causal):
+    for n, k, s, d, c, w in zip(shape, kernel, stride, dilation, causal, periodic):
         rows = -(-n // d)
         opts = set()
         for t in range(1, min(rows, limit) + 1):
-            t, nt, _, halo = _uniform_halo(n, k, s, d, c, t)
+            t, nt, _, halo = _uniform_halo(n, k, s, d, c, t, w)
             opts.add((t, d * nt * t, halo))
         per_axis.append(sorted(opts))
     best = None
@@ -263,17 +311,18 @@ def na_flops(batch: int, heads: int, shape: tuple[int, ...], kernel: tuple[int, 
 
 
 def in_window(qc: Any, kc: Any, group_len: Any, kernel: int, stride: int, causal: bool,
-              xp: Any = np) -> Any:
+              xp: Any = np, periodic: bool = False) -> Any:
     """Whether key group coordinate(s) ``kc`` lie in the window of query coordinate(s) ``qc``
     (broadcasting). Query rows past the group's end (tile padding) borrow the last row's window,
-    so every row has keys; keys past the end are never inside a window."""
+    so every row has keys; keys past the end are never inside a window. On a periodic axis
+    ``kc`` is an unwrapped coordinate (see the module docstring)."""
     start, end = window_bounds(xp.minimum(qc, group_len - 1), group_len, kernel, stride, causal,
-                               xp=xp)
+                               xp=xp, periodic=periodic)
     return (kc >= start) & (kc < end)
 
 
 def tile_box(tile: Any, q_tile: int, kv_tile: int, group_len: Any, kernel: int, stride: int,
-             causal: bool, xp: Any = np):
+             causal: bool, xp: Any = np, periodic: bool = False):
     """Key tiles ``[lo, hi)`` (tiles of ``kv_tile`` rows) holding every key that a query of query
     tile ``tile`` (tiles of ``q_tile`` rows) attends to along one axis.
 
@@ -282,8 +331,8 @@ def tile_box(tile: Any, q_tile: int, kv_tile: int, group_len: Any, kernel: int, 
     real row)."""
     first = xp.minimum(tile * q_tile, group_len - 1)
     last = xp.minimum(tile * q_tile + q_tile - 1, group_len - 1)
-    start, _ = window_bounds(first, group_len, kernel, stride, causal, xp=xp)
-    _, end = window_bounds(last, group_len, kernel, stride, causal, xp=xp)
+    start, _ = window_bounds(first, group_len, kernel, stride, causal, xp=xp, periodic=periodic)
+    _, end = window_bounds(last, group_len, kernel, stride, causal, xp=xp, periodic=periodic)
     return start // kv_tile, (end + kv_tile - 1) // kv_tile
 
 

@@ -15,6 +15,17 @@ Algorithm (per call; every table is static, built once in numpy by :mod:`windows
    per-element window mask (built in-graph from small per-axis tables).
 4. Results go back by the inverse regrouping.
 
+Grouped-query attention (key/value with ``heads_kv < heads``): the ``heads // heads_kv`` query
+heads that share a key/value head are folded into the rows of each query tile (logits
+``[B*heads_kv, tiles, group*Tq, Hk]``), so each key/value halo is built once and serves its
+whole group; key and value are never repeated per query head, and their gradients come out
+summed over the group by the same contractions.
+
+Periodic axes: a tile's halo is cut from the group's rows *wrapped* around the group
+(:meth:`windows.HaloPlan.source_tokens`, built by slicing and concatenating when the wrap is a
+few contiguous runs, as it is whenever the dilation divides the length, else one static gather),
+so the halo arithmetic, mask and RPB table stay those of unwrapped coordinates.
+
 Memory is ``O(tokens * halo)``: no ``O(tokens^2)`` term and no ``[tokens, K^2, head_dim]``
 gather. When the logits would exceed ``_LOGITS_BUDGET`` bytes, (batch, head) pairs (or, for one
 large pair, its tiles) are processed in chunks inside a ``fori_loop``.
@@ -86,9 +97,10 @@ def _plans(spatial: tuple[int, ...], p: NAParams, head_dim: int,
            tile_sizes: tuple[int, ...] | None) -> tuple[windows.HaloPlan, ...]:
     if tile_sizes is None:
         tile_sizes = windows.xla_tile_sizes(spatial, p.kernel_size, p.dilation, p.stride,
-                                            p.is_causal, head_dim)
+                                            p.is_causal, head_dim, p.is_periodic)
     return tuple(windows.halo_plan(spatial[a], p.kernel_size[a], p.stride[a], p.dilation[a],
-                                   p.is_causal[a], tile_sizes[a]) for a in range(p.rank))
+                                   p.is_causal[a], tile_sizes[a], p.is_periodic[a])
+                 for a in range(p.rank))
 
 
 def _fit(x: jax.Array, axis: int, before: int, total: int) -> jax.Array:
@@ -134,17 +146,34 @@ def _to_tiles(x: jax.Array, plans) -> jax.Array:
     return x.reshape(b, h, g, nt, -1, c)
 
 
+def _take_tokens(x: jax.Array, axis: int, src: np.ndarray) -> jax.Array:
+    """``x`` indexed by the static ``src`` along ``axis``. Contiguous runs of ``src`` become
+    slices joined by one concatenation (their transpose pads and adds); only a wrap made of many
+    short runs (dilation not dividing the length) takes a gather, whose transpose scatters."""
+    breaks = np.flatnonzero(np.diff(src) != 1) + 1
+    if len(breaks) >= 8:
+        return jnp.take(x, jnp.asarray(src, jnp.int32), axis=axis)
+    runs = np.split(src, breaks)
+    parts = [jax.lax.slice_in_dim(x, int(r[0]), int(r[-1]) + 1, axis=axis) for r in runs]
+    return jnp.concatenate(parts, axis=axis) if len(parts) > 1 else parts[0]
+
+
 def _to_halos(x: jax.Array, plans) -> jax.Array:
     """``[B, *spatial, h, c]`` -> ``[B, h, G, NT, Hk, c]``: each tile's key box. Along each axis
     the padded group rows are cut into tiles and every tile is joined with the start of the
-    next ones (slices and a concatenation: no gather)."""
+    next ones (slices and a concatenation: no gather). A periodic axis first takes its wrapped
+    halo rows (:meth:`windows.HaloPlan.source_tokens`), which then need no padding."""
     n = len(plans)
     b, h, c = x.shape[0], x.shape[-2], x.shape[-1]
-    x = _regroup(x, plans, [(pl.rows,) for pl in plans])  # [B, h, *dil, *rows, c]
+    for a, pl in enumerate(plans):
+        if pl.periodic:
+            x = _take_tokens(x, 1 + a, pl.source_tokens())
+    rows = [(pl.halo_rows if pl.periodic else pl.rows,) for pl in plans]
+    x = _regroup(x, plans, rows)  # [B, h, *dil, *rows, c]
     for a, pl in enumerate(plans):
         ax = 2 + n + 2 * a  # rows of axis a (earlier axes are already (nt, H) pairs)
         m = -(-pl.halo // pl.tile)
-        x = _fit(x, ax, pl.offset, (pl.num_tiles + m - 1) * pl.tile)
+        x = _fit(x, ax, 0 if pl.periodic else pl.offset, pl.halo_rows)
         x = x.reshape(*x.shape[:ax], pl.num_tiles + m - 1, pl.tile, *x.shape[ax + 1:])
         parts = [jax.lax.slice_in_dim(x, j, j + pl.num_tiles, axis=ax) for j in range(m)]
         x = jnp.concatenate(parts, axis=ax + 1) if m > 1 else parts[0]
@@ -348,34 +377,62 @@ def _chunked(fn, args, kinds: str, out_kinds: str, pair_bytes: int):
 # --------------------------------------------------------------------------- forward/backward
 
 
+def _fold_heads(x: jax.Array, heads_kv: int) -> jax.Array:
+    """``[B, h, G, NT, T, c]`` -> ``[B*heads_kv, G*NT, group*T, c]``: the ``group = h //
+    heads_kv`` query heads sharing a key/value head become extra rows of every tile (row
+    ``i * T + t`` is head ``kv * group + i``), so one key halo serves them all."""
+    b, h, g, nt, t, c = x.shape
+    x = x.reshape(b, heads_kv, h // heads_kv, g, nt, t, c)
+    x = jnp.transpose(x, (0, 1, 3, 4, 2, 5, 6))
+    return x.reshape(b * heads_kv, g * nt, (h // heads_kv) * t, c)
+
+
+def _unfold_heads(x: jax.Array, batch: int, heads: int, groups: int) -> jax.Array:
+    """Inverse of :func:`_fold_heads`: ``[B*heads_kv, G*NT, group*T, c]`` -> ``[B, heads, G, NT,
+    T, c]``."""
+    z, n, rows, c = x.shape
+    grp = heads // (z // batch)
+    x = x.reshape(batch, z // batch, groups, n // groups, grp, rows // grp, c)
+    x = jnp.transpose(x, (0, 1, 4, 2, 3, 5, 6))
+    return x.reshape(batch, heads, groups, n // groups, rows // grp, c)
+
+
+def _flat_halos(x: jax.Array, plans) -> jax.Array:
+    """``[B, *spatial, h, c]`` -> ``[B*h, G*NT, Hk, c]``."""
+    y = _to_halos(x, plans)
+    return y.reshape(y.shape[0] * y.shape[1], -1, *y.shape[4:])
+
+
+def _groups(plans) -> int:
+    return math.prod(pl.dilation for pl in plans)
+
+
 def _layout(query, key, value, p, tile_sizes):
+    """Tiled queries ``[B*heads_kv, G*NT, group*Tq, d]`` (heads folded, :func:`_fold_heads`)
+    and key/value halos ``[B*heads_kv, G*NT, Hk, d]``."""
     spatial = tuple(query.shape[1:1 + p.rank])
     plans = _plans(spatial, p, query.shape[-1], tile_sizes)
-    b, h = query.shape[0], query.shape[-2]
-    z = b * h
-
-    def flat(x):  # [B, h, G, NT, T, c] -> [B*h, G*NT, T, c]
-        return x.reshape(z, -1, *x.shape[4:])
-
-    qt = flat(_to_tiles(query, plans))
-    kh = flat(_to_halos(key, plans))
-    vh = flat(_to_halos(value, plans))
-    return spatial, plans, qt, kh, vh
+    qt = _fold_heads(_to_tiles(query, plans), key.shape[-2])
+    return spatial, plans, qt, _flat_halos(key, plans), _flat_halos(value, plans)
 
 
-def _bias_table(rpb, plans, batch: int):
-    """``[B*h, Tq, Hk]`` f32 bias per (batch, head) pair, or None."""
+def _bias_table(rpb, plans, batch: int, heads_kv: int):
+    """``[B*heads_kv, group*Tq, Hk]`` f32 bias per (batch, key/value head) pair, rows folded
+    like the queries', or None."""
     if rpb is None:
         return None
     h = rpb.shape[0]
-    table = rpb.astype(jnp.float32).reshape(h, -1)[:, _rel(plans)]
-    return jnp.broadcast_to(table[None], (batch, *table.shape)).reshape(batch * h,
+    table = rpb.astype(jnp.float32).reshape(h, -1)[:, _rel(plans)]  # [h, Tq, Hk]
+    table = table.reshape(heads_kv, -1, table.shape[-1])
+    return jnp.broadcast_to(table[None], (batch, *table.shape)).reshape(batch * heads_kv,
                                                                         *table.shape[1:])
 
 
-def _mask_flat(plans):
+def _mask_flat(plans, group: int):
+    """``[G*NT, group*Tq, Hk]``: every folded query head sees the same windows."""
     m = _mask(plans)
-    return m.reshape(-1, *m.shape[2:])
+    m = m.reshape(-1, *m.shape[2:])
+    return jnp.tile(m, (1, group, 1)) if group > 1 else m
 
 
 def _pair_bytes(qt, kh) -> int:
@@ -386,7 +443,8 @@ def _forward_core(qt, kh, vh, bias, plans, scale: float, contained: bool):
     def fn(q, k, v, b, mask):
         return _forward_tiles(q, k, v, b, mask=mask, scale=scale, contained=contained)
 
-    return _chunked(fn, (qt, kh, vh, bias, _mask_flat(plans)), "pppzn", "pp",
+    group = qt.shape[2] // math.prod(pl.tile for pl in plans)
+    return _chunked(fn, (qt, kh, vh, bias, _mask_flat(plans, group)), "pppzn", "pp",
                     _pair_bytes(qt, kh))
 
 
@@ -396,14 +454,15 @@ def _backward_core(qt, kh, vh, bias, ot, lset, dot, dlset, plans, scale: float,
         return _backward_tiles(q, k, v, b, o, lse, do, dlse, mask=mask, scale=scale,
                                contained=contained)
 
-    return _chunked(fn, (qt, kh, vh, bias, ot, lset, dot, dlset, _mask_flat(plans)),
+    group = qt.shape[2] // math.prod(pl.tile for pl in plans)
+    return _chunked(fn, (qt, kh, vh, bias, ot, lset, dot, dlset, _mask_flat(plans, group)),
                     "pppzppppn", "ppps", _pair_bytes(qt, kh))
 
 
 def _forward(query, key, value, rpb, p: NAParams, tile_sizes, contained: bool | None):
     """Forward pass and the tiled residuals. ``contained=None`` decides at run time."""
     spatial, plans, qt, kh, vh = _layout(query, key, value, p, tile_sizes)
-    bias = _bias_table(rpb, plans, query.shape[0])
+    bias = _bias_table(rpb, plans, query.shape[0], key.shape[-2])
     run = functools.partial(_forward_core, plans=plans, scale=p.scale)
     if contained is None and not NONFINITE_CONTAINMENT:
         contained = False
@@ -412,26 +471,24 @@ def _forward(query, key, value, rpb, p: NAParams, tile_sizes, contained: bool | 
                                 functools.partial(run, contained=False), qt, kh, vh, bias)
     else:
         ot, lset = run(qt, kh, vh, bias, contained=contained)
-    b, h = query.shape[0], query.shape[-2]
-    g = math.prod(pl.dilation for pl in plans)
-    unflat = lambda x: x.reshape(b, h, g, -1, *x.shape[2:])  # noqa: E731
-    out = _from_tiles(unflat(ot), plans, spatial)
-    lse = _from_tiles(unflat(lset[..., None]), plans, spatial)[..., 0]
+    b, h, g = query.shape[0], query.shape[-2], _groups(plans)
+    out = _from_tiles(_unfold_heads(ot, b, h, g), plans, spatial)
+    lse = _from_tiles(_unfold_heads(lset[..., None], b, h, g), plans, spatial)[..., 0]
     # Whether the backward pass's contractions with q and k may leak: one reduction each over
     # the compact arrays (the halos repeat every key ~3x).
     qk_bad = jnp.any(_bad(query)) | jnp.any(_bad(key))
     return (out, lse), (qt, kh, vh, ot, lset, qk_bad)
 
 
-def _backward(res, cotangents, rpb, p: NAParams, tile_sizes, spatial, batch: int,
+def _backward(res, cotangents, rpb, p: NAParams, tile_sizes, spatial, batch: int, heads: int,
               contained: bool | None):
     qt, kh, vh, ot, lset, qk_bad = res
     dout, dlse = cotangents
     plans = _plans(spatial, p, qt.shape[-1], tile_sizes)
-    h = qt.shape[0] // batch
-    dot = _to_tiles(dout.astype(qt.dtype), plans).reshape(ot.shape)
-    dlset = _to_tiles(dlse.astype(jnp.float32)[..., None], plans).reshape(lset.shape)
-    bias = _bias_table(rpb, plans, batch)
+    hk = qt.shape[0] // batch
+    dot = _fold_heads(_to_tiles(dout.astype(qt.dtype), plans), hk)
+    dlset = _fold_heads(_to_tiles(dlse.astype(jnp.float32)[..., None], plans), hk)[..., 0]
+    bias = _bias_table(rpb, plans, batch, hk)
     run = functools.partial(_backward_core, plans=plans, scale=p.scale)
     args = (qt, kh, vh, bias, ot, lset, dot, dlset)
     if contained is None and not NONFINITE_CONTAINMENT:
@@ -442,15 +499,17 @@ def _backward(res, cotangents, rpb, p: NAParams, tile_sizes, spatial, batch: int
                                             functools.partial(run, contained=False), *args)
     else:
         dqt, dkh, dvh, dbias = run(*args, contained=contained)
-    g = math.prod(pl.dilation for pl in plans)
-    unflat = lambda x: x.reshape(batch, h, g, -1, *x.shape[2:])  # noqa: E731
-    dq = _from_tiles(unflat(dqt), plans, spatial).astype(qt.dtype)
+    g = _groups(plans)
+    unflat = lambda x: x.reshape(batch, hk, g, -1, *x.shape[2:])  # noqa: E731
+    dq = _from_tiles(_unfold_heads(dqt, batch, heads, g), plans, spatial).astype(qt.dtype)
+    # Halo gradients are per key/value head: the folded rows already summed over the group.
     dk = _fold_halos(unflat(dkh), plans, spatial).astype(kh.dtype)
     dv = _fold_halos(unflat(dvh), plans, spatial).astype(vh.dtype)
     drpb = None
     if rpb is not None:
-        dtab = dbias.reshape(batch, h, -1).sum(0)  # [h, Tq*Hk]
-        flat = jnp.zeros((h, math.prod(rpb.shape[1:])), jnp.float32)
+        # Folded rows are (query head in group, tile row): a plain reshape gives query heads.
+        dtab = dbias.reshape(batch, heads, -1).sum(0)  # [h, Tq*Hk]
+        flat = jnp.zeros((heads, math.prod(rpb.shape[1:])), jnp.float32)
         flat = flat.at[:, _rel(plans).reshape(-1)].add(dtab)
         drpb = flat.reshape(rpb.shape).astype(rpb.dtype)
     return dq, dk, dv, drpb
@@ -463,15 +522,15 @@ def _na(query, key, value, rpb, p, tile_sizes, contained):
 
 def _na_fwd(query, key, value, rpb, p, tile_sizes, contained):
     outs, res = _forward(query, key, value, rpb, p, tile_sizes, contained)
-    # A zero-size array carries the static batch and spatial shape to the backward pass.
-    shape = jnp.zeros((query.shape[0], *query.shape[1:1 + p.rank], 0), jnp.bool_)
+    # A zero-size array carries the static batch, spatial shape and heads to the backward pass.
+    shape = jnp.zeros((*query.shape[:-1], 0), jnp.bool_)
     return outs, (res, rpb, shape)
 
 
 def _na_bwd(p, tile_sizes, contained, saved, cotangents):
     res, rpb, shape = saved
-    return _backward(res, cotangents, rpb, p, tile_sizes, tuple(shape.shape[1:-1]),
-                     shape.shape[0], contained)
+    return _backward(res, cotangents, rpb, p, tile_sizes, tuple(shape.shape[1:-2]),
+                     shape.shape[0], shape.shape[-2], contained)
 
 
 _na.defvjp(_na_fwd, _na_bwd)
@@ -518,13 +577,13 @@ def na_backward_contained(query: jax.Array, key: jax.Array, value: jax.Array,
     head_dim_v]`` and ``dlse`` ``[B, *spatial, heads]`` (None = zero). ``drpb`` is None
     without ``rpb``."""
     spatial, plans, qt, kh, vh = _layout(query, key, value, p, tile_sizes)
-    z = qt.shape[0]
-    ot = _to_tiles(out, plans).reshape(z, -1, qt.shape[2], out.shape[-1])
-    lset = _to_tiles(lse.astype(jnp.float32)[..., None], plans).reshape(ot.shape[:-1])
+    hk = key.shape[-2]
+    ot = _fold_heads(_to_tiles(out, plans), hk)
+    lset = _fold_heads(_to_tiles(lse.astype(jnp.float32)[..., None], plans), hk)[..., 0]
     if dlse is None:
         dlse = jnp.zeros(lse.shape, jnp.float32)
     return _backward((qt, kh, vh, ot, lset, None), (dout, dlse), rpb, p, tile_sizes, spatial,
-                     query.shape[0], True)
+                     query.shape[0], query.shape[-2], True)
 
 
 # ------------------------------------------------------------------------------ unfused pieces
@@ -570,61 +629,60 @@ def _unfused_chunks(fn, args, kinds: str, pair_bytes: int):
     return _chunked(jax.checkpoint(fn), args, kinds, "p", pair_bytes)
 
 
-def _untile(x: jax.Array, plans, spatial, batch: int) -> jax.Array:
-    """``[B*h, G*NT, Tq, c]`` -> ``[B, *spatial, h, c]``."""
-    g = math.prod(pl.dilation for pl in plans)
-    return _from_tiles(x.reshape(batch, -1, g, x.shape[1] // g, *x.shape[2:]), plans, spatial)
-
-
 def na_qk(query: jax.Array, key: jax.Array, p: NAParams, rpb: jax.Array | None = None,
           tile_sizes: tuple[int, ...] | None = None) -> jax.Array:
     """Tiled logits ``[B, *spatial, heads, prod(K)]`` float32: ``scale * q.k (+ rpb)``; slots
     outside a causal window hold ``-inf``. Same contract as :func:`reference.na_qk`, without its
-    ``[tokens, prod(K), head_dim]`` gather of every window at once."""
+    ``[tokens, prod(K), head_dim]`` gather of every window at once. ``key`` may have fewer heads
+    (grouped-query attention): each key head's windows are gathered once for its group."""
     spatial, plans, qt, kh, _ = _layout(query, key, key, p, tile_sizes)
     slot, valid = _slot_tables(plans)
-    w = slot.shape[-1]
+    b, h, g = query.shape[0], query.shape[-2], _groups(plans)
+    tq, w = slot.shape[1:]
 
     def fn(q, kb, s, ok):
-        return (jnp.einsum("cnqd,cnqwd->cnqw", q, _window_gather(kb, s, ok),
-                           preferred_element_type=jnp.float32),)
+        qg = q.reshape(*q.shape[:2], -1, tq, q.shape[-1])  # [C, N, group, Tq, d]
+        logits = jnp.einsum("cngqd,cnqwd->cngqw", qg, _window_gather(kb, s, ok),
+                            preferred_element_type=jnp.float32)
+        return (logits.reshape(*q.shape[:3], w),)
 
     pair_bytes = max(4, kh.dtype.itemsize) * qt.shape[1] * qt.shape[2] * w * kh.shape[-1]
     (logits,) = _unfused_chunks(fn, (qt, kh, jnp.asarray(slot), jnp.asarray(valid)), "ppnn",
                                 pair_bytes)
-    logits = logits * p.scale
+    logits = _unfold_heads(logits * p.scale, b, h, g).reshape(b, h, *slot.shape)
     if rpb is not None:
-        h = rpb.shape[0]
         rel = np.take_along_axis(np.broadcast_to(_rel(plans), slot.shape[:1] + _rel(plans).shape),
                                  slot, axis=-1)  # [G*NT, Tq, W]
-        bias = rpb.astype(jnp.float32).reshape(h, -1)[:, rel]
-        logits = (logits.reshape(query.shape[0], h, *logits.shape[1:]) + bias[None]
-                  ).reshape(logits.shape)
-    logits = jnp.where(valid[None], logits, -jnp.inf)
-    return _untile(logits, plans, spatial, query.shape[0])
+        logits = logits + rpb.astype(jnp.float32).reshape(h, -1)[:, rel][None]
+    logits = jnp.where(valid, logits, -jnp.inf)
+    return _from_tiles(logits.reshape(b, h, g, -1, tq, w), plans, spatial)
 
 
 def na_av(weights: jax.Array, value: jax.Array, p: NAParams,
           tile_sizes: tuple[int, ...] | None = None) -> jax.Array:
     """Tiled ``weights [B, *spatial, heads, prod(K)]`` times window values -> ``[B, *spatial,
     heads, head_dim]`` in ``value.dtype``; weights of slots outside a causal window are ignored.
-    Same contract as :func:`reference.na_av`."""
+    Same contract as :func:`reference.na_av`. ``value`` may have fewer heads (grouped-query
+    attention): each value head's windows are gathered once for its group."""
     spatial, plans, _, _, vh = _layout(value, value, value, p, tile_sizes)
     slot, valid = _slot_tables(plans)
-    z = vh.shape[0]
+    b, h, g = weights.shape[0], weights.shape[-2], _groups(plans)
+    tq, w = slot.shape[1:]
     dtype = jnp.promote_types(weights.dtype, value.dtype)
-    wt = _to_tiles(weights, plans).reshape(z, -1, *slot.shape[1:])
-    wt = jnp.where(valid[None], wt, jnp.zeros((), wt.dtype)).astype(dtype)
+    wt = _to_tiles(weights, plans).reshape(b, h, *slot.shape)
+    wt = jnp.where(valid, wt, jnp.zeros((), wt.dtype)).astype(dtype)
+    wt = _fold_heads(wt.reshape(b, h, g, -1, tq, w), value.shape[-2])
 
     def fn(wb, vb, s, ok):
-        return (jnp.einsum("cnqw,cnqwd->cnqd", wb, _window_gather(vb, s, ok).astype(dtype),
-                           preferred_element_type=jnp.float32).astype(value.dtype),)
+        wg = wb.reshape(*wb.shape[:2], -1, tq, w)  # [C, N, group, Tq, W]
+        out = jnp.einsum("cngqw,cnqwd->cngqd", wg, _window_gather(vb, s, ok).astype(dtype),
+                         preferred_element_type=jnp.float32).astype(value.dtype)
+        return (out.reshape(*wb.shape[:3], out.shape[-1]),)
 
-    pair_bytes = max(4, vh.dtype.itemsize) * wt.shape[1] * wt.shape[2] * wt.shape[3] \
-        * vh.shape[-1]
+    pair_bytes = max(4, vh.dtype.itemsize) * wt.shape[1] * wt.shape[2] * w * vh.shape[-1]
     (out,) = _unfused_chunks(fn, (wt, vh, jnp.asarray(slot), jnp.asarray(valid)), "ppnn",
                              pair_bytes)
-    return _untile(out, plans, spatial, value.shape[0])
+    return _from_tiles(_unfold_heads(out, b, h, g), plans, spatial)
 
 
 def _finite_or_zero(tree):

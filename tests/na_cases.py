@@ -11,19 +11,28 @@ import itertools
 import numpy as np
 
 
-def case(shape, kernel, stride=1, dilation=1, causal=False, batch=1, heads=2, head_dim=16):
+def case(shape, kernel, stride=1, dilation=1, causal=False, batch=1, heads=2, head_dim=16,
+         heads_kv=None, periodic=False):
+    """``heads_kv`` (default ``heads``): key/value heads (grouped-query attention);
+    ``periodic``: bool or per axis."""
     n = len(shape)
     tup = lambda x: tuple(x) if isinstance(x, (tuple, list)) else (x,) * n  # noqa: E731
     return dict(batch=batch, heads=heads, head_dim=head_dim, shape=tuple(shape),
                 kernel=tup(kernel), stride=tup(stride), dilation=tup(dilation),
-                causal=tup(causal))
+                causal=tup(causal), heads_kv=heads_kv or heads, periodic=tup(periodic))
 
 
 def case_id(c) -> str:
     def f(x):
         return "x".join(str(int(v)) for v in x)
-    return (f"b{c['batch']}h{c['heads']}d{c['head_dim']}-s{f(c['shape'])}-k{f(c['kernel'])}"
-            f"-st{f(c['stride'])}-di{f(c['dilation'])}-c{f(c['causal'])}")
+    out = (f"b{c['batch']}h{c['heads']}d{c['head_dim']}-s{f(c['shape'])}-k{f(c['kernel'])}"
+           f"-st{f(c['stride'])}-di{f(c['dilation'])}-c{f(c['causal'])}")
+    # The newer features only show when used, so earlier ids (and their seeds) stay put.
+    if c.get("heads_kv", c["heads"]) != c["heads"]:
+        out += f"-kv{c['heads_kv']}"
+    if any(c.get("periodic", ())):
+        out += f"-p{f(c['periodic'])}"
+    return out
 
 
 def all_causal(c):

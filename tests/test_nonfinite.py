@@ -73,15 +73,17 @@ def _params():
 
 
 @functools.lru_cache(maxsize=None)
-def _runner(backend: str, cid: str, dtype_name: str):
-    """Jitted ``(q, k, v, rpb, dout) -> (out, lse, (dq, dk, dv, drpb))`` for one case."""
-    c = next(c for c, _ in CASES if na_cases.case_id(c) == cid)
+def _runner(backend: str, case_items: tuple, dtype_name: str):
+    """Jitted ``(q, k, v, rpb, dout) -> (out, lse, (dq, dk, dv, drpb))`` for one case (given as
+    its sorted items, so it can key the cache)."""
+    c = dict(case_items)
 
     def run(q, k, v, rpb, dout):
         def fwd(q, k, v, rpb):
             return kernels.neighborhood_attention(q, k, v, c["kernel"], c["stride"],
                                                   c["dilation"], c["causal"], rpb=rpb,
-                                                  backend=backend, return_lse=True)
+                                                  backend=backend, return_lse=True,
+                                                  is_periodic=c["periodic"])
 
         (out, lse), vjp = jax.vjp(fwd, q, k, v, rpb)
         return out, lse, vjp((dout, jnp.zeros_like(lse)))
@@ -107,7 +109,7 @@ def _plant(rng, x: np.ndarray, rpb_like: bool) -> np.ndarray:
 
 def _oracle(c, q, k, v, rpb, dout):
     args = dict(kernel=c["kernel"], stride=c["stride"], dilation=c["dilation"],
-                causal=c["causal"], rpb=rpb)
+                causal=c["causal"], rpb=rpb, periodic=c["periodic"])
     with np.errstate(all="ignore"):
         out, lse = oracle.na_forward(q, k, v, **args)
         grads = oracle.na_backward(q, k, v, dout, **args)
@@ -116,10 +118,17 @@ def _oracle(c, q, k, v, rpb, dout):
 
 @pytest.mark.parametrize("c,with_rpb,target,dtype,backend", _params())
 def test_nonfinite_stays_in_its_neighborhoods(c, with_rpb, target, dtype, backend):
+    check_contained(c, with_rpb, target, dtype, backend)
+
+
+def check_contained(c, with_rpb, target, dtype, backend):
+    """The containment contract (module docstring) for one case, planted tensor and backend;
+    also used by the grouped-query / periodic tests (``test_na_features.py``)."""
     rng = np.random.default_rng(zlib.crc32(f"{na_cases.case_id(c)}-{target}".encode()))
     shape = (c["batch"], *c["shape"], c["heads"], c["head_dim"])
-    clean = {name: rng.standard_normal(shape).astype(np.float32)
-             for name in ("q", "k", "v", "dout")}
+    kv_shape = shape[:-2] + (c["heads_kv"], c["head_dim"])
+    clean = {name: rng.standard_normal(kv_shape if name in ("k", "v") else shape)
+             .astype(np.float32) for name in ("q", "k", "v", "dout")}
     clean["rpb"] = (rng.standard_normal((c["heads"], *(2 * x - 1 for x in c["kernel"])))
                     .astype(np.float32) if with_rpb else None)
     # Everything, the oracle included, sees the values rounded to the test dtype.
@@ -128,7 +137,7 @@ def test_nonfinite_stays_in_its_neighborhoods(c, with_rpb, target, dtype, backen
     bad = dict(clean)
     bad[target] = _plant(rng, clean[target], target == "rpb")
 
-    run = _runner(backend, na_cases.case_id(c), jnp.dtype(dtype).name)
+    run = _runner(backend, tuple(sorted(c.items())), jnp.dtype(dtype).name)
 
     def call(inputs):
         args = [None if inputs[n] is None else jnp.asarray(inputs[n], dtype)
