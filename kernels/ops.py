@@ -18,7 +18,7 @@ from collections.abc import Callable, Hashable, Iterator
 
 import jax
 
-from nat_jax.kernels import autotune, pallas, pallas_tpu, reference, sharding, xla
+from nat_jax.kernels import autotune, merge, pallas, pallas_tpu, reference, sharding, xla
 from nat_jax.kernels.params import (BoolOrTuple, IntOrTuple, NAParams, check_heads, check_qkv,
                                     check_rpb, make_params)
 
@@ -249,7 +249,9 @@ def neighborhood_attention(query: jax.Array, key: jax.Array, value: jax.Array,
                            dilation: IntOrTuple = 1, is_causal: BoolOrTuple = False,
                            scale: float | None = None, rpb: jax.Array | None = None,
                            backend: str = "auto", return_lse: bool = False,
-                           is_periodic: BoolOrTuple = False):
+                           is_periodic: BoolOrTuple = False,
+                           additional_keys: jax.Array | None = None,
+                           additional_values: jax.Array | None = None):
     """N-dimensional neighborhood attention (rank taken from ``query.ndim - 3``).
 
     See :func:`na2d` for the arguments. Returns the output, or ``(output, lse)`` with
@@ -260,7 +262,7 @@ def neighborhood_attention(query: jax.Array, key: jax.Array, value: jax.Array,
         raise ValueError(f"query.ndim={query.ndim}: expected 4, 5 or 6 "
                          "([batch, *spatial(1-3), heads, head_dim])")
     return _na(rank, query, key, value, kernel_size, stride, dilation, is_causal, scale, rpb,
-               backend, return_lse, is_periodic)
+               backend, return_lse, is_periodic, additional_keys, additional_values)
 
 
 def _config(name: str, query, value, p: NAParams, rpb):
@@ -272,9 +274,10 @@ def _config(name: str, query, value, p: NAParams, rpb):
 
 
 def _na(rank, query, key, value, kernel_size, stride, dilation, is_causal, scale, rpb, backend,
-        return_lse, is_periodic):
+        return_lse, is_periodic, additional_keys=None, additional_values=None):
     p = _prepare(rank, query, key, value, kernel_size, stride, dilation, is_causal, scale, rpb,
                  is_periodic)
+    merge.check_additional(query, value, additional_keys, additional_values)
     if backend == "auto":
         choices = _auto_choices(query, key, value, p, rpb)
         if choices:
@@ -288,6 +291,12 @@ def _na(rank, query, key, value, kernel_size, stride, dilation, is_causal, scale
         if why:
             raise ValueError(f"{backend=}: {why}")
         out, lse = _fused(query, key, value, rpb, p, name, _config(name, query, value, p, rpb))
+    if additional_keys is not None:
+        # One softmax over the neighborhood and the extra tokens: merged by logsumexp, which
+        # every backend's backward pass takes a cotangent for.
+        extra_out, extra_lse = merge.extra_attention(query, additional_keys, additional_values,
+                                                     p.scale)
+        out, lse = merge.merge_attentions([out, extra_out], [lse, extra_lse])
     return (out, lse) if return_lse else out
 
 
@@ -326,6 +335,12 @@ _DOC_ARGS = """
         dilation``) so no key appears twice in a window. With stride, the block's leader query's
         window is used, as on other axes. Not combinable with ``is_causal`` on the same axis.
         Backends without it (``pallas``, ``pallas_tpu``) are skipped by ``"auto"``.
+      additional_keys, additional_values: optional extra (global) tokens ``[batch, extra,
+        heads_kv, head_dim]`` / ``[batch, extra, heads_kv, head_dim_v]`` (both or neither; as
+        NATTEN 0.21's arguments): every query attends to them *in addition to* its
+        neighborhood, with one softmax over both (no RPB, causal mask or stride applies to
+        them). Computed densely beside the neighborhood on any backend and combined with
+        :func:`merge_attentions`; ``return_lse`` returns the combined logsumexp.
 
     Windows follow NATTEN exactly: they are shifted inwards at the borders (never zero-padded),
     so every non-causal query sees exactly ``prod(kernel_size)`` keys. bf16/fp16 inputs compute
@@ -344,9 +359,11 @@ def _make_fused(rank: int, axes: str, rpb_shape: str):
     def op(query: jax.Array, key: jax.Array, value: jax.Array, kernel_size: IntOrTuple,
            stride: IntOrTuple = 1, dilation: IntOrTuple = 1, is_causal: BoolOrTuple = False,
            scale: float | None = None, rpb: jax.Array | None = None, backend: str = "auto",
-           return_lse: bool = False, is_periodic: BoolOrTuple = False):
+           return_lse: bool = False, is_periodic: BoolOrTuple = False,
+           additional_keys: jax.Array | None = None,
+           additional_values: jax.Array | None = None):
         return _na(rank, query, key, value, kernel_size, stride, dilation, is_causal, scale, rpb,
-                   backend, return_lse, is_periodic)
+                   backend, return_lse, is_periodic, additional_keys, additional_values)
 
     op.__name__ = op.__qualname__ = f"na{rank}d"
     op.__doc__ = f"{rank}-D neighborhood attention.\n" + _DOC_ARGS.format(axes=axes, rpb=rpb_shape)

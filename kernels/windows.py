@@ -299,9 +299,24 @@ def xla_tile_sizes(shape: tuple[int, ...], kernel: tuple[int, ...],
 
 
 def na_flops(batch: int, heads: int, shape: tuple[int, ...], kernel: tuple[int, ...],
-             head_dim: int) -> int:
-    """Forward FLOPs by NATTEN's convention: ``4 * B * heads * N * prod(K) * head_dim``."""
-    return 4 * batch * heads * math.prod(shape) * math.prod(kernel) * head_dim
+             head_dim: int, head_dim_v: int | None = None, additional_tokens: int = 0) -> int:
+    """Forward FLOPs of one NA call by NATTEN's convention: what the math needs, not the tiles
+    an implementation computes. Each query meets ``prod(kernel)`` keys (causal masking and
+    stride are not subtracted, as NATTEN counts) plus ``additional_tokens`` extra keys:
+    ``2 * B * heads * N * keys * (head_dim + head_dim_v)`` (``q.k`` and ``p.v``; softmax not
+    counted). Without ``head_dim_v`` (= ``head_dim``) and extra tokens this is NATTEN's
+    ``4 * B * heads * N * prod(K) * head_dim``. A backward pass is counted as 2.5x the forward.
+
+    Args:
+      batch, heads: batch size and query heads (grouped-query attention counts query heads).
+      shape: spatial shape ``(L,)``, ``(X, Y)`` or ``(X, Y, Z)``.
+      kernel: window size per axis.
+      head_dim, head_dim_v: query/key and value head dims.
+      additional_tokens: extra global keys every query also attends to.
+    """
+    head_dim_v = head_dim if head_dim_v is None else head_dim_v
+    keys = math.prod(kernel) + additional_tokens
+    return 2 * batch * heads * math.prod(shape) * keys * (head_dim + head_dim_v)
 
 
 # --------------------------------------------------------------------------------------------

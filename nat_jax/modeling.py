@@ -65,8 +65,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from nat_jax.kernels import available_backends, na2d, na2d_av, na2d_qk
+from nat_jax import layers
 from nat_jax.configs import DinatConfig, ModelConfig, NatConfig
+from nat_jax.kernels import available_backends
 from nat_jax.outputs import BackboneOutput, ImageClassifierOutput, ModelOutput
 from nat_jax.preprocess import EvalTransform
 
@@ -199,8 +200,9 @@ class Embeddings(nnx.Module):
         return self.dropout(self.norm(self.patch_embeddings(pixel_values)))
 
 
-class NeighborhoodAttention(nnx.Module):
-    """Multi-head 2-D neighborhood attention with relative positional bias.
+class NeighborhoodAttention(layers.NeighborhoodAttention2D):
+    """Multi-head 2-D neighborhood attention with relative positional bias: the generic
+    :class:`nat_jax.layers.NeighborhoodAttention2D` built from a model config.
 
     ``qkv`` is one fused ``C -> 3C`` projection (HF's query/key/value concatenated), ``rpb`` is
     ``[heads, 2K-1, 2K-1]``, ``proj`` is the output projection (HF ``attention.output.dense``).
@@ -211,50 +213,21 @@ class NeighborhoodAttention(nnx.Module):
 
     def __init__(self, config: ModelConfig, options: BuildOptions, dim: int, num_heads: int,
                  dilation: int, *, rngs: nnx.Rngs):
-        self.num_heads = num_heads
-        self.head_dim = dim // num_heads
-        self.kernel_size = config.kernel_size
-        self.dilation = dilation
-        self.backend = options.na_backend
-        self.return_weights = False
-        k = config.kernel_size
-        self.qkv = _linear(config, options, dim, 3 * dim, rngs=rngs, use_bias=config.qkv_bias)
-        self.rpb = nnx.Param(_init(config)(rngs.params(), (num_heads, 2 * k - 1, 2 * k - 1),
-                                           options.parameter_dtype))
-        self.attn_drop = _dropout(config.attention_probs_dropout_prob, rngs=rngs)
-        self.proj = _linear(config, options, dim, dim, rngs=rngs)
-        # HF applies attention_probs_dropout_prob after the output projection too.
-        self.proj_drop = _dropout(config.attention_probs_dropout_prob, rngs=rngs)
-
-    def set_view(self, return_weights: bool | None = None) -> None:
-        """``nnx.view(module, return_weights=True)``: a view that also returns the weights."""
-        if return_weights is not None:
-            self.return_weights = return_weights
+        # HF applies attention_probs_dropout_prob to the weights and after the projection.
+        super().__init__(dim, num_heads, config.kernel_size, dilation=dilation,
+                         qkv_bias=config.qkv_bias, rpb=True,
+                         attn_drop=config.attention_probs_dropout_prob,
+                         proj_drop=config.attention_probs_dropout_prob,
+                         backend=options.na_backend, kernel_init=_init(config),
+                         rpb_init=_init(config), rngs=rngs, **_dtypes(options))
 
     def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array | None]:
         """``x [B, H, W, C]`` (H, W >= kernel*dilation) -> ``(out [B,H,W,C], weights | None)``.
 
         weights: ``[B, heads, H, W, K*K]`` float32 softmax (HF layout) when ``return_weights``.
         """
-        b, h, w, c = x.shape
-        qkv = self.qkv(x).reshape(b, h, w, 3, self.num_heads, self.head_dim)
-        q, k, v = qkv[..., 0, :, :], qkv[..., 1, :, :], qkv[..., 2, :, :]
-        rpb = self.rpb[...]
-        drop_probs = not self.attn_drop.deterministic and self.attn_drop.rate > 0
-        weights = None
-        if self.return_weights or drop_probs:
-            logits = na2d_qk(q, k, self.kernel_size, dilation=self.dilation, rpb=rpb,
-                                     backend=self.backend)
-            probs = jax.nn.softmax(logits, axis=-1)
-            if self.return_weights:
-                weights = jnp.transpose(probs, (0, 3, 1, 2, 4))
-            out = na2d_av(self.attn_drop(probs).astype(v.dtype), v, self.kernel_size,
-                                  dilation=self.dilation, backend=self.backend)
-        else:
-            out = na2d(q, k, v, self.kernel_size, dilation=self.dilation, rpb=rpb,
-                               backend=self.backend)
-        out = self.proj(out.reshape(b, h, w, c))
-        return self.proj_drop(out), weights
+        out, weights = self.attend(x)
+        return out, None if weights is None else jnp.transpose(weights, (0, 3, 1, 2, 4))
 
 
 class Mlp(nnx.Module):

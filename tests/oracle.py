@@ -95,11 +95,12 @@ def _as_tuple(x, n):
 
 
 def na_forward(q, k, v, kernel, stride=1, dilation=1, causal=False, scale=None, rpb=None,
-               periodic=False):
+               periodic=False, extra_k=None, extra_v=None):
     """Neighborhood attention in float64.
 
     Args: q ``[B, *spatial, heads, dim]``, k, v ``[B, *spatial, heads_kv, dim]``; rpb
-    ``[heads, 2K-1, ...]`` or None.
+    ``[heads, 2K-1, ...]`` or None; ``extra_k``, ``extra_v`` ``[B, L, heads_extra, dim]``
+    (optional): keys every query sees besides its neighborhood, in the same softmax, unbiased.
     Returns: ``(out [B, *spatial, heads, dim_v], lse [B, *spatial, heads])``.
     """
     q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
@@ -118,6 +119,12 @@ def na_forward(q, k, v, kernel, stride=1, dilation=1, causal=False, scale=None, 
         logits = np.einsum("bhd,bwhd->bhw", qi, kk) * scale
         if rpb is not None:
             logits = logits + _bias(rpb, idx, keys, kernel, dilation, shape, periodic)[None]
+        if extra_k is not None:
+            eh = _kv_heads(q.shape[-2], extra_k.shape[-2])
+            ek = np.asarray(extra_k, np.float64)[:, :, eh]
+            ev = np.asarray(extra_v, np.float64)[:, :, eh]
+            logits = np.concatenate([logits, np.einsum("bhd,blhd->bhl", qi, ek) * scale], -1)
+            vv = np.concatenate([vv, ev], 1)
         m = logits.max(-1, keepdims=True)
         p = np.exp(logits - m)
         s = p.sum(-1, keepdims=True)
