@@ -77,7 +77,9 @@ NONFINITE_CONTAINMENT = True
 
 # Bytes of fp32 logits per chunk of (batch, head) pairs; None picks per platform. On CPU,
 # chunks that stay in cache measured ~2x faster at 112x112 and 224x224; accelerators prefer
-# few, large chunks.
+# few, large chunks. (Compiled for v5e, a nat_mini stage-1 layer's forward + backward at 128
+# images per chip needs 5.6 GB of temporaries with any budget from 16 MiB to 1 GiB, 8.5 GB with
+# non-finite containment: the tiled layout and residuals, not the chunk, set its memory.)
 _LOGITS_BUDGET: int | None = None
 
 
