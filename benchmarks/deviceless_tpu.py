@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import re
 import sys
 import time
 from collections.abc import Sequence
@@ -128,7 +129,8 @@ def compile_job(job: Job, timeout: float) -> dict:
     """One row: the report of :func:`deviceless.compile_program`, or the error."""
     target = deviceless.TARGETS[job.target]
     recipe = configs.get_config(job.config).global_batch_size
-    row = {"job": job.name, **dataclasses.asdict(job)}
+    row = {"job": job.name, **dataclasses.asdict(job),
+           "per_device_batch": recipe // target.devices}
     overrides = {"fsdp": -1 if job.fsdp else 1, "na_backend": job.backend}
     try:
         if job.backend == WINDOW:
@@ -155,8 +157,11 @@ def markdown(rows: Sequence[dict]) -> str:
         head = (f"| {r['config']} | {r['program']} | {r['target']} | "
                 f"{'data parallel' if r['fsdp'] in (False, 1) else 'FSDP'} | {r['backend']} |")
         if r.get("error"):
-            lines.append(f"{head} - | did not compile: {r['error'].splitlines()[0][:80]} "
-                         "| | | |")
+            oom = re.search(r"HLO temporaries \(([\d.]+G)\) exceeds available HBM \(([\d.]+G)\)",
+                            r["error"])
+            why = (f"**does not fit**: {oom.group(1)} of temporaries, {oom.group(2)} HBM" if oom
+                   else f"did not compile: {r['error'].splitlines()[0][:80]}")
+            lines.append(f"{head} {r.get('per_device_batch', '-')} | {why} | | | |")
             continue
         fits = "fits" if r["fits"] else "**does not fit**"
         lines.append(
