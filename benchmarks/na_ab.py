@@ -18,10 +18,8 @@ import subprocess
 import sys
 import tempfile
 import time
-import types
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from nat_jax import kernels

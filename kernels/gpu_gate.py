@@ -38,9 +38,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import dataclasses
-import functools
 import hashlib
-import math
 import multiprocessing
 import os
 import re

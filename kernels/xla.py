@@ -119,7 +119,6 @@ def _fit(x: jax.Array, axis: int, before: int, total: int) -> jax.Array:
 def _regroup(x: jax.Array, plans, rows_per_axis) -> jax.Array:
     """``[B, *spatial, h, c]`` -> ``[B, h, *dil, *(rows x per axis)], c]`` (zero padded):
     ``rows_per_axis[a]`` is a tuple of sizes the group rows of axis ``a`` are split into."""
-    n = len(plans)
     b, h, c = x.shape[0], x.shape[-2], x.shape[-1]
     for a, (pl, rows) in enumerate(zip(plans, rows_per_axis)):
         x = _fit(x, 1 + a, 0, math.prod(rows) * pl.dilation)

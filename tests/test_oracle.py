@@ -1,6 +1,5 @@
 """The float64 oracle itself: worked examples from the rules and finite-difference gradients."""
 
-import numpy as np
 import pytest
 
 import oracle
