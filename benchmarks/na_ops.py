@@ -1,7 +1,11 @@
 """Benchmark the neighborhood-attention backends: forward and forward+backward.
 
 Shapes: NAT/DiNAT stages at 224 (56x56 ... 7x7, head_dim 32, K=7, DiNAT dilations), a token
-scaling series (56x56 -> 224x224) and large-kernel cases. Every backend is timed in the same run
+scaling series (56x56 -> 224x224), large-kernel cases, and the NA-library cases beyond NAT
+(``--only library``): a 1-D long sequence (32K tokens, window 2048, head_dim 128, with and
+without stride 256), a FLUX-like 2-D case (64x64 tokens, window 31x31, 512 extra global tokens)
+and a video-like 3-D case (8x32x32, window 3x11x11). ``--backends xla,natten`` adds natten
+0.21.7's flex backend (PyTorch, forward only on CPU, no RPB). Every backend is timed in the same run
 (jit-compiled, warm, median of ``--repeats`` runs); effective TFLOP/s uses NATTEN's FLOP
 convention (forward ``4*B*heads*N*prod(K)*head_dim``, backward counted as 2.5x forward).
 
@@ -39,11 +43,13 @@ class Shape:
     spatial: tuple[int, ...]
     heads: int
     head_dim: int
-    kernel: int
+    kernel: int | tuple[int, ...]
     dilation: int = 1
     rpb: bool = True
     dtype: str = "float32"
     backward: bool = True
+    stride: int = 1
+    extra: int = 0  # additional (global) tokens every query attends to
 
 
 def cpu_suite() -> list[Shape]:
@@ -61,7 +67,16 @@ def cpu_suite() -> list[Shape]:
         Shape("large", "2-D 64x64 K31 h4 d64", 1, (64, 64), 4, 64, 31, rpb=False),
         Shape("large", "1-D 4096 K255 h4 d64", 1, (4096,), 4, 64, 255, rpb=False),
     ]
-    return stages + scaling + large
+    library = [
+        Shape("library", "1-D 32K K2048 h1 d128", 1, (32768,), 1, 128, 2048, rpb=False),
+        Shape("library", "1-D 32K K2048 s256 h1 d128", 1, (32768,), 1, 128, 2048, rpb=False,
+              stride=256),
+        Shape("library", "2-D 64x64 K31 +512 h2 d128", 1, (64, 64), 2, 128, 31, rpb=False,
+              extra=512),
+        Shape("library", "3-D 8x32x32 K3x11x11 h2 d64", 1, (8, 32, 32), 2, 64, (3, 11, 11),
+              rpb=False),
+    ]
+    return stages + scaling + large + library
 
 
 def gpu_suite() -> list[Shape]:
@@ -83,30 +98,80 @@ def _temp_mib(fn, *args) -> float | None:
     return None if stats is None else stats.temp_size_in_bytes / 2 ** 20
 
 
+def _kernel(s: Shape) -> tuple[int, ...]:
+    return s.kernel if isinstance(s.kernel, tuple) else (s.kernel,) * len(s.spatial)
+
+
+def bench_natten(s: Shape, repeats: int) -> dict:
+    """natten 0.21.7's flex backend (PyTorch on CPU), forward only."""
+    import time
+
+    import natten
+    import torch
+
+    torch.manual_seed(0)
+    dtype = getattr(torch, s.dtype)
+    q, k, v = (torch.randn(s.batch, *s.spatial, s.heads, s.head_dim, dtype=dtype)
+               for _ in range(3))
+    extra = {}
+    if s.extra:
+        ek, ev = (torch.randn(s.batch, s.extra, s.heads, s.head_dim, dtype=dtype)
+                  for _ in range(2))
+        extra = dict(additional_keys=ek, additional_values=ev)
+    fn = {1: natten.na1d, 2: natten.na2d, 3: natten.na3d}[len(s.spatial)]
+
+    def run():
+        with torch.no_grad():
+            return fn(q, k, v, kernel_size=_kernel(s), stride=s.stride, dilation=s.dilation,
+                      backend="flex-fna", **extra)
+
+    run()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    flops = kernels.na_flops(s.batch, s.heads, s.spatial, _kernel(s), s.head_dim,
+                             additional_tokens=s.extra)
+    t = float(np.median(times))
+    return dict(dataclasses.asdict(s), backend="natten-flex", op="fused", flops_fwd=flops,
+                fwd_ms=t * 1e3, fwd_tflops=flops / t / 1e12, fwd_temp_mib=None)
+
+
 def bench_one(s: Shape, backend: str, repeats: int, op: str = "fused") -> dict:
+    if backend == "natten":
+        return bench_natten(s, repeats)
     rank = len(s.spatial)
+    kernel = _kernel(s)
     dtype = jnp.dtype(s.dtype)
     key = jax.random.key(0)
-    kq, kk, kv, kr, kd = jax.random.split(key, 5)
+    kq, kk, kv, kr, kd, ke = jax.random.split(key, 6)
     shape = (s.batch, *s.spatial, s.heads, s.head_dim)
     q, k, v, dout = (jax.random.normal(x, shape, dtype) for x in (kq, kk, kv, kd))
-    rpb = (jax.random.normal(kr, (s.heads, *(2 * s.kernel - 1,) * rank), dtype) if s.rpb
+    rpb = (jax.random.normal(kr, (s.heads, *(2 * kk_ - 1 for kk_ in kernel)), dtype) if s.rpb
            else None)
+    extra = {}
+    if s.extra:
+        ek, ev = jax.random.normal(ke, (2, s.batch, s.extra, s.heads, s.head_dim), dtype)
+        extra = dict(additional_keys=ek, additional_values=ev)
 
     def fwd(q, k, v, rpb):
         if op == "fused":
-            return kernels.neighborhood_attention(q, k, v, s.kernel, dilation=s.dilation,
-                                                  rpb=rpb, backend=backend)
+            return kernels.neighborhood_attention(q, k, v, kernel, stride=s.stride,
+                                                  dilation=s.dilation, rpb=rpb,
+                                                  backend=backend, **extra)
         qk, av = getattr(kernels, f"na{rank}d_qk"), getattr(kernels, f"na{rank}d_av")
-        logits = qk(q, k, s.kernel, dilation=s.dilation, rpb=rpb, backend=backend)
-        return av(jax.nn.softmax(logits, -1).astype(v.dtype), v, s.kernel, dilation=s.dilation,
-                  backend=backend)
+        logits = qk(q, k, kernel, stride=s.stride, dilation=s.dilation, rpb=rpb,
+                    backend=backend)
+        return av(jax.nn.softmax(logits, -1).astype(v.dtype), v, kernel, stride=s.stride,
+                  dilation=s.dilation, backend=backend)
 
     def fwd_bwd(q, k, v, rpb):
         out, vjp = jax.vjp(fwd, q, k, v, rpb)
         return vjp(dout)
 
-    flops = kernels.na_flops(s.batch, s.heads, s.spatial, (s.kernel,) * rank, s.head_dim)
+    flops = kernels.na_flops(s.batch, s.heads, s.spatial, kernel, s.head_dim,
+                             additional_tokens=s.extra)
     row = dict(dataclasses.asdict(s), backend=backend, op=op, flops_fwd=flops)
     t = median_seconds(jax.jit(fwd), q, k, v, rpb, repeats=repeats)
     row.update(fwd_ms=t * 1e3, fwd_tflops=flops / t / 1e12,
@@ -123,9 +188,11 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--suite", choices=("cpu", "gpu"),
                         default="gpu" if jax.default_backend() == "gpu" else "cpu")
-    parser.add_argument("--only", default=None, help="comma-separated groups: stages,scaling,large")
+    parser.add_argument("--only", default=None,
+                        help="comma-separated groups: stages,scaling,large,library")
     parser.add_argument("--backends", default=None,
-                        help="comma-separated (default: reference,xla and pallas on GPU)")
+                        help="comma-separated (default: reference,xla and pallas on GPU; "
+                             "'natten' = natten's flex backend, forward only)")
     parser.add_argument("--op", choices=("fused", "unfused"), default="fused",
                         help="fused na*d, or na*d_av(softmax(na*d_qk)) (attention weights)")
     parser.add_argument("--repeats", type=int, default=5)
@@ -146,6 +213,9 @@ def main(argv: list[str] | None = None) -> int:
         groups = set(args.only.split(","))
         shapes = [s for s in shapes if s.group in groups]
 
+    suffix = "" if args.op == "fused" else "_unfused"
+    out = args.out or os.path.join(os.path.dirname(__file__), "results",
+                                   f"na_ops{suffix}_{platform_name}.json")
     rows = []
     console = Console()
     with console.status("benchmarking") as status:
@@ -153,17 +223,23 @@ def main(argv: list[str] | None = None) -> int:
             for backend in backends:
                 # The reference gathers [tokens, K^2, d] for keys and values: skip where that
                 # alone would not fit comfortably.
-                gather = 2 * s.batch * np.prod(s.spatial) * s.kernel ** len(s.spatial) \
+                gather = 2 * s.batch * np.prod(s.spatial) * np.prod(_kernel(s)) \
                     * s.heads * s.head_dim * jnp.dtype(s.dtype).itemsize
                 if backend == "reference" and gather > 4e9:
                     continue
+                # natten's flex backend without torch.compile materializes [B, heads, N, N]
+                # scores on CPU (a 32K sequence: 4.3 GB per head, and copies of it).
+                tokens = int(np.prod(s.spatial)) + s.extra
+                if backend == "natten" and s.batch * s.heads * tokens ** 2 * 4 > 2e9:
+                    rows.append(dict(dataclasses.asdict(s), backend="natten-flex",
+                                     skipped="flex materializes the full N x N scores on CPU"))
+                    continue
                 status.update(f"{s.name} [{backend}]")
                 rows.append(bench_one(s, backend, args.repeats, args.op))
+                write_json(out, dict(meta=environment(repeats=args.repeats, suite=args.suite,
+                                                      op=args.op), results=rows))
 
     device = jax.devices()[0]
-    suffix = "" if args.op == "fused" else "_unfused"
-    out = args.out or os.path.join(os.path.dirname(__file__), "results",
-                                   f"na_ops{suffix}_{platform_name}.json")
     write_json(out, dict(meta=environment(repeats=args.repeats, suite=args.suite, op=args.op),
                          results=rows))
 
@@ -174,6 +250,10 @@ def main(argv: list[str] | None = None) -> int:
         table.add_column(col, justify="left" if col in ("shape", "dtype", "backend") else "right")
     by_key = {(r["name"], r["backend"]): r for r in rows}
     for r in rows:
+        if "skipped" in r:
+            table.add_row(r["name"], r["dtype"], r["backend"], "skipped: " + r["skipped"],
+                          *["-"] * 5)
+            continue
         ref = by_key.get((r["name"], "reference"))
         ratio = f"{ref['fwd_ms'] / r['fwd_ms']:.1f}x" if ref else "-"
         mib = lambda x: "-" if x is None else f"{x:.1f}"  # noqa: E731

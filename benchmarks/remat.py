@@ -15,9 +15,14 @@ XLA's own GPU compiler run deviceless through :mod:`nat_jax.train.deviceless`, s
 is what each H100 of a real run would need (XLA's CPU scheduler does not place the recomputed
 layers where they save memory, so CPU figures say little about remat).
 
+``--scope model`` compiles only the model's forward + backward (the loss gradient, no optimizer,
+augmentation or collectives) for one abstract H100, which isolates what remat does to the
+activations kept for the backward pass.
+
 Usage::
 
     python benchmarks/remat.py --target h100x8             # dinat_base, 32 per GPU, 224, bf16
+    python benchmarks/remat.py --scope model --config nat_mini --batch 64 --na-backend pallas
     python benchmarks/remat.py --target local --config nat_mini --batch 8 --out /tmp/remat.json
 """
 
@@ -76,6 +81,50 @@ def measure_deviceless(target: str, config_name: str, batch: int, image_size: in
                 fits=report["fits"])
 
 
+def _model_grad_task(config_name: str, batch: int, image_size: int, dtype: str, remat: bool,
+                     na_backend: str) -> dict:
+    """Worker task (CUDA plugin active): compile the loss gradient of the model alone for one
+    abstract H100."""
+    import flax.nnx as nnx
+    import jax.numpy as jnp
+    import numpy as np
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+    from nat_jax import configs as model_configs, zoo
+    from nat_jax.kernels import gpu_gate
+
+    device = gpu_gate.abstract_gpu(gpu_gate.ARCHS["sm_90"])
+    mesh = Mesh(np.asarray([device]), ("gpu",))
+    replicated = NamedSharding(mesh, P())
+    c = configs.get_config(config_name)
+    model = nnx.eval_shape(lambda: zoo.build_model(
+        model_configs.get(c.model), rngs=nnx.Rngs(0), na_backend=na_backend, remat=remat,
+        dtype=dtype))
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    place = lambda tree: jax.tree.map(  # noqa: E731
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated), tree)
+    x = jax.ShapeDtypeStruct((batch, image_size, image_size, 3), jnp.float32,
+                             sharding=replicated)
+
+    def loss(params, rest, x):
+        out = nnx.merge(graphdef, params, rest)(x).logits
+        return jnp.sum(out.astype(jnp.float32) ** 2)
+
+    start = time.perf_counter()
+    with jax.set_mesh(mesh):
+        lowered = jax.jit(jax.grad(loss, argnums=(0, 1), allow_int=True)).trace(
+            place(params), place(rest), x).lower()
+        compiled = lowered.compile({"xla_gpu_enable_triton_gemm": False})
+    mem = compiled.memory_analysis()
+    return dict(config=config_name, model=c.model, target="h100 (model fwd+bwd)", batch=batch,
+                image_size=image_size, dtype=dtype, na_backend=na_backend, remat=remat,
+                compile_seconds=round(time.perf_counter() - start, 1),
+                argument_bytes=mem.argument_size_in_bytes, output_bytes=mem.output_size_in_bytes,
+                temp_bytes=mem.temp_size_in_bytes, alias_bytes=mem.alias_size_in_bytes,
+                peak_bytes=mem.argument_size_in_bytes + mem.output_size_in_bytes
+                + mem.temp_size_in_bytes - mem.alias_size_in_bytes)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--target", default="h100x8", help="'local' or a deviceless target")
@@ -85,12 +134,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--dtype", default="bfloat16", help="compute dtype")
     parser.add_argument("--na-backend", default="xla")
+    parser.add_argument("--scope", choices=("step", "model"), default="step",
+                        help="the trainer's whole step, or the model's forward + backward only "
+                             "(one abstract H100)")
     parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/"
                         "remat_<platform>.json)")
     args = parser.parse_args(argv)
     rows = []
     for remat in (False, True):
-        if args.target == "local":
+        if args.scope == "model":
+            from nat_jax.train import deviceless
+
+            row = deviceless.run_isolated("h100x8", _model_grad_task, args.config, args.batch,
+                                          args.image_size, args.dtype, remat, args.na_backend)
+        elif args.target == "local":
             row = measure(args.config, args.batch, args.image_size, args.dtype, remat,
                           args.na_backend)
         else:
@@ -106,6 +163,7 @@ def main(argv: list[str] | None = None) -> int:
                    compile_ratio=round(after["compile_seconds"] / before["compile_seconds"], 3))
     print(summary)
     where = jax.default_backend() if args.target == "local" else args.target
+    where = f"{where}_model" if args.scope == "model" else where
     out = args.out or os.path.join(os.path.dirname(__file__), "results", f"remat_{where}.json")
     write_json(out, {**environment(command=" ".join(
         [os.path.basename(sys.argv[0])] + (argv if argv is not None else sys.argv[1:]))),
