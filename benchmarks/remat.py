@@ -154,7 +154,8 @@ def main(argv: list[str] | None = None) -> int:
             row = measure_deviceless(args.target, args.config, args.batch, args.image_size,
                                      args.dtype, remat, args.na_backend)
         rows.append(row)
-        print(f"{row['config']} on {args.target}, batch {args.batch}, remat={remat}: compile "
+        print(f"{row['config']} on {row.get('target', args.target)}, batch {args.batch}, "
+              f"remat={remat}: compile "
               f"{row['compile_seconds']} s, peak {row['peak_bytes'] / 2**30:.2f} GiB "
               f"(temporaries {row['temp_bytes'] / 2**30:.2f} GiB)", flush=True)
     before, after = rows
