@@ -64,14 +64,15 @@ def measure(config_name: str, batch: int, image_size: int, dtype: str, remat: bo
 
 
 def measure_deviceless(target: str, config_name: str, batch: int, image_size: int, dtype: str,
-                       remat: bool, na_backend: str) -> dict:
+                       remat: bool, na_backend: str, compiler_options: dict | None = None
+                       ) -> dict:
     """:func:`measure` for a deviceless target; ``batch`` is per device."""
     from nat_jax.train import deviceless
 
-    report = deviceless.compile_train_step(
-        target, config_name, per_device_batch=batch,
+    report = deviceless.compile_program(
+        target, config_name, per_device_batch=batch, program="train",
         overrides={"remat": remat, "na_backend": na_backend, "compute_dtype": dtype,
-                   "image_size": image_size})
+                   "image_size": image_size}, compiler_options=compiler_options)
     return dict(config=config_name, model=report["model"], target=target,
                 batch_per_device=batch, image_size=image_size, dtype=dtype,
                 na_backend=na_backend, remat=remat, compile_seconds=report["compile_seconds"],
@@ -134,12 +135,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--dtype", default="bfloat16", help="compute dtype")
     parser.add_argument("--na-backend", default="xla")
+    parser.add_argument("--xla-option", action="append", default=[], metavar="NAME=VALUE",
+                        help="XLA compiler option for the deviceless compiles (repeatable)")
     parser.add_argument("--scope", choices=("step", "model"), default="step",
                         help="the trainer's whole step, or the model's forward + backward only "
                              "(one abstract H100)")
     parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/"
                         "remat_<platform>.json)")
     args = parser.parse_args(argv)
+    options = {}
+    for item in args.xla_option:
+        name, sep, value = item.partition("=")
+        if not sep:
+            parser.error(f"--xla-option {item!r}: expected NAME=VALUE")
+        options[name] = configs.parse_value(value)
     rows = []
     for remat in (False, True):
         if args.scope == "model":
@@ -152,7 +161,8 @@ def main(argv: list[str] | None = None) -> int:
                           args.na_backend)
         else:
             row = measure_deviceless(args.target, args.config, args.batch, args.image_size,
-                                     args.dtype, remat, args.na_backend)
+                                     args.dtype, remat, args.na_backend, options)
+            row["compiler_options"] = options
         rows.append(row)
         print(f"{row['config']} on {row.get('target', args.target)}, batch {args.batch}, "
               f"remat={remat}: compile "
