@@ -23,6 +23,7 @@ Usage::
 
     python benchmarks/remat.py --target h100x8             # dinat_base, 32 per GPU, 224, bf16
     python benchmarks/remat.py --scope model --config nat_mini --batch 64 --na-backend pallas
+    python benchmarks/remat.py --scope model --devices 8 ...     # the same, batch-sharded
     python benchmarks/remat.py --target local --config nat_mini --batch 8 --out /tmp/remat.json
 """
 
@@ -83,9 +84,9 @@ def measure_deviceless(target: str, config_name: str, batch: int, image_size: in
 
 
 def _model_grad_task(config_name: str, batch: int, image_size: int, dtype: str, remat: bool,
-                     na_backend: str) -> dict:
+                     na_backend: str, devices: int = 1) -> dict:
     """Worker task (CUDA plugin active): compile the loss gradient of the model alone for one
-    abstract H100."""
+    abstract H100, or for 8 with the batch (``batch`` per device) sharded over them."""
     import flax.nnx as nnx
     import jax.numpy as jnp
     import numpy as np
@@ -94,8 +95,13 @@ def _model_grad_task(config_name: str, batch: int, image_size: int, dtype: str, 
     from nat_jax import configs as model_configs, zoo
     from nat_jax.kernels import gpu_gate
 
-    device = gpu_gate.abstract_gpu(gpu_gate.ARCHS["sm_90"])
-    mesh = Mesh(np.asarray([device]), ("gpu",))
+    from nat_jax.train import deviceless
+
+    if devices == 1:
+        mesh = Mesh(np.asarray([gpu_gate.abstract_gpu(gpu_gate.ARCHS["sm_90"])]), ("data",))
+    else:
+        mesh = Mesh(np.asarray(deviceless.abstract_devices(deviceless.TARGETS["h100x8"])),
+                    ("data",))
     replicated = NamedSharding(mesh, P())
     c = configs.get_config(config_name)
     model = nnx.eval_shape(lambda: zoo.build_model(
@@ -104,8 +110,8 @@ def _model_grad_task(config_name: str, batch: int, image_size: int, dtype: str, 
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     place = lambda tree: jax.tree.map(  # noqa: E731
         lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated), tree)
-    x = jax.ShapeDtypeStruct((batch, image_size, image_size, 3), jnp.float32,
-                             sharding=replicated)
+    x = jax.ShapeDtypeStruct((batch * mesh.size, image_size, image_size, 3), jnp.float32,
+                             sharding=NamedSharding(mesh, P("data")))
 
     def loss(params, rest, x):
         out = nnx.merge(graphdef, params, rest)(x).logits
@@ -117,7 +123,8 @@ def _model_grad_task(config_name: str, batch: int, image_size: int, dtype: str, 
             place(params), place(rest), x).lower()
         compiled = lowered.compile({"xla_gpu_enable_triton_gemm": False})
     mem = compiled.memory_analysis()
-    return dict(config=config_name, model=c.model, target="h100 (model fwd+bwd)", batch=batch,
+    return dict(config=config_name, model=c.model,
+                target=f"{mesh.size} x h100 (model fwd+bwd)", batch=batch,
                 image_size=image_size, dtype=dtype, na_backend=na_backend, remat=remat,
                 compile_seconds=round(time.perf_counter() - start, 1),
                 argument_bytes=mem.argument_size_in_bytes, output_bytes=mem.output_size_in_bytes,
@@ -137,6 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--na-backend", default="xla")
     parser.add_argument("--xla-option", action="append", default=[], metavar="NAME=VALUE",
                         help="XLA compiler option for the deviceless compiles (repeatable)")
+    parser.add_argument("--devices", type=int, choices=(1, 8), default=1,
+                        help="--scope model: one H100, or 8 with the batch sharded")
     parser.add_argument("--scope", choices=("step", "model"), default="step",
                         help="the trainer's whole step, or the model's forward + backward only "
                              "(one abstract H100)")
@@ -155,7 +164,8 @@ def main(argv: list[str] | None = None) -> int:
             from nat_jax.train import deviceless
 
             row = deviceless.run_isolated("h100x8", _model_grad_task, args.config, args.batch,
-                                          args.image_size, args.dtype, remat, args.na_backend)
+                                          args.image_size, args.dtype, remat, args.na_backend,
+                                          args.devices)
         elif args.target == "local":
             row = measure(args.config, args.batch, args.image_size, args.dtype, remat,
                           args.na_backend)
@@ -174,7 +184,8 @@ def main(argv: list[str] | None = None) -> int:
                    compile_ratio=round(after["compile_seconds"] / before["compile_seconds"], 3))
     print(summary)
     where = jax.default_backend() if args.target == "local" else args.target
-    where = f"{where}_model" if args.scope == "model" else where
+    where = f"{where}_model{'' if args.devices == 1 else '_sharded'}" if args.scope == "model" \
+        else where
     out = args.out or os.path.join(os.path.dirname(__file__), "results", f"remat_{where}.json")
     write_json(out, {**environment(command=" ".join(
         [os.path.basename(sys.argv[0])] + (argv if argv is not None else sys.argv[1:]))),
