@@ -37,8 +37,10 @@ class Backend:
       config: ``config(query, value, p, rpb) -> hashable`` static configuration resolved
         outside the jitted call (e.g. autotuned block sizes), so a jit cache entry can never
         hold a stale choice.
-      partitionable: whether XLA can partition it under sharding; kernels it cannot partition
-        (custom calls) run under ``shard_map`` when a mesh is set (:mod:`sharding`).
+      partitionable: whether XLA partitions it (well) under sharding; kernels it cannot
+        partition (custom calls), or partitions badly, run under ``shard_map`` when a mesh is
+        set (:mod:`sharding`). Grouped-query calls stay with the partitioner (a head split
+        would have to keep each query-head group with its key/value head).
       qk: ``qk(query, key, p, rpb) -> logits`` (the unfused first half), or None: the backend
         has none, and ``na*_qk(..., backend=name)`` uses the ``"xla"`` one (warning once).
       av: ``av(weights, value, p) -> output`` (the unfused second half), or None (likewise).
@@ -58,17 +60,7 @@ def _reference(query, key, value, p, rpb, config):
 
 
 def _xla(query, key, value, p, rpb, config):
-    def run(q, k, v, r):
-        return xla.na_fused(q, k, v, p, r)
-
-    # Per device under shard_map when the inputs are sharded, as the kernels run: XLA's
-    # partitioner keeps the tiled layout's batch sharding poorly (a stage-1 NAT layer's fwd+bwd,
-    # 64 images per H100: 5.3 GiB of temporaries per device over 8 batch-sharded devices vs 1.7
-    # GiB on one). Grouped-query calls stay with the partitioner (a head split would have to
-    # keep each query-head group with its key/value head).
-    if key.shape[-2] != query.shape[-2]:
-        return run(query, key, value, rpb)
-    return sharding.run_sharded(run, query, key, value, rpb)
+    return xla.na_fused(query, key, value, p, rpb)
 
 
 def _pallas(query, key, value, p, rpb, config):
@@ -91,7 +83,10 @@ def _pallas_tpu_blocks(query, value, p, rpb):
 # Every backend, explicitly (no registration on import). "auto" walks them in this order.
 _BACKENDS: dict[str, Backend] = {
     "reference": Backend(_reference, qk=reference.na_qk, av=reference.na_av),
-    "xla": Backend(_xla, qk=xla.na_qk, av=xla.na_av),
+    # Not left to XLA's partitioner, which keeps the tiled layout's batch sharding poorly (a
+    # stage-1 NAT layer's fwd+bwd, 64 images per H100: 5.3 GiB of temporaries per device over 8
+    # batch-sharded devices vs 1.7 GiB on one); per device under shard_map it needs 1.7 GiB.
+    "xla": Backend(_xla, qk=xla.na_qk, av=xla.na_av, partitionable=False),
     "pallas": Backend(_pallas, platforms=("cuda",), unsupported=pallas.unsupported,
                       config=_pallas_blocks, partitionable=False),
     "pallas_tpu": Backend(_pallas_tpu, platforms=("tpu",), unsupported=pallas_tpu.unsupported,
@@ -235,7 +230,7 @@ def _prepare(rank, query, key, value, kernel_size, stride, dilation, is_causal, 
 
 def _run(name: str, config, query, key, value, rpb, p: NAParams):
     b = _BACKENDS[name]
-    if b.partitionable:
+    if b.partitionable or key.shape[-2] != query.shape[-2]:
         return b.fn(query, key, value, p, rpb, config)
     return sharding.run_sharded(lambda q, k, v, r: b.fn(q, k, v, p, r, config), query, key,
                                 value, rpb)

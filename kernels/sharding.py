@@ -20,13 +20,13 @@ import jax
 from jax.sharding import PartitionSpec as P
 
 
-
 def mesh_platform() -> str | None:
     """Platform of the context mesh's devices (``jax.set_mesh``; e.g. ``"tpu"`` for abstract
     TPU devices compiled for on a CPU host), or None without a mesh in context."""
     mesh = jax.sharding.get_abstract_mesh()
     device = None if mesh.empty else getattr(mesh, "abstract_device", None)
     return None if device is None else device.platform
+
 
 def partition_axes(mesh, batch: int, heads: int) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """Mesh axes that split the batch and the heads: each axis (in mesh order, size > 1) goes
