@@ -104,8 +104,6 @@ def _kernel(s: Shape) -> tuple[int, ...]:
 
 def bench_natten(s: Shape, repeats: int) -> dict:
     """natten 0.21.7's flex backend (PyTorch on CPU), forward only."""
-    import time
-
     import natten
     import torch
 
@@ -125,15 +123,9 @@ def bench_natten(s: Shape, repeats: int) -> dict:
             return fn(q, k, v, kernel_size=_kernel(s), stride=s.stride, dilation=s.dilation,
                       backend="flex-fna", **extra)
 
-    run()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
+    t = median_seconds(run, repeats=repeats)  # torch runs synchronously on CPU
     flops = kernels.na_flops(s.batch, s.heads, s.spatial, _kernel(s), s.head_dim,
                              additional_tokens=s.extra)
-    t = float(np.median(times))
     return dict(dataclasses.asdict(s), backend="natten-flex", op="fused", flops_fwd=flops,
                 fwd_ms=t * 1e3, fwd_tflops=flops / t / 1e12, fwd_temp_mib=None)
 

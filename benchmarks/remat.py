@@ -152,17 +152,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/"
                         "remat_<platform>.json)")
     args = parser.parse_args(argv)
-    options = {}
-    for item in args.xla_option:
-        name, sep, value = item.partition("=")
-        if not sep:
-            parser.error(f"--xla-option {item!r}: expected NAME=VALUE")
-        options[name] = configs.parse_value(value)
+    from nat_jax.train import deviceless
+
+    try:
+        options = deviceless.parse_xla_options(args.xla_option)
+    except ValueError as err:
+        parser.error(str(err))
     rows = []
     for remat in (False, True):
         if args.scope == "model":
-            from nat_jax.train import deviceless
-
             row = deviceless.run_isolated("h100x8", _model_grad_task, args.config, args.batch,
                                           args.image_size, args.dtype, remat, args.na_backend,
                                           args.devices)

@@ -89,19 +89,35 @@ def check_additional(query: jax.Array, value: jax.Array, additional_keys, additi
             raise ValueError(f"{name}.dtype={x.dtype} must equal query.dtype={query.dtype}")
 
 
-@jax.jit
-def _extra(query, keys, values, scale):
+def extra_logits(query: jax.Array, keys: jax.Array, scale: float) -> jax.Array:
+    """Scaled float32 logits of every query against the extra tokens: ``query [batch,
+    *spatial, heads, head_dim]``, ``keys [batch, extra, heads_kv, head_dim]`` -> ``[batch,
+    *spatial, heads, extra]`` (query head ``i`` against key head ``i // (heads // heads_kv)``;
+    the keys are never repeated per query head)."""
     b, heads, d = query.shape[0], query.shape[-2], query.shape[-1]
     hk = keys.shape[2]
-    q = query.reshape(b, -1, hk, heads // hk, d)  # [B, N, hk, group, d]: kv never repeated
+    q = query.reshape(b, -1, hk, heads // hk, d)  # [B, N, hk, group, d]
     s = jnp.einsum("bnkgd,blkd->bnkgl", q, keys, preferred_element_type=jnp.float32) * scale
+    return s.reshape(*query.shape[:-1], keys.shape[1])
+
+
+def extra_weighted_sum(weights: jax.Array, values: jax.Array) -> jax.Array:
+    """``weights [batch, *spatial, heads, extra]`` times ``values [batch, extra, heads_kv,
+    head_dim_v]`` -> ``[batch, *spatial, heads, head_dim_v]`` in ``values.dtype`` (the
+    counterpart of :func:`extra_logits`)."""
+    b, heads, n_extra = weights.shape[0], weights.shape[-2], weights.shape[-1]
+    hk = values.shape[2]
+    w = weights.reshape(b, -1, hk, heads // hk, n_extra).astype(values.dtype)
+    out = jnp.einsum("bnkgl,blkd->bnkgd", w, values, preferred_element_type=jnp.float32)
+    return out.astype(values.dtype).reshape(*weights.shape[:-1], values.shape[-1])
+
+
+@jax.jit
+def _extra(query, keys, values, scale):
+    s = extra_logits(query, keys, scale)
     m = jax.lax.stop_gradient(jnp.max(s, axis=-1, keepdims=True))
     lse = m + jnp.log(jnp.sum(jnp.exp(s - m), axis=-1, keepdims=True))
-    p = jnp.exp(s - lse).astype(values.dtype)
-    out = jnp.einsum("bnkgl,blkd->bnkgd", p, values, preferred_element_type=jnp.float32)
-    spatial = query.shape[1:-2]
-    return (out.astype(values.dtype).reshape(b, *spatial, heads, values.shape[-1]),
-            lse[..., 0].reshape(b, *spatial, heads))
+    return extra_weighted_sum(jnp.exp(s - lse), values), lse[..., 0]
 
 
 def extra_attention(query: jax.Array, keys: jax.Array, values: jax.Array, scale: float

@@ -46,7 +46,9 @@ class NAParams:
         return int(np.prod(self.kernel_size))
 
 
-def _per_axis(name: str, value: Any, rank: int, kind: type) -> tuple:
+def per_axis(name: str, value: Any, rank: int, kind: type) -> tuple:
+    """``value`` (one ``kind`` or one per axis) as a ``rank``-tuple of ``kind``; ValueError
+    naming ``name`` otherwise."""
     if isinstance(value, (bool, np.bool_)) and kind is int:
         raise ValueError(f"{name}={value!r} must be an int or a tuple of {rank} ints")
     if isinstance(value, (int, np.integer, bool, np.bool_)):
@@ -109,11 +111,11 @@ def make_params(spatial: tuple[int, ...], head_dim: int, kernel_size: IntOrTuple
                 is_periodic: BoolOrTuple = False) -> NAParams:
     """Normalize per-axis arguments and check NATTEN's rules against the spatial shape."""
     rank = len(spatial)
-    kernel_size = _per_axis("kernel_size", kernel_size, rank, int)
-    stride = _per_axis("stride", stride, rank, int)
-    dilation = _per_axis("dilation", dilation, rank, int)
-    is_causal = _per_axis("is_causal", is_causal, rank, bool)
-    is_periodic = _per_axis("is_periodic", is_periodic, rank, bool)
+    kernel_size = per_axis("kernel_size", kernel_size, rank, int)
+    stride = per_axis("stride", stride, rank, int)
+    dilation = per_axis("dilation", dilation, rank, int)
+    is_causal = per_axis("is_causal", is_causal, rank, bool)
+    is_periodic = per_axis("is_periodic", is_periodic, rank, bool)
     for a, (c, w) in enumerate(zip(is_causal, is_periodic)):
         if c and w:
             raise ValueError(f"{is_causal=}, {is_periodic=}: an axis cannot be both causal and "

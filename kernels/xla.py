@@ -636,7 +636,10 @@ def na_qk(query: jax.Array, key: jax.Array, p: NAParams, rpb: jax.Array | None =
     outside a causal window hold ``-inf``. Same contract as :func:`reference.na_qk`, without its
     ``[tokens, prod(K), head_dim]`` gather of every window at once. ``key`` may have fewer heads
     (grouped-query attention): each key head's windows are gathered once for its group."""
-    spatial, plans, qt, kh, _ = _layout(query, key, key, p, tile_sizes)
+    spatial = tuple(query.shape[1:1 + p.rank])
+    plans = _plans(spatial, p, query.shape[-1], tile_sizes)
+    qt = _fold_heads(_to_tiles(query, plans), key.shape[-2])
+    kh = _flat_halos(key, plans)
     slot, valid = _slot_tables(plans)
     b, h, g = query.shape[0], query.shape[-2], _groups(plans)
     tq, w = slot.shape[1:]
@@ -665,7 +668,9 @@ def na_av(weights: jax.Array, value: jax.Array, p: NAParams,
     heads, head_dim]`` in ``value.dtype``; weights of slots outside a causal window are ignored.
     Same contract as :func:`reference.na_av`. ``value`` may have fewer heads (grouped-query
     attention): each value head's windows are gathered once for its group."""
-    spatial, plans, _, _, vh = _layout(value, value, value, p, tile_sizes)
+    spatial = tuple(value.shape[1:1 + p.rank])
+    plans = _plans(spatial, p, value.shape[-1], tile_sizes)
+    vh = _flat_halos(value, plans)
     slot, valid = _slot_tables(plans)
     b, h, g = weights.shape[0], weights.shape[-2], _groups(plans)
     tq, w = slot.shape[1:]

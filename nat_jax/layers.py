@@ -27,16 +27,10 @@ import jax
 import jax.numpy as jnp
 
 from nat_jax import kernels
-from nat_jax.kernels.params import BoolOrTuple, IntOrTuple
+from nat_jax.kernels import merge
+from nat_jax.kernels.params import BoolOrTuple, IntOrTuple, per_axis
 
 _default_init = nnx.initializers.normal(stddev=0.02)
-
-
-def _per_axis(name: str, value: Any, rank: int) -> tuple:
-    values = tuple(value) if isinstance(value, (tuple, list)) else (value,) * rank
-    if len(values) != rank:
-        raise ValueError(f"{name}={value!r}: expected one value or {rank}")
-    return values
 
 
 class NeighborhoodAttention(nnx.Module):
@@ -86,11 +80,11 @@ class NeighborhoodAttention(nnx.Module):
         if backend not in ("auto",) + kernels.available_backends():
             raise ValueError(f"backend={backend!r} is not one of "
                              f"{('auto',) + kernels.available_backends()}")
-        self.kernel_size = _per_axis("kernel_size", kernel_size, rank)
-        self.stride = _per_axis("stride", stride, rank)
-        self.dilation = _per_axis("dilation", dilation, rank)
-        self.is_causal = _per_axis("is_causal", is_causal, rank)
-        self.is_periodic = _per_axis("is_periodic", is_periodic, rank)
+        self.kernel_size = per_axis("kernel_size", kernel_size, rank, int)
+        self.stride = per_axis("stride", stride, rank, int)
+        self.dilation = per_axis("dilation", dilation, rank, int)
+        self.is_causal = per_axis("is_causal", is_causal, rank, bool)
+        self.is_periodic = per_axis("is_periodic", is_periodic, rank, bool)
         if rpb and (any(k % 2 == 0 for k in self.kernel_size) or any(s != 1 for s in self.stride)
                     or any(self.is_causal)):
             raise ValueError(f"rpb=True needs odd kernels, stride 1 and no causal axis (got "
@@ -176,21 +170,14 @@ class NeighborhoodAttention(nnx.Module):
                     **window)
         w = logits.shape[-1]
         if ek is not None:
-            b, h, hk = q.shape[0], self.num_heads, ek.shape[2]
             scale = self.head_dim ** -0.5 if self.scale is None else self.scale
-            qg = q.reshape(b, -1, hk, h // hk, self.head_dim)
-            extra = jnp.einsum("bnkgd,blkd->bnkgl", qg, ek,
-                               preferred_element_type=jnp.float32) * scale
-            logits = jnp.concatenate([logits, extra.reshape(*logits.shape[:-1], -1)], -1)
+            logits = jnp.concatenate([logits, merge.extra_logits(q, ek, scale)], -1)
         probs = jax.nn.softmax(logits, axis=-1)
         dropped = self.attn_drop(probs)
         out = av(dropped[..., :w].astype(v.dtype), v, self.kernel_size, backend=self.backend,
                  **window)
         if ek is not None:
-            pe = dropped[..., w:].reshape(b, -1, hk, h // hk, ek.shape[1]).astype(ev.dtype)
-            out = out + jnp.einsum("bnkgl,blkd->bnkgd", pe, ev,
-                                   preferred_element_type=jnp.float32
-                                   ).astype(out.dtype).reshape(out.shape)
+            out = out + merge.extra_weighted_sum(dropped[..., w:], ev).astype(out.dtype)
         return out, probs
 
     def __call__(self, x: jax.Array, additional_tokens: jax.Array | None = None) -> jax.Array:

@@ -275,6 +275,20 @@ def compile_train_step(target: str, config: str, *, per_device_batch: int,
                            overrides=overrides, timeout=timeout)
 
 
+def parse_xla_options(items: list[str]) -> dict[str, Any]:
+    """``--xla-option NAME=VALUE`` arguments as compiler options, each value typed as a
+    training config's ``xla_options.NAME=VALUE`` override is. ValueError on a malformed one."""
+    from nat_jax.train import configs
+
+    options = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise ValueError(f"--xla-option {item!r}: expected NAME=VALUE")
+        options[name] = configs.parse_value(value)
+    return options
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m nat_jax.train.deviceless",
@@ -291,15 +305,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                              "xla_gpu_enable_triton_gemm=false")
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per compile")
     args = parser.parse_args(argv)
-    from nat_jax.train import configs
-
-    options = {}
-    for item in args.xla_option:
-        name, sep, value = item.partition("=")
-        if not sep or not name:
-            parser.error(f"--xla-option {item!r}: expected NAME=VALUE")
-        # Typed as a training config's xla_options.NAME=VALUE override is.
-        options[name] = configs.parse_value(value)
+    try:
+        options = parse_xla_options(args.xla_option)
+    except ValueError as err:
+        parser.error(str(err))
     report = compile_program(args.target, args.config, per_device_batch=args.per_device_batch,
                              program=args.program,
                              overrides={"fsdp": args.fsdp, "na_backend": args.backend},
