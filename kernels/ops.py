@@ -14,11 +14,12 @@ import contextvars
 import dataclasses
 import functools
 import warnings
-from collections.abc import Callable, Hashable, Iterator
+from collections.abc import Callable, Hashable, Iterator, Sequence
 
 import jax
 
-from nat_jax.kernels import autotune, merge, pallas, pallas_tpu, reference, sharding, xla
+from nat_jax.kernels import (autotune, context, merge, pallas, pallas_tpu, reference, sharding,
+                             xla)
 from nat_jax.kernels.params import (BoolOrTuple, IntOrTuple, NAParams, check_heads, check_qkv,
                                     check_rpb, make_params)
 
@@ -112,11 +113,14 @@ def _seen_by(b: Backend, query, value, rpb):
     return (query, value, rpb) if b.partitionable else sharding.local_shapes(query, value, rpb)
 
 
-def _unsupported(name: str, query, value, p: NAParams, rpb) -> str | None:
+def _unsupported(name: str, query, value, p: NAParams, rpb, per_device: bool = False
+                 ) -> str | None:
+    """Why backend ``name`` cannot take the call (None: it can); ``per_device``: the arguments
+    are already the per-device ones (context parallelism)."""
     b = _BACKENDS[name]
     if b.unsupported is None:
         return None
-    q, v, r = _seen_by(b, query, value, rpb)
+    q, v, r = (query, value, rpb) if per_device else _seen_by(b, query, value, rpb)
     return b.unsupported(q, v, p, r)
 
 
@@ -190,14 +194,14 @@ def target_platforms() -> frozenset[str]:
     return frozenset(found | set(_declared_platforms.value))
 
 
-def _auto_choices(query, key, value, p: NAParams, rpb, platforms: frozenset[str] | None = None
-                  ) -> tuple[tuple[str, str], ...]:
+def _auto_choices(query, key, value, p: NAParams, rpb, platforms: frozenset[str] | None = None,
+                  per_device: bool = False) -> tuple[tuple[str, str], ...]:
     """``(platform, backend)`` pairs that ``auto`` uses instead of ``xla`` for this call, for
     ``platforms`` (default: the :func:`target_platforms`)."""
     targets = target_platforms() if platforms is None else platforms
     choices: dict[str, str] = {}
     for name, b in _BACKENDS.items():
-        if _unsupported(name, query, value, p, rpb) is not None:
+        if _unsupported(name, query, value, p, rpb, per_device) is not None:
             continue
         for platform in b.platforms:
             if platform in targets:
@@ -256,7 +260,9 @@ def neighborhood_attention(query: jax.Array, key: jax.Array, value: jax.Array,
                            backend: str = "auto", return_lse: bool = False,
                            is_periodic: BoolOrTuple = False,
                            additional_keys: jax.Array | None = None,
-                           additional_values: jax.Array | None = None):
+                           additional_values: jax.Array | None = None,
+                           spatial_axes: Sequence[context.MeshAxes] | None = None,
+                           mesh: jax.sharding.Mesh | None = None):
     """N-dimensional neighborhood attention (rank taken from ``query.ndim - 3``).
 
     See :func:`na2d` for the arguments. Returns the output, or ``(output, lse)`` with
@@ -267,23 +273,93 @@ def neighborhood_attention(query: jax.Array, key: jax.Array, value: jax.Array,
         raise ValueError(f"query.ndim={query.ndim}: expected 4, 5 or 6 "
                          "([batch, *spatial(1-3), heads, head_dim])")
     return _na(rank, query, key, value, kernel_size, stride, dilation, is_causal, scale, rpb,
-               backend, return_lse, is_periodic, additional_keys, additional_values)
+               backend, return_lse, is_periodic, additional_keys, additional_values,
+               spatial_axes, mesh)
 
 
-def _config(name: str, query, value, p: NAParams, rpb):
+def _config(name: str, query, value, p: NAParams, rpb, per_device: bool = False):
     b = _BACKENDS[name]
     if b.config is None:
         return None
-    q, v, r = _seen_by(b, query, value, rpb)
+    q, v, r = (query, value, rpb) if per_device else _seen_by(b, query, value, rpb)
     return b.config(q, v, p, r)
 
 
+def _context_layout(query, key, p: NAParams, spatial_axes, mesh) -> context.Layout | None:
+    """The context-parallel layout of a call whose spatial axes are split over devices (named
+    by ``spatial_axes``, or read from the query's ``NamedSharding``); None otherwise."""
+    if spatial_axes is None:
+        found = context.spatial_axes_of(query, p.rank)
+        if found is None:
+            return None
+        spatial_axes, found_mesh = found
+        mesh = mesh if mesh is not None else found_mesh
+    if mesh is None:
+        mesh = jax.sharding.get_abstract_mesh()
+        if mesh.empty:
+            found = context.spatial_axes_of(query, p.rank)
+            if found is None:
+                raise ValueError(f"spatial_axes={tuple(spatial_axes)!r} needs a mesh: set one "
+                                 "with jax.set_mesh(mesh), pass mesh=, or pass arrays with a "
+                                 "NamedSharding")
+            mesh = found[1]
+    layout = context.make_layout(mesh, spatial_axes, tuple(query.shape), query.shape[-2],
+                                 key.shape[-2], p)
+    return layout if any(plan is not None for plan in layout.plans) else None
+
+
+def _local_call(name: str, config, p: NAParams, query, key, value, rpb):
+    return _BACKENDS[name].fn(query, key, value, p, rpb, config)
+
+
+@functools.partial(jax.jit, static_argnames=("layout", "backend", "config"))
+def _fused_context(query, key, value, rpb, layout: context.Layout, backend: str | tuple, config):
+    """:func:`_fused` with spatial axes split over devices (:mod:`context`): every device runs
+    the backend on its local range with ``layout.local_params``."""
+    lp = layout.local_params
+    if isinstance(backend, str):
+        fn = functools.partial(_local_call, backend, config, lp)
+    else:
+        branches = {platform: functools.partial(_local_call, name, cfg, lp)
+                    for (platform, name), cfg in zip(backend, config)}
+
+        def fn(q, k, v, r):
+            return jax.lax.platform_dependent(
+                q, k, v, r, default=functools.partial(_local_call, "xla", None, lp), **branches)
+    return context.run(fn, query, key, value, rpb, layout)
+
+
+def _na_context(layout: context.Layout, query, key, value, rpb, backend: str):
+    """Dispatch of a context-parallel call; backends are chosen (and configured) for what each
+    device computes: its local range, batch and heads split."""
+    lp = layout.local_params
+    q, k, v = (jax.ShapeDtypeStruct(layout.local_shape(tuple(x.shape)), x.dtype)
+               for x in (query, key, value))
+    r = None if rpb is None else jax.ShapeDtypeStruct(
+        (rpb.shape[0] // layout.size(layout.heads), *rpb.shape[1:]), rpb.dtype)
+    if backend == "auto":
+        choices = _auto_choices(q, k, v, lp, r, per_device=True)
+        config = tuple(_config(name, q, v, lp, r, per_device=True) for _, name in choices)
+        return _fused_context(query, key, value, rpb, layout, choices or "xla",
+                              config if choices else None)
+    name = resolve_backend(backend, q, k, v, lp, r)
+    why = _unsupported(name, q, v, lp, r, per_device=True)
+    if why:
+        raise ValueError(f"{backend=}: {why}")
+    return _fused_context(query, key, value, rpb, layout, name,
+                          _config(name, q, v, lp, r, per_device=True))
+
+
 def _na(rank, query, key, value, kernel_size, stride, dilation, is_causal, scale, rpb, backend,
-        return_lse, is_periodic, additional_keys=None, additional_values=None):
+        return_lse, is_periodic, additional_keys=None, additional_values=None,
+        spatial_axes=None, mesh=None):
     p = _prepare(rank, query, key, value, kernel_size, stride, dilation, is_causal, scale, rpb,
                  is_periodic)
     merge.check_additional(query, value, additional_keys, additional_values)
-    if backend == "auto":
+    layout = _context_layout(query, key, p, spatial_axes, mesh)
+    if layout is not None:
+        out, lse = _na_context(layout, query, key, value, rpb, backend)
+    elif backend == "auto":
         choices = _auto_choices(query, key, value, p, rpb)
         if choices:
             config = tuple(_config(name, query, value, p, rpb) for _, name in choices)
@@ -346,11 +422,21 @@ _DOC_ARGS = """
         neighborhood, with one softmax over both (no RPB, causal mask or stride applies to
         them). Computed densely beside the neighborhood on any backend and combined with
         :func:`merge_attentions`; ``return_lse`` returns the combined logsumexp.
+      spatial_axes: context parallelism (:mod:`nat_jax.kernels.context`): one entry per
+        spatial axis, a mesh axis name (or tuple of names) the axis is split over, or None.
+        Each device exchanges halos of key/value rows with its neighbours (``ppermute``; an
+        all-gather of the axis where no halo plan exists) and computes its own queries with
+        the exact global window rules; outputs are split the same way, batch and heads over
+        the remaining mesh axes. Default: read from the query's ``NamedSharding`` when it
+        splits a spatial axis (sharded arrays, or a mesh with explicit axes), else none.
+      mesh: the mesh ``spatial_axes`` names; default the context mesh (``jax.set_mesh``), or
+        the query's ``NamedSharding``'s mesh.
 
     Windows follow NATTEN exactly: they are shifted inwards at the borders (never zero-padded),
     so every non-causal query sees exactly ``prod(kernel_size)`` keys. bf16/fp16 inputs compute
     logits and softmax in float32 and return the input dtype. Works under ``jax.jit``,
-    ``jax.vmap``, ``jax.grad`` and with batch/head-sharded inputs.
+    ``jax.vmap``, ``jax.grad`` and with batch/head-sharded inputs (and spatially sharded ones,
+    with ``spatial_axes``).
 
     Returns:
       ``[batch, {axes}, heads, head_dim_v]`` in the input dtype (and lse with ``return_lse``).
@@ -366,9 +452,12 @@ def _make_fused(rank: int, axes: str, rpb_shape: str):
            scale: float | None = None, rpb: jax.Array | None = None, backend: str = "auto",
            return_lse: bool = False, is_periodic: BoolOrTuple = False,
            additional_keys: jax.Array | None = None,
-           additional_values: jax.Array | None = None):
+           additional_values: jax.Array | None = None,
+           spatial_axes: Sequence[context.MeshAxes] | None = None,
+           mesh: jax.sharding.Mesh | None = None):
         return _na(rank, query, key, value, kernel_size, stride, dilation, is_causal, scale, rpb,
-                   backend, return_lse, is_periodic, additional_keys, additional_values)
+                   backend, return_lse, is_periodic, additional_keys, additional_values,
+                   spatial_axes, mesh)
 
     op.__name__ = op.__qualname__ = f"na{rank}d"
     op.__doc__ = f"{rank}-D neighborhood attention.\n" + _DOC_ARGS.format(axes=axes, rpb=rpb_shape)

@@ -28,15 +28,17 @@ def mesh_platform() -> str | None:
     return None if device is None else device.platform
 
 
-def partition_axes(mesh, batch: int, heads: int) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """Mesh axes that split the batch and the heads: each axis (in mesh order, size > 1) goes
-    to the batch while the product still divides ``batch``, else to the heads if it divides
-    ``heads``; axes that divide neither leave the kernel replicated over them."""
+def partition_axes(mesh, batch: int, heads: int, exclude: tuple[str, ...] = ()
+                   ) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """Mesh axes that split the batch and the heads: each axis (in mesh order, size > 1, not
+    in ``exclude``) goes to the batch while the product still divides ``batch``, else to the
+    heads if it divides ``heads``; axes that divide neither leave the kernel replicated over
+    them."""
     batch_axes, head_axes = [], []
     b, h = 1, 1
     for name in mesh.axis_names:
         size = mesh.shape[name]
-        if size == 1:
+        if size == 1 or name in exclude:
             continue
         if batch % (b * size) == 0:
             batch_axes.append(name)
