@@ -19,7 +19,7 @@ Example::
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import flax.nnx as nnx
@@ -31,6 +31,12 @@ from nat_jax.kernels import merge
 from nat_jax.kernels.params import BoolOrTuple, IntOrTuple, per_axis
 
 _default_init = nnx.initializers.normal(stddev=0.02)
+
+
+def mesh_has_axes(names) -> bool:
+    """Whether the context mesh (``jax.set_mesh``) has every mesh axis in ``names``."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return not mesh.empty and all(n in mesh.axis_names for n in names)
 
 
 class NeighborhoodAttention(nnx.Module):
@@ -53,6 +59,11 @@ class NeighborhoodAttention(nnx.Module):
       attn_drop, proj_drop: dropout on the attention weights (runs the unfused
         ``qk``/``av`` pieces while active) and on the output; active in ``model.train()``.
       backend: NA backend (``"auto"`` or one of ``nat_jax.kernels.available_backends()``).
+      spatial_axes: context parallelism, one entry per spatial axis (a mesh axis name, a tuple
+        of names, or None), as :func:`nat_jax.na2d`'s: under a context mesh that has these
+        axes (``jax.set_mesh``) each device computes its rows and exchanges halos; without one
+        the layer runs unsplit. The unfused path (attention weights, attention dropout) is left
+        to XLA's partitioner.
       dtype, param_dtype: computation and parameter dtypes.
       kernel_init, rpb_init: initializers of the projections' kernels and of the RPB.
       rngs: ``nnx.Rngs`` (``params``; ``dropout`` when a dropout rate is > 0).
@@ -66,6 +77,7 @@ class NeighborhoodAttention(nnx.Module):
                  num_kv_heads: int | None = None, qkv_bias: bool = True,
                  proj_bias: bool = True, rpb: bool = False, scale: float | None = None,
                  attn_drop: float = 0.0, proj_drop: float = 0.0, backend: str = "auto",
+                 spatial_axes: Sequence[str | tuple[str, ...] | None] | None = None,
                  dtype: Any = None, param_dtype: Any = jnp.float32,
                  kernel_init: Callable = _default_init, rpb_init: Callable = _default_init,
                  rngs: nnx.Rngs):
@@ -94,6 +106,10 @@ class NeighborhoodAttention(nnx.Module):
         self.head_dim = embed_dim // num_heads
         self.scale = scale
         self.backend = backend
+        if spatial_axes is not None and len(spatial_axes) != rank:
+            raise ValueError(f"spatial_axes={spatial_axes!r} must have one entry per spatial "
+                             f"axis ({rank})")
+        self.spatial_axes = None if spatial_axes is None else tuple(spatial_axes)
         self.return_weights = False
         dtypes = dict(dtype=dtype, param_dtype=param_dtype)
         self.qkv = nnx.Linear(embed_dim, (num_heads + 2 * num_kv_heads) * self.head_dim,
@@ -157,9 +173,19 @@ class NeighborhoodAttention(nnx.Module):
         else:
             out = kernels.neighborhood_attention(
                 q, k, v, self.kernel_size, scale=self.scale, rpb=rpb, backend=self.backend,
-                additional_keys=ek, additional_values=ev, **window)
+                additional_keys=ek, additional_values=ev, spatial_axes=self._split_over(),
+                **window)
         out = self.proj(out.reshape(*x.shape[:-1], -1))
         return self.proj_drop(out), weights if self.return_weights else None
+
+    def _split_over(self):
+        """``spatial_axes`` when the context mesh has those axes, else None (unsplit)."""
+        axes = self.spatial_axes
+        if axes is None:
+            return None
+        names = [n for entry in axes if entry is not None
+                 for n in ((entry,) if isinstance(entry, str) else entry)]
+        return axes if mesh_has_axes(names) else None
 
     def _unfused(self, q, k, v, ek, ev, rpb, window):
         """Softmax weights materialized (``[..., heads, W (+ L)]``), dropout applied to them."""

@@ -64,10 +64,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 from nat_jax import layers
 from nat_jax.configs import DinatConfig, ModelConfig, NatConfig
 from nat_jax.kernels import available_backends
+from nat_jax.kernels.sharding import partition_axes
 from nat_jax.outputs import BackboneOutput, ImageClassifierOutput, ModelOutput
 from nat_jax.preprocess import EvalTransform
 
@@ -91,12 +93,22 @@ class BuildOptions:
         ``na2d_qk`` / ``na2d_av`` used when attention weights are returned or dropped out.
       remat: rematerialize each layer in the backward pass (``nnx.remat``): activation memory
         of one layer instead of all of them, for one more forward pass of each layer.
+      context_axis: context parallelism: the mesh axis that the token rows (H) of the first
+        ``context_stages`` stages are split over (each device holds ``H / axis size`` rows of
+        every image and exchanges attention halos with its neighbours; see
+        :mod:`nat_jax.kernels.context`). Takes effect when the model runs under a mesh with
+        that axis (``jax.set_mesh``; the trainer's ``context`` axis); without one the model
+        runs unsplit. None: off.
+      context_stages: how many leading stages split their rows (the later, smaller grids are
+        cheap to keep whole).
     """
 
     dtype: str = "float32"
     param_dtype: str = "float32"
     na_backend: str = "auto"
     remat: bool = False
+    context_axis: str | None = None
+    context_stages: int = 1
 
     def __post_init__(self):
         for name in ("dtype", "param_dtype"):
@@ -110,6 +122,8 @@ class BuildOptions:
         backends = ("auto",) + available_backends()
         if self.na_backend not in backends:
             raise ValueError(f"na_backend={self.na_backend!r} is not one of {backends}")
+        if self.context_stages < 0:
+            raise ValueError(f"context_stages={self.context_stages} must be >= 0")
 
     @property
     def compute_dtype(self) -> jnp.dtype:
@@ -212,14 +226,16 @@ class NeighborhoodAttention(layers.NeighborhoodAttention2D):
     """
 
     def __init__(self, config: ModelConfig, options: BuildOptions, dim: int, num_heads: int,
-                 dilation: int, *, rngs: nnx.Rngs):
+                 dilation: int, *, split_rows: bool = False, rngs: nnx.Rngs):
         # HF applies attention_probs_dropout_prob to the weights and after the projection.
         super().__init__(dim, num_heads, config.kernel_size, dilation=dilation,
                          qkv_bias=config.qkv_bias, rpb=True,
                          attn_drop=config.attention_probs_dropout_prob,
                          proj_drop=config.attention_probs_dropout_prob,
                          backend=options.na_backend, kernel_init=_init(config),
-                         rpb_init=_init(config), rngs=rngs, **_dtypes(options))
+                         rpb_init=_init(config),
+                         spatial_axes=(options.context_axis, None) if split_rows else None,
+                         rngs=rngs, **_dtypes(options))
 
     def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array | None]:
         """``x [B, H, W, C]`` (H, W >= kernel*dilation) -> ``(out [B,H,W,C], weights | None)``.
@@ -254,11 +270,12 @@ class NatLayer(nnx.Module):
     """
 
     def __init__(self, config: ModelConfig, options: BuildOptions, dim: int, num_heads: int,
-                 dilation: int, drop_path_rate: float, *, rngs: nnx.Rngs):
+                 dilation: int, drop_path_rate: float, *, split_rows: bool = False,
+                 rngs: nnx.Rngs):
         self.window = config.kernel_size * dilation
         self.layernorm_before = _layer_norm(config, options, dim, rngs=rngs)
         self.attention = NeighborhoodAttention(config, options, dim, num_heads, dilation,
-                                               rngs=rngs)
+                                               split_rows=split_rows, rngs=rngs)
         self.layernorm_after = _layer_norm(config, options, dim, rngs=rngs)
         self.mlp = Mlp(config, options, dim, rngs=rngs)
         # Stochastic depth: one keep/drop decision per sample (mask broadcast over H, W, C).
@@ -316,9 +333,13 @@ class NatStage(nnx.Module):
         dim = config.stage_dims[index]
         dilations = config.layer_dilations[index]
         self.remat = options.remat
+        split = options.context_axis is not None and index < options.context_stages
+        self.context_axis = options.context_axis if split else None
+        # The last split stage hands whole rows to the next one (after downsampling: 4x fewer).
+        self.join_rows = split and index + 1 == options.context_stages
         self.layers = nnx.List([
             NatLayer(config, options, dim, config.num_heads[index], dilations[j],
-                     drop_path_rates[j], rngs=rngs)
+                     drop_path_rates[j], split_rows=split, rngs=rngs)
             for j in range(config.depths[index])
         ])
         last = index == config.num_stages - 1
@@ -328,12 +349,30 @@ class NatStage(nnx.Module):
         """Returns ``(output, output_before_downsampling, last layer's weights | None)``."""
         apply = _apply_layer_remat if self.remat else _apply_layer
         weights = None
+        split = self.context_axis is not None and layers.mesh_has_axes((self.context_axis,))
+        if split:
+            # The whole stage (norms and MLPs too, not only attention) keeps its rows split.
+            x = _split_rows(x, self.context_axis)
         for layer in self.layers:
             x, weights = apply(layer, x)
         before = x
         if self.downsample is not None:
             x = self.downsample(x)
+        if split and self.join_rows:
+            x = _split_rows(x, None, exclude=self.context_axis)
         return x, before, weights
+
+
+def _split_rows(x: jax.Array, rows: str | None, exclude: str | None = None) -> jax.Array:
+    """``x [B, H, W, C]`` constrained to its batch split over the context mesh's axes (but
+    ``rows`` / ``exclude``) and its rows over ``rows`` (None: whole rows). Stated exactly
+    rather than left to propagation: left open, XLA's partitioner gathered the global batch
+    for the downsampler's weight gradient."""
+    mesh = jax.sharding.get_abstract_mesh()
+    skip = tuple(a for a in (rows, exclude) if a is not None)
+    batch, _ = partition_axes(mesh, x.shape[0], 1, exclude=skip)
+    spec_batch = None if not batch else (batch[0] if len(batch) == 1 else batch)
+    return jax.lax.with_sharding_constraint(x, P(spec_batch, rows, None, None))
 
 
 class NatEncoder(nnx.Module):
@@ -404,9 +443,10 @@ class _Model(nnx.Module):
         return frozenset(out)
 
 
-def _options(dtype, param_dtype, na_backend, remat) -> BuildOptions:
+def _options(dtype, param_dtype, na_backend, remat, context_axis, context_stages
+             ) -> BuildOptions:
     return BuildOptions(dtype=dtype, param_dtype=param_dtype, na_backend=na_backend,
-                        remat=remat)
+                        remat=remat, context_axis=context_axis, context_stages=context_stages)
 
 
 _BUILD_DOC = """
@@ -414,7 +454,8 @@ _BUILD_DOC = """
       config: the architecture (``{config}``).
       rngs: parameter initialization ("params" stream, else "default") and, for models with
         dropout or drop path, their streams ("dropout", else "default").
-      dtype, param_dtype, na_backend, remat: see :class:`BuildOptions`.
+      dtype, param_dtype, na_backend, remat, context_axis, context_stages: see
+        :class:`BuildOptions`.
       eval_transform: the eval preprocessing :func:`nat_jax.predict` applies (default: 224
         px, crop 0.875, ImageNet mean/std); checkpoints carry theirs.
 """
@@ -436,8 +477,10 @@ class NatModel(_Model):
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, dtype: str = "float32",
                  param_dtype: str = "float32", na_backend: str = "auto", remat: bool = False,
+                 context_axis: str | None = None, context_stages: int = 1,
                  eval_transform: EvalTransform | None = None):
-        self._setup(config, _options(dtype, param_dtype, na_backend, remat), eval_transform)
+        self._setup(config, _options(dtype, param_dtype, na_backend, remat, context_axis,
+                                     context_stages), eval_transform)
         options = self.options
         self.embeddings = Embeddings(config, options, rngs=rngs)
         self.encoder = NatEncoder(config, options, rngs=rngs)
@@ -468,11 +511,14 @@ class NatForImageClassification(_Model):
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, dtype: str = "float32",
                  param_dtype: str = "float32", na_backend: str = "auto", remat: bool = False,
+                 context_axis: str | None = None, context_stages: int = 1,
                  eval_transform: EvalTransform | None = None):
-        self._setup(config, _options(dtype, param_dtype, na_backend, remat), eval_transform)
+        self._setup(config, _options(dtype, param_dtype, na_backend, remat, context_axis,
+                                     context_stages), eval_transform)
         setattr(self, config.model_type, self.base_class(
             config, rngs=rngs, dtype=dtype, param_dtype=param_dtype, na_backend=na_backend,
-            remat=remat, eval_transform=eval_transform))
+            remat=remat, context_axis=context_axis, context_stages=context_stages,
+            eval_transform=eval_transform))
         self.classifier = (_linear(config, self.options, config.hidden_size, config.num_labels,
                                    rngs=rngs) if config.num_labels > 0 else None)
 
@@ -503,8 +549,10 @@ class NatBackbone(_Model):
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, dtype: str = "float32",
                  param_dtype: str = "float32", na_backend: str = "auto", remat: bool = False,
+                 context_axis: str | None = None, context_stages: int = 1,
                  eval_transform: EvalTransform | None = None):
-        self._setup(config, _options(dtype, param_dtype, na_backend, remat), eval_transform)
+        self._setup(config, _options(dtype, param_dtype, na_backend, remat, context_axis,
+                                     context_stages), eval_transform)
         options = self.options
         self.out_features, self.out_indices = config.backbone_stages()
         widths = (config.embed_dim,) + config.stage_dims

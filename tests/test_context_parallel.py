@@ -243,3 +243,73 @@ def test_unsharded_entries_run_the_plain_op(rng):
         jaxpr = str(jax.make_jaxpr(lambda *a: na2d(*a, 3, spatial_axes=("sp", None)))(q, k, v))
     assert "ppermute" not in jaxpr and "all_gather" not in jaxpr
 
+
+
+# ------------------------------------------------------------------ the model switch
+
+
+def test_train_step_with_context_parallel_stages_equals_single_device(rng):
+    """``config.context = 4``: the mesh is (data 2, fsdp 1, context 4); the first stage's
+    token rows are split over the context axis (a dilated DiNAT layer with RPB). Two train
+    steps equal the single-device steps, the NA halos travel by collective-permute, and the
+    only all-gathers hand the downsampled grid's rows to the unsplit second stage."""
+    from nat_jax.train import sharding, trainer
+
+    from test_train import fixed_batch, no_aug, tiny_config
+
+    c = no_aug(tiny_config("dinat_mini", fsdp_min_size=0, learning_rate=5e-3, image_size=64))
+    c.model_overrides.drop_path_rate = 0.0
+    batch = fixed_batch(rng, size=64)
+
+    def two_steps(mesh):
+        run = trainer.setup_training(c, mesh, 10, total_steps=100, warmup_steps=0)
+        state, losses = run.state, []
+        hlo = run.step_fn.lower(state, trainer.put_batch(batch, mesh), run.rest).compile()
+        for _ in range(2):
+            state, metrics = run.step_fn(state, trainer.put_batch(batch, mesh), run.rest)
+            losses.append(float(metrics["loss"]))
+        return jax.device_get(state.params), losses, hlo.as_text()
+
+    p1, l1, _ = two_steps(sharding.make_mesh(fsdp=1, devices=jax.devices()[:1]))
+    c.context = 4
+    mesh = sharding.make_mesh(fsdp=1, context=4)
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 1, "context": 4}
+    p4, l4, hlo = two_steps(mesh)
+    np.testing.assert_allclose(l4, l1, rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=5e-5), p4, p1)
+    assert "collective-permute" in hlo
+    for line in hlo.splitlines():
+        if "all-gather(" in line or "all-gather-start(" in line:
+            # stage 2's grid: 8 images of the data shard, 8x8 tokens, 32 channels
+            assert line.split("=", 1)[1].strip().startswith("f32[8,8,8,32]"), line
+
+
+def test_model_with_context_axis_runs_unsplit_without_a_mesh(rng):
+    from flax import nnx
+
+    from nat_jax import configs, zoo
+
+    cfg = configs.get("dinat_mini", embed_dim=16, depths=(1, 1), num_heads=(1, 2),
+                      dilations=((2,), (1,)), kernel_size=3, num_labels=10)
+    x = jnp.asarray(rng.standard_normal((2, 64, 64, 3)), jnp.float32)
+    plain = zoo.build_model(cfg, rngs=nnx.Rngs(0))
+    split = zoo.build_model(cfg, rngs=nnx.Rngs(0), context_axis="context")
+    np.testing.assert_allclose(split(x).logits, plain(x).logits, rtol=1e-6, atol=1e-6)
+    mesh = _mesh((2, 4), ("data", "context"))
+    with jax.set_mesh(mesh):
+        jaxpr = str(jax.make_jaxpr(lambda x: split(x).logits)(x))
+        got = jax.jit(lambda x: split(x).logits)(x)
+    assert "ppermute" in jaxpr
+    np.testing.assert_allclose(got, plain(x).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_context_mesh_validation():
+    from nat_jax.train import sharding
+    from nat_jax.train.errors import UserInputError
+
+    with pytest.raises(UserInputError, match="context=3"):
+        sharding.make_mesh(context=3)
+    with pytest.raises(UserInputError, match="fsdp=4"):
+        sharding.make_mesh(fsdp=4, context=4)
+    assert dict(sharding.make_mesh(fsdp=-1, context=2).shape) == {"data": 1, "fsdp": 4,
+                                                                   "context": 2}

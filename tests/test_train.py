@@ -252,7 +252,7 @@ def test_weight_decay_follows_the_model(rng):
 
 def test_param_sharding_rule():
     mesh = sharding.make_mesh(fsdp=4)
-    assert dict(mesh.shape) == {"data": 2, "fsdp": 4}
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 4, "context": 1}
     assert sharding.param_spec((512, 1000), 4, 0) == jax.sharding.PartitionSpec(None, "fsdp")
     assert sharding.param_spec((64,), 4, 2 ** 18) == jax.sharding.PartitionSpec()
     assert sharding.param_spec((3, 5), 4, 0) == jax.sharding.PartitionSpec()

@@ -132,7 +132,7 @@ def test_two_processes_of_four_devices_equal_one_process_of_eight(tmp_path):
     two = str(tmp_path / "two_processes")
     assert README_ENV["JAX_NUM_PROCESSES"] == "2" and "--distributed" in README_ARGS
     outputs = run_two_processes(two, tmp_path)
-    assert "mesh {'data': 8, 'fsdp': 1}" in outputs[0]
+    assert "mesh {'data': 8, 'fsdp': 1, 'context': 1}" in outputs[0]
     assert "Predictions of the checkpoint at step 4" in outputs[0]
     assert "Starting a new run" not in outputs[1]  # host 0 reports, host 1 stays quiet
 

@@ -154,7 +154,7 @@ def _compile_program(target_name: str, config_name: str, overrides: dict[str, An
                                      {k: str(v) for k, v in overrides.items()})
     config.global_batch_size = per_device_batch * target.devices
     devices = abstract_devices(target)
-    mesh = sharding.make_mesh(config.fsdp, devices=devices)
+    mesh = sharding.make_mesh(config.fsdp, devices=devices, context=config.get("context", 1))
     steps = trainer.build_steps(config, mesh, config.num_classes, total_steps=1000,
                                 warmup_steps=10)
     if program == "train":

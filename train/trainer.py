@@ -138,10 +138,14 @@ def model_config(config, num_classes: int):
 
 def build_options(config) -> dict[str, Any]:
     """The model's build-time arguments from the training config (dtypes, NA backend, remat,
-    and the eval transform training evaluates with, which the trained model carries)."""
+    context parallelism, and the eval transform training evaluates with, which the trained
+    model carries)."""
     aug = config.aug
+    context = config.get("context", 1) > 1
     return dict(dtype=config.compute_dtype, param_dtype=config.param_dtype,
                 na_backend=config.na_backend, remat=config.remat,
+                context_axis=sharding.CONTEXT_AXIS if context else None,
+                context_stages=config.get("context_stages", 1),
                 eval_transform=EvalTransform(config.image_size, aug.eval_crop_pct, aug.mean,
                                              aug.std))
 
@@ -337,9 +341,13 @@ def build_steps(config, mesh, num_classes: int, total_steps: int, warmup_steps: 
                 cooldown_steps: int = 0) -> Steps:
     """The optimizer and the jitted, sharded steps; allocates nothing, so the steps can also be
     compiled ahead of time for devices that are not here (:mod:`nat_jax.train.deviceless`)."""
-    if config.global_batch_size % mesh.size:
+    shards = sharding.batch_shards(mesh)
+    if config.global_batch_size % shards:
+        context = mesh.shape.get(sharding.CONTEXT_AXIS, 1)
+        what = (f"the number of devices ({shards})" if context == 1 else
+                f"the number of batch shards ({shards} = {mesh.size} devices / {context=})")
         raise UserInputError(f"global_batch_size={config.global_batch_size} must be divisible "
-                             f"by the number of devices ({mesh.size})")
+                             f"by {what}")
     schedule = make_schedule(config, total_steps, warmup_steps, cooldown_steps)
     model_cfg = model_config(config, num_classes)
     graphdef, params, rest = zoo.abstract_model(model_cfg, seed=config.seed,
@@ -654,7 +662,7 @@ def check_workdir(workdir: str) -> None:
 
 # Fields that divide or count steps and batches: 0 or less makes no run.
 _POSITIVE_FIELDS = ("global_batch_size", "log_every_steps", "eval_every_steps",
-                    "checkpoint_every_steps", "keep_checkpoints", "image_size")
+                    "checkpoint_every_steps", "keep_checkpoints", "image_size", "context")
 
 
 def validate_config(config) -> None:
@@ -706,7 +714,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
         write_json(os.path.join(workdir, "config.json"), json.loads(config.to_json_best_effort()))
         write_json(os.path.join(workdir, MODEL_CONFIG_FILE), requested_model)
     # This host computes the rows of each global batch that its devices hold.
-    mesh = sharding.make_mesh(config.fsdp)
+    mesh = sharding.make_mesh(config.fsdp, context=config.get("context", 1))
     block, blocks = sharding.host_batch_block(mesh)
     train_ds = input_pipeline.train_dataset(config, train_source, process_index=block,
                                             process_count=blocks)

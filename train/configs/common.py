@@ -82,9 +82,14 @@ def base_config() -> ml_collections.ConfigDict:
     c.eps = 1e-8
     c.grad_clip_norm = 5.0
     c.ema_decay = 0.0              # 0 disables the parameter EMA
-    # Sharding: the mesh is (data, fsdp); fsdp > 1 shards large parameters over that axis.
+    # Sharding: the mesh is (data, fsdp, context); fsdp > 1 shards large parameters over that axis.
     c.fsdp = 1                     # devices per fsdp group; -1: all devices
     c.fsdp_min_size = 2 ** 18      # parameters smaller than this stay replicated
+    # Context parallelism: devices per group that split the token rows of the first
+    # `context_stages` stages (halo exchange; for grids too large for one device, e.g. 1024 px
+    # DiNAT backbones). The batch is split over the devices / context groups.
+    c.context = 1
+    c.context_stages = 1
     # Loop, reporting and checkpoints.
     c.eval_every_steps = 5000
     c.checkpoint_every_steps = 2500
