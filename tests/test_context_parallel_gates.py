@@ -1,5 +1,5 @@
 """Context parallelism compiled for accelerators that are not here: a DiNAT-like NA layer's
-forward and backward with its token rows split 4 ways (and the batch 2 ways) over 8 abstract
+forward and backward with its token rows split 4 ways (and the batch over the rest) over 8 abstract
 H100s (the ``pallas`` kernels, through XLA's Triton) and over v5e-8 / v4-8 TPU topologies (the
 ``xla`` path and the ``pallas_tpu`` Mosaic kernels), with the plugins of ``make install``.
 
@@ -17,7 +17,7 @@ from nat_jax.train import deviceless
 
 def program(target_name: str, backend: str) -> dict:
     """Worker task: compile ``grad(sum(na2d(q, k, v, 7, dilation=2, rpb)))`` with q/k/v
-    ``bf16[4, 64, 64, 4, 32]`` split over a ``(data 2, sp 4)`` mesh of the target's devices
+    ``bf16[4, 64, 64, 4, 32]`` split over a ``(data, sp 4)`` mesh of the target's devices
     (rows over ``sp``), and count what the compiled program does."""
     import jax
     import jax.numpy as jnp
@@ -26,7 +26,7 @@ def program(target_name: str, backend: str) -> dict:
     import nat_jax
 
     devices = deviceless.abstract_devices(deviceless.TARGETS[target_name])
-    mesh = Mesh(np.asarray(devices).reshape(2, 4), ("data", "sp"))
+    mesh = Mesh(np.asarray(devices).reshape(-1, 4), ("data", "sp"))  # v4-8: 4 chips
     tokens = jax.ShapeDtypeStruct((4, 64, 64, 4, 32), jnp.bfloat16,
                                   sharding=NamedSharding(mesh, P("data", "sp")))
     rpb = jax.ShapeDtypeStruct((4, 13, 13), jnp.float32, sharding=NamedSharding(mesh, P()))
