@@ -179,7 +179,7 @@ def test_backends_inside_the_shards(rng):
     mesh = _mesh((4,), ("sp",))
     for backend in ("reference", "pallas"):
         _compare(rng, mesh, (1, 32, 8, 2, 8), ("sp", None), backend=backend, kernel_size=5,
-                 rpb=True, grads=backend == "reference")
+                 rpb=True)
 
 
 def test_sharded_forward_matches_float64_oracle(rng):
