@@ -13,6 +13,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -73,7 +74,25 @@ def launch_env(**extra: str) -> dict[str, str]:
 
 
 def run_two_processes(workdir: str, log_dir) -> list[str]:
-    """Runs the README's two processes to completion (or kills them); returns their outputs."""
+    """Runs the README's two processes to completion; returns their outputs.
+
+    A run that does not finish within :data:`TIMEOUT_S` is killed and tried once more on a
+    fresh port and an emptied workdir (a stalled start, e.g. the coordinator port taken between
+    :func:`free_port` and its use by another test process, once cost a whole CI run); if the
+    second run stalls too, the failure shows both runs' outputs."""
+    stalled = []
+    for attempt in range(2):
+        try:
+            return _run_two_processes(workdir, log_dir, attempt)
+        except subprocess.TimeoutExpired as err:
+            stalled.append(err.output)
+            shutil.rmtree(workdir, ignore_errors=True)
+    raise AssertionError(f"two processes did not finish within {TIMEOUT_S} s, twice; their "
+                         "outputs:\n" + "\n---\n".join(o[-2000:] for run in stalled
+                                                         for o in run))
+
+
+def _run_two_processes(workdir: str, log_dir, attempt: int) -> list[str]:
     args = list(README_ARGS)
     args[args.index("--workdir") + 1] = workdir
     port = free_port()
@@ -85,13 +104,18 @@ def run_two_processes(workdir: str, log_dir) -> list[str]:
             env["JAX_COORDINATOR_ADDRESS"] = f"{host}:{port}"
             # Output to files, not pipes: a full pipe would stall one process and, through the
             # collectives, the other.
-            logs.append(open(log_dir / f"process_{index}.log", "w+"))
+            logs.append(open(log_dir / f"process_{index}_{attempt}.log", "w+"))
             procs.append(subprocess.Popen(
                 nat_jax_command("train", *args),
                 env=env, stdout=logs[-1], stderr=subprocess.STDOUT, start_new_session=True))
         deadline = time.monotonic() + TIMEOUT_S
-        for proc in procs:
-            proc.wait(timeout=max(deadline - time.monotonic(), 1))
+        try:
+            for proc in procs:
+                proc.wait(timeout=max(deadline - time.monotonic(), 1))
+        except subprocess.TimeoutExpired as err:
+            stalled = err
+        else:
+            stalled = None
     finally:
         for proc in procs:  # whatever happened: no process outlives the test
             if proc.poll() is None:
@@ -103,6 +127,9 @@ def run_two_processes(workdir: str, log_dir) -> list[str]:
             f.seek(0)
             outputs.append(f.read())
             f.close()
+    if stalled is not None:
+        stalled.output = outputs
+        raise stalled
     for proc, out in zip(procs, outputs):
         assert proc.returncode == 0, out[-3000:]
     return outputs
