@@ -201,6 +201,22 @@ def test_inputs_sharded_with_named_sharding(rng):
     assert got.sharding.spec[1] == "sp"
 
 
+def test_jit_on_a_mesh_with_explicit_axes_reads_the_split(rng):
+    """Under ``jax.set_mesh`` with explicit axes (``jax.make_mesh``'s default), a jitted call
+    sees its inputs' shardings in their types: no ``spatial_axes`` needed."""
+    mesh = jax.make_mesh((4, 2), ("sp", "b"),
+                         axis_types=(jax.sharding.AxisType.Explicit,) * 2)
+    q, k, v, _ = _inputs(rng, (2, 32, 8, 2, 8))
+    want = na2d(q, k, v, 5, dilation=2, backend="xla")
+    with jax.set_mesh(mesh):
+        placed = [jax.device_put(x, P("b", "sp")) for x in (q, k, v)]
+        f = jax.jit(lambda q, k, v: na2d(q, k, v, 5, dilation=2, backend="xla"))
+        jaxpr = str(jax.make_jaxpr(f)(*placed))
+        got = f(*placed)
+    assert "ppermute" in jaxpr
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=2e-6)
+
+
 def test_compiled_program_exchanges_halos_only():
     mesh = _mesh((8,), ("sp",))
     spec = jax.ShapeDtypeStruct((2, 256, 64, 2, 16), jnp.float32)

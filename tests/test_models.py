@@ -372,6 +372,31 @@ def test_remat_gives_the_same_gradients(rng, tiny_model):
                  grads(plain), grads(remat))
 
 
+def test_ordered_backward_gives_the_same_gradients_and_dropout(rng):
+    """ordered_backward only orders the backward pass: in train mode (drop path and dropout
+    drawing from the model's streams) the loss and gradients equal the plain model's, with
+    and without remat, and the streams advance as without it."""
+    x = _images(rng, 2, 32, 32)
+    # Built the same way (the same initial streams), with drop path on (TINY: rate 0.2).
+    plain = _same_weights(nat_jax.build_model(TINY, rngs=nnx.Rngs(0)))
+
+    @nnx.jit
+    def run(m):
+        m.train()
+        nnx.reseed(m, dropout=jax.random.key(3))
+        return nnx.value_and_grad(lambda m: jnp.sum(m(x).logits ** 2) + jnp.sum(
+            m(x).logits))(m)
+
+    want_loss, want = run(plain)
+    for remat in (False, True):
+        ordered = _same_weights(plain, ordered_backward=True, remat=remat)
+        assert ordered.dinat.encoder.levels[0].layers[0].ordered_backward
+        loss, got = run(ordered)
+        np.testing.assert_allclose(loss, want_loss, rtol=1e-6)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+                     got, want)
+
+
 def test_no_weight_decay_lists_rpb_and_layer_scale(tiny_model):
     """The model tells the trainer which parameters take no weight decay, by path."""
     paths = tiny_model.no_weight_decay()

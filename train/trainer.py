@@ -146,6 +146,7 @@ def build_options(config) -> dict[str, Any]:
                 na_backend=config.na_backend, remat=config.remat,
                 context_axis=sharding.CONTEXT_AXIS if context else None,
                 context_stages=config.get("context_stages", 1),
+                ordered_backward=config.get("ordered_backward", True),
                 eval_transform=EvalTransform(config.image_size, aug.eval_crop_pct, aug.mean,
                                              aug.std))
 

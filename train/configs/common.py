@@ -48,6 +48,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.param_dtype = "float32"
     c.na_backend = "auto"          # neighborhood-attention backend ("auto", "xla", "pallas", ...)
     c.remat = False                # recompute each layer in the backward pass (less memory)
+    # Each layer's weight gradients before the layer below's backward (BuildOptions; without
+    # it XLA keeps every layer's activations for one late all-reduce under data parallelism).
+    c.ordered_backward = True
     # XLA compiler options of the train and eval steps, e.g. xla_gpu_enable_triton_gemm=False
     # where XLA's GPU compiler cannot tile a GEMM without its autotuner (see the README).
     c.xla_options = ml_collections.ConfigDict()
