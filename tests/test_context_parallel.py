@@ -207,10 +207,10 @@ def test_jit_on_a_mesh_with_explicit_axes_reads_the_split(rng):
     mesh = jax.make_mesh((4, 2), ("sp", "b"),
                          axis_types=(jax.sharding.AxisType.Explicit,) * 2)
     q, k, v, _ = _inputs(rng, (2, 32, 8, 2, 8))
-    want = na2d(q, k, v, 5, dilation=2, backend="xla")
+    want = na2d(q, k, v, 5, dilation=(2, 1), backend="xla")
     with jax.set_mesh(mesh):
         placed = [jax.device_put(x, P("b", "sp")) for x in (q, k, v)]
-        f = jax.jit(lambda q, k, v: na2d(q, k, v, 5, dilation=2, backend="xla"))
+        f = jax.jit(lambda q, k, v: na2d(q, k, v, 5, dilation=(2, 1), backend="xla"))
         jaxpr = str(jax.make_jaxpr(f)(*placed))
         got = f(*placed)
     assert "ppermute" in jaxpr
