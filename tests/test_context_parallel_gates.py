@@ -4,7 +4,9 @@ H100s (the ``pallas`` kernels, through XLA's Triton) and over v5e-8 / v4-8 TPU t
 ``xla`` path and the ``pallas_tpu`` Mosaic kernels), with the plugins of ``make install``.
 
 Each program must exchange halos by collective-permute, gather nothing, and run the kernels
-per device on its local range.
+per device on its local range. All in the ``slow`` tier (each is a separate process with an
+accelerator plugin); the default tier checks the same programs on CPU devices
+(``test_context_parallel.py``, the pallas kernels in interpret mode).
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ def _check(report: dict) -> None:
     assert report["temp_bytes"] < report["memory_per_device"]
 
 
+@pytest.mark.slow
 def test_pallas_kernels_per_shard_on_8_h100s():
     report = deviceless.run_isolated("h100x8", program, "h100x8", "pallas", timeout=600)
     _check(report)

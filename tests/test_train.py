@@ -66,7 +66,9 @@ def test_every_config_resolves_to_a_model():
         assert model_cfg.num_labels == c.num_classes
         assert c.model == name or name == "digits"
         options = trainer.build_options(c)  # valid build options and eval transform
-        model = nat_jax.build_model(model_cfg, rngs=nnx.Rngs(0), **options)
+        # Abstract (no weights drawn): builds every module, checks every option.
+        model = nnx.eval_shape(lambda: nat_jax.build_model(model_cfg, rngs=nnx.Rngs(0),
+                                                           **options))
         assert model.eval_transform.image_size == c.image_size
         assert model.options.dtype == c.compute_dtype
     with pytest.raises(ValueError, match="config name="):
