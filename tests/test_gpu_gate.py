@@ -20,7 +20,7 @@ from jax.experimental.pallas import triton as plgpu
 
 from nat_jax.kernels import gpu_gate
 
-SAMPLE = float(os.environ.get("NAT_JAX_GPU_GATE_SAMPLE", "0.05"))
+SAMPLE = float(os.environ.get("NAT_JAX_GPU_GATE_SAMPLE", "0.03"))  # 14 cases: every rank, dtype
 
 
 def assert_gate_passes(rows):
