@@ -378,9 +378,12 @@ def explicit_reshard(mesh, args, specs):
     types = getattr(mesh, "axis_types", ())
     if not any(t == jax.sharding.AxisType.Explicit for t in types):
         return args
-    return tuple(x if x is None or spec is None
-                 else jax.sharding.reshard(x, jax.sharding.NamedSharding(mesh, spec))
-                 if not isinstance(mesh, jax.sharding.AbstractMesh) else jax.sharding.reshard(x, spec)
+    def target(spec):  # an abstract mesh is the context mesh: a spec names its axes
+        if isinstance(mesh, jax.sharding.AbstractMesh):
+            return spec
+        return jax.sharding.NamedSharding(mesh, spec)
+
+    return tuple(x if x is None or spec is None else jax.sharding.reshard(x, target(spec))
                  for x, spec in zip(args, specs))
 
 
