@@ -240,17 +240,40 @@ def _run(name: str, config, query, key, value, rpb, p: NAParams):
                                 value, rpb)
 
 
+def _per_platform(backend: str | tuple, config, call: Callable) -> Callable:
+    """``fn(query, key, value, rpb)`` running ``call(name, config)``'s function: ``backend`` is a
+    name, or for ``auto`` a tuple of ``(platform, name)`` choices whose ``config`` is the
+    matching tuple (``xla`` elsewhere); the platform is decided when lowering."""
+    if isinstance(backend, str):
+        return call(backend, config)
+    branches = {platform: call(name, cfg) for (platform, name), cfg in zip(backend, config)}
+    default = call("xla", None)
+    return lambda q, k, v, r: jax.lax.platform_dependent(q, k, v, r, default=default,
+                                                         **branches)
+
+
+def _choose(backend: str, query, key, value, p: NAParams, rpb, per_device: bool = False
+            ) -> tuple[str | tuple, Hashable]:
+    """``(backend, config)`` for :func:`_per_platform`: ``auto``'s per-platform choices (or
+    ``"xla"``), else the named backend, checked (``ValueError`` with its reason)."""
+    if backend == "auto":
+        choices = _auto_choices(query, key, value, p, rpb, per_device=per_device)
+        if not choices:
+            return "xla", None
+        return choices, tuple(_config(name, query, value, p, rpb, per_device)
+                              for _, name in choices)
+    name = resolve_backend(backend, query, key, value, p, rpb)
+    why = _unsupported(name, query, value, p, rpb, per_device)
+    if why:
+        raise ValueError(f"{backend=}: {why}")
+    return name, _config(name, query, value, p, rpb, per_device)
+
+
 @functools.partial(jax.jit, static_argnames=("p", "backend", "config"))
 def _fused(query, key, value, rpb, p: NAParams, backend: str | tuple, config):
-    """``backend`` is a name, or for ``auto`` a tuple of ``(platform, name)`` choices whose
-    ``config`` is the matching tuple; the platform is decided when lowering."""
-    if isinstance(backend, str):
-        return _run(backend, config, query, key, value, rpb, p)
-    branches = {platform: functools.partial(_run, name, cfg, p=p)
-                for (platform, name), cfg in zip(backend, config)}
-    return jax.lax.platform_dependent(query, key, value, rpb,
-                                      default=functools.partial(_run, "xla", None, p=p),
-                                      **branches)
+    """The fused op with ``backend`` / ``config`` from :func:`_choose`."""
+    fn = _per_platform(backend, config, lambda name, cfg: functools.partial(_run, name, cfg, p=p))
+    return fn(query, key, value, rpb)
 
 
 def neighborhood_attention(query: jax.Array, key: jax.Array, value: jax.Array,
@@ -288,16 +311,15 @@ def _config(name: str, query, value, p: NAParams, rpb, per_device: bool = False)
 def _context_layout(query, key, p: NAParams, spatial_axes, mesh) -> context.Layout | None:
     """The context-parallel layout of a call whose spatial axes are split over devices (named
     by ``spatial_axes``, or read from the query's ``NamedSharding``); None otherwise."""
+    found = context.spatial_axes_of(query, p.rank)
     if spatial_axes is None:
-        found = context.spatial_axes_of(query, p.rank)
         if found is None:
             return None
-        spatial_axes, found_mesh = found
-        mesh = mesh if mesh is not None else found_mesh
+        spatial_axes = found[0]
+        mesh = mesh if mesh is not None else found[1]
     if mesh is None:
         mesh = jax.sharding.get_abstract_mesh()
         if mesh.empty:
-            found = context.spatial_axes_of(query, p.rank)
             if found is None:
                 raise ValueError(f"spatial_axes={tuple(spatial_axes)!r} needs a mesh: set one "
                                  "with jax.set_mesh(mesh), pass mesh=, or pass arrays with a "
@@ -316,38 +338,20 @@ def _local_call(name: str, config, p: NAParams, query, key, value, rpb):
 def _fused_context(query, key, value, rpb, layout: context.Layout, backend: str | tuple, config):
     """:func:`_fused` with spatial axes split over devices (:mod:`context`): every device runs
     the backend on its local range with ``layout.local_params``."""
-    lp = layout.local_params
-    if isinstance(backend, str):
-        fn = functools.partial(_local_call, backend, config, lp)
-    else:
-        branches = {platform: functools.partial(_local_call, name, cfg, lp)
-                    for (platform, name), cfg in zip(backend, config)}
-
-        def fn(q, k, v, r):
-            return jax.lax.platform_dependent(
-                q, k, v, r, default=functools.partial(_local_call, "xla", None, lp), **branches)
+    fn = _per_platform(backend, config, lambda name, cfg: functools.partial(
+        _local_call, name, cfg, layout.local_params))
     return context.run(fn, query, key, value, rpb, layout)
 
 
 def _na_context(layout: context.Layout, query, key, value, rpb, backend: str):
     """Dispatch of a context-parallel call; backends are chosen (and configured) for what each
     device computes: its local range, batch and heads split."""
-    lp = layout.local_params
     q, k, v = (jax.ShapeDtypeStruct(layout.local_shape(tuple(x.shape)), x.dtype)
                for x in (query, key, value))
     r = None if rpb is None else jax.ShapeDtypeStruct(
         (rpb.shape[0] // layout.size(layout.heads), *rpb.shape[1:]), rpb.dtype)
-    if backend == "auto":
-        choices = _auto_choices(q, k, v, lp, r, per_device=True)
-        config = tuple(_config(name, q, v, lp, r, per_device=True) for _, name in choices)
-        return _fused_context(query, key, value, rpb, layout, choices or "xla",
-                              config if choices else None)
-    name = resolve_backend(backend, q, k, v, lp, r)
-    why = _unsupported(name, q, v, lp, r, per_device=True)
-    if why:
-        raise ValueError(f"{backend=}: {why}")
-    return _fused_context(query, key, value, rpb, layout, name,
-                          _config(name, q, v, lp, r, per_device=True))
+    name, config = _choose(backend, q, k, v, layout.local_params, r, per_device=True)
+    return _fused_context(query, key, value, rpb, layout, name, config)
 
 
 def _na(rank, query, key, value, kernel_size, stride, dilation, is_causal, scale, rpb, backend,
@@ -359,19 +363,9 @@ def _na(rank, query, key, value, kernel_size, stride, dilation, is_causal, scale
     layout = _context_layout(query, key, p, spatial_axes, mesh)
     if layout is not None:
         out, lse = _na_context(layout, query, key, value, rpb, backend)
-    elif backend == "auto":
-        choices = _auto_choices(query, key, value, p, rpb)
-        if choices:
-            config = tuple(_config(name, query, value, p, rpb) for _, name in choices)
-            out, lse = _fused(query, key, value, rpb, p, choices, config)
-        else:
-            out, lse = _fused(query, key, value, rpb, p, "xla", None)
     else:
-        name = resolve_backend(backend, query, key, value, p, rpb)
-        why = _unsupported(name, query, value, p, rpb)
-        if why:
-            raise ValueError(f"{backend=}: {why}")
-        out, lse = _fused(query, key, value, rpb, p, name, _config(name, query, value, p, rpb))
+        name, config = _choose(backend, query, key, value, p, rpb)
+        out, lse = _fused(query, key, value, rpb, p, name, config)
     if additional_keys is not None:
         # One softmax over the neighborhood and the extra tokens: merged by logsumexp, which
         # every backend's backward pass takes a cotangent for.
