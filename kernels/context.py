@@ -107,15 +107,15 @@ def _global_windows(length: int, kernel: int, stride: int, dilation: int, causal
     return idx, valid, reach
 
 
-def _verify(length: int, shards: int, window: int, firsts: np.ndarray, kernel: int,
-            stride: int, dilation: int, causal: bool, periodic: bool) -> bool:
-    """Whether NA over the local range ``firsts[i] + [0, window)`` (modulo ``length`` on a
-    periodic axis, run there as an ordinary axis) gives every query of shard ``i`` its global
-    window, slot by slot."""
+def _verify(g_idx: np.ndarray, g_valid: np.ndarray, shards: int, window: int,
+            firsts: np.ndarray, kernel: int, stride: int, dilation: int, causal: bool) -> bool:
+    """Whether NA over the local range ``firsts[i] + [0, window)`` (modulo the axis length on
+    a periodic axis, run there as an ordinary axis) gives every query of shard ``i`` its
+    global window (``g_idx``, ``g_valid``: :func:`_global_windows`), slot by slot."""
     if kernel * dilation > window:
         return False
+    length = len(g_idx)
     m = length // shards
-    g_idx, g_valid, _ = _global_windows(length, kernel, stride, dilation, causal, periodic)
     l_idx, l_valid = windows.neighbor_indices(window, kernel, stride, dilation, causal, False)
     for i in range(shards):
         q = i * m + np.arange(m)
@@ -149,7 +149,7 @@ def plan_axis(length: int, shards: int, kernel: int, stride: int = 1, dilation: 
     if shards == 1:
         return dataclasses.replace(gathered, gather=False)
     m = length // shards
-    _, valid, reach = _global_windows(length, kernel, stride, dilation, causal, periodic)
+    idx, valid, reach = _global_windows(length, kernel, stride, dilation, causal, periodic)
     s0 = np.arange(shards) * m
     lo = np.array([reach[s:s + m][valid[s:s + m]].min() for s in s0])
     hi = np.array([reach[s:s + m][valid[s:s + m]].max() + 1 for s in s0])
@@ -165,8 +165,7 @@ def plan_axis(length: int, shards: int, kernel: int, stride: int = 1, dilation: 
             firsts = s0 - left
             if not periodic:
                 firsts = np.clip(firsts, 0, length - window)
-            if _verify(length, shards, window, firsts, kernel, stride, dilation, causal,
-                       periodic):
+            if _verify(idx, valid, shards, window, firsts, kernel, stride, dilation, causal):
                 return AxisPlan(length, shards, window, tuple(int(x) for x in s0 - firsts),
                                 False, False)
     return gathered
