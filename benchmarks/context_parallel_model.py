@@ -24,6 +24,7 @@ if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "
                                + " --xla_force_host_platform_device_count=8").strip()
 
 import argparse  # noqa: E402
+import re  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 
@@ -37,6 +38,7 @@ from rich.table import Table  # noqa: E402
 
 from nat_jax import configs, zoo  # noqa: E402
 from nat_jax.timing import environment, write_json  # noqa: E402
+from nat_jax.train import deviceless  # noqa: E402
 
 GIB = 2 ** 30
 
@@ -69,19 +71,17 @@ def measure(preset: str, image_size: int, batch: int, context: int, stages: int,
         compiled = jax.jit(step).trace(params, images).lower().compile()
     seconds = time.perf_counter() - start
     mem = compiled.memory_analysis()
-    hlo = compiled.as_text().splitlines()
-
-    def count(op: str) -> int:
-        return sum(f" {op}(" in line or f" {op}-start(" in line for line in hlo)
-
+    hlo = compiled.as_text()
+    summary = deviceless.hlo_summary(hlo, batch)
     return dict(preset=preset, image_size=image_size, batch=batch, context=context,
                 context_stages=stages, dtype=dtype, backend=backend,
                 compile_seconds=seconds, temp_bytes=mem.temp_size_in_bytes,
                 argument_bytes=mem.argument_size_in_bytes, output_bytes=mem.output_size_in_bytes,
                 per_device_bytes=(mem.temp_size_in_bytes + mem.argument_size_in_bytes
                                   + mem.output_size_in_bytes - mem.alias_size_in_bytes),
-                collective_permutes=count("collective-permute"), all_gathers=count("all-gather"),
-                all_reduces=count("all-reduce"))
+                collective_permutes=summary["collective_permutes"],
+                all_gathers=summary["all_gathers"],
+                all_reduces=len(re.findall(r" all-reduce(?:-start)?\(", hlo)))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -41,20 +41,13 @@ def program(target_name: str, backend: str) -> dict:
     with jax.set_mesh(mesh):
         compiled = jax.jit(jax.grad(loss, (0, 1, 2, 3))).trace(tokens, tokens, tokens,
                                                                rpb).lower().compile()
-    hlo = compiled.as_text()
-    lines = hlo.splitlines()
-    return dict(
-        permutes=sum("collective-permute(" in x or "collective-permute-start(" in x
-                     for x in lines),
-        all_gathers=sum("all-gather(" in x or "all-gather-start(" in x for x in lines),
-        triton_kernels=hlo.count("__gpu$xla.gpu.triton"),
-        mosaic_kernels=hlo.count("tpu_custom_call"),
-        temp_bytes=compiled.memory_analysis().temp_size_in_bytes,
-        memory_per_device=deviceless.TARGETS[target_name].memory_per_device)
+    return dict(**deviceless.hlo_summary(compiled.as_text(), tokens.shape[0]),
+                temp_bytes=compiled.memory_analysis().temp_size_in_bytes,
+                memory_per_device=deviceless.TARGETS[target_name].memory_per_device)
 
 
 def _check(report: dict) -> None:
-    assert report["permutes"] > 0 and report["all_gathers"] == 0, report
+    assert report["collective_permutes"] > 0 and report["all_gathers"] == 0, report
     assert report["temp_bytes"] < report["memory_per_device"]
 
 

@@ -109,14 +109,16 @@ def abstract_devices(target: Target) -> list:
 
 
 _RESULT = re.compile(r"^\s*(?:ROOT )?%?[\w.\-]+ = (.*?) (all-gather(?:-start|-done)?)\(")
+_PERMUTE = re.compile(r" collective-permute(?:-start)?\(")
 _DIMS = re.compile(r"\w+\[([\d,]*)\]")
 
 
 def hlo_summary(hlo: str, global_batch: int) -> dict[str, Any]:
     """Facts about an optimized (partitioned) HLO module: Triton and Mosaic kernel launches,
-    all-gathers, and the all-gathers whose result has the global batch as a dimension (an activation
-    gathered over the batch: what running a kernel under ``shard_map`` avoids). Asynchronous
-    gathers count once (at their start); their gathered shapes are read at their done."""
+    collective-permutes (halo exchanges), all-gathers, and the all-gathers whose result has the
+    global batch as a dimension (an activation gathered over the batch: what running a kernel
+    under ``shard_map`` avoids). Asynchronous collectives count once (at their start); gathered
+    shapes are read at their done."""
     gathers, batch_gathers = 0, []
     for line in hlo.splitlines():
         match = _RESULT.match(line)
@@ -131,6 +133,7 @@ def hlo_summary(hlo: str, global_batch: int) -> dict[str, Any]:
             batch_gathers.append(line.strip()[:200])
     return {"triton_kernels": hlo.count(f'custom_call_target="{TRITON_TARGET}"'),
             "mosaic_kernels": hlo.count(f'custom_call_target="{tpu_gate.MOSAIC_TARGET}"'),
+            "collective_permutes": len(_PERMUTE.findall(hlo)),
             "all_gathers": gathers, "batch_all_gathers": batch_gathers}
 
 
