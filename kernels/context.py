@@ -257,6 +257,11 @@ def _names(entry: MeshAxes) -> tuple[str, ...]:
     return (entry,) if isinstance(entry, str) else tuple(entry)
 
 
+def mesh_axis_names(spatial_axes: Sequence[MeshAxes]) -> tuple[str, ...]:
+    """Every mesh axis a ``spatial_axes`` argument names, in order."""
+    return tuple(n for entry in spatial_axes for n in _names(entry))
+
+
 def _spec_entry(names: tuple[str, ...]):
     return None if not names else (names[0] if len(names) == 1 else names)
 

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from nat_jax import kernels
-from nat_jax.kernels import merge
+from nat_jax.kernels import context, merge
 from nat_jax.kernels.params import BoolOrTuple, IntOrTuple, per_axis
 
 _default_init = nnx.initializers.normal(stddev=0.02)
@@ -183,9 +183,7 @@ class NeighborhoodAttention(nnx.Module):
         axes = self.spatial_axes
         if axes is None:
             return None
-        names = [n for entry in axes if entry is not None
-                 for n in ((entry,) if isinstance(entry, str) else entry)]
-        return axes if mesh_has_axes(names) else None
+        return axes if mesh_has_axes(context.mesh_axis_names(axes)) else None
 
     def _unfused(self, q, k, v, ek, ev, rpb, window):
         """Softmax weights materialized (``[..., heads, W (+ L)]``), dropout applied to them."""
