@@ -269,28 +269,20 @@ def test_train_step_with_context_parallel_stages_equals_single_device(rng):
     token rows are split over the context axis (a dilated DiNAT layer with RPB). Two train
     steps equal the single-device steps, the NA halos travel by collective-permute, and the
     only all-gathers hand the downsampled grid's rows to the unsplit second stage."""
-    from nat_jax.train import sharding, trainer
+    from nat_jax.train import sharding
 
+    from test_sharded_kernels import _two_steps
     from test_train import fixed_batch, no_aug, tiny_config
 
     c = no_aug(tiny_config("dinat_mini", fsdp_min_size=0, learning_rate=5e-3, image_size=64))
     c.model_overrides.drop_path_rate = 0.0
     batch = fixed_batch(rng, size=64)
 
-    def two_steps(mesh):
-        run = trainer.setup_training(c, mesh, 10, total_steps=100, warmup_steps=0)
-        state, losses = run.state, []
-        hlo = run.step_fn.lower(state, trainer.put_batch(batch, mesh), run.rest).compile()
-        for _ in range(2):
-            state, metrics = run.step_fn(state, trainer.put_batch(batch, mesh), run.rest)
-            losses.append(float(metrics["loss"]))
-        return jax.device_get(state.params), losses, hlo.as_text()
-
-    p1, l1, _ = two_steps(sharding.make_mesh(fsdp=1, devices=jax.devices()[:1]))
+    p1, l1, _ = _two_steps(c, sharding.make_mesh(fsdp=1, devices=jax.devices()[:1]), batch)
     c.context = 4
     mesh = sharding.make_mesh(fsdp=1, context=4)
     assert dict(mesh.shape) == {"data": 2, "fsdp": 1, "context": 4}
-    p4, l4, hlo = two_steps(mesh)
+    p4, l4, hlo = _two_steps(c, mesh, batch, hlo=True)
     np.testing.assert_allclose(l4, l1, rtol=1e-5)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=5e-5), p4, p1)
     assert "collective-permute" in hlo

@@ -17,14 +17,17 @@ from nat_jax.train import sharding, trainer
 from test_train import fixed_batch, no_aug, tiny_config
 
 
-def _two_steps(c, mesh, batch):
+def _two_steps(c, mesh, batch, hlo: bool = False):
+    """Params and losses after two train steps, and the step's jaxpr (``hlo``: its compiled,
+    partitioned HLO) as text."""
     run = trainer.setup_training(c, mesh, 10, total_steps=100, warmup_steps=0)
+    traced = run.step_fn.trace(run.state, trainer.put_batch(batch, mesh), run.rest)
+    program = traced.lower().compile().as_text() if hlo else str(traced.jaxpr)
     state, losses = run.state, []
     for _ in range(2):
         state, metrics = run.step_fn(state, trainer.put_batch(batch, mesh), run.rest)
         losses.append(float(metrics["loss"]))
-    jaxpr = run.step_fn.trace(run.state, trainer.put_batch(batch, mesh), run.rest).jaxpr
-    return jax.device_get(state.params), losses, str(jaxpr)
+    return jax.device_get(state.params), losses, program
 
 
 def test_pallas_train_step_sharded_equals_single_device(rng):
