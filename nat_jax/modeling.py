@@ -351,7 +351,8 @@ def _apply_layer(layer: NatLayer, x: jax.Array) -> tuple[jax.Array, jax.Array | 
     params, x = _gradients_in_order(params, x)
     tied = nnx.merge(graphdef, params, rest)
     out = tied(x)
-    nnx.update(layer, nnx.state(tied, nnx.Not(nnx.Param)))  # RNG counts advance as usual
+    # RNG counts advance as without the tie (a no-op where merge shares the variables).
+    nnx.update(layer, nnx.state(tied, nnx.Not(nnx.Param)))
     return out
 
 
