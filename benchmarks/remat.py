@@ -41,10 +41,10 @@ from nat_jax.train import configs, sharding, trainer
 
 
 def measure(config_name: str, batch: int, image_size: int, dtype: str, remat: bool,
-            na_backend: str, ordered_backward: bool = True) -> dict:
+            na_backend: str, ordered_backward: bool = True, scan_layers: bool = False) -> dict:
     c = configs.get_config(config_name)
     c.update(global_batch_size=batch, image_size=image_size, compute_dtype=dtype, remat=remat,
-             na_backend=na_backend, ordered_backward=ordered_backward)
+             na_backend=na_backend, ordered_backward=ordered_backward, scan_layers=scan_layers)
     mesh = sharding.make_mesh(1)
     start = time.perf_counter()
     steps = trainer.build_steps(c, mesh, c.num_classes, total_steps=1000, warmup_steps=10)
@@ -58,7 +58,8 @@ def measure(config_name: str, batch: int, image_size: int, dtype: str, remat: bo
             - mem.alias_size_in_bytes)
     return dict(config=config_name, model=c.model, batch=batch, image_size=image_size,
                 dtype=dtype, na_backend=na_backend, remat=remat,
-                ordered_backward=ordered_backward, trace_and_lower_seconds=round(lower_s, 1), compile_seconds=round(compile_s, 1),
+                ordered_backward=ordered_backward, scan_layers=scan_layers,
+                trace_and_lower_seconds=round(lower_s, 1), compile_seconds=round(compile_s, 1),
                 argument_bytes=mem.argument_size_in_bytes, output_bytes=mem.output_size_in_bytes,
                 temp_bytes=mem.temp_size_in_bytes, alias_bytes=mem.alias_size_in_bytes,
                 peak_bytes=peak)
@@ -66,19 +67,20 @@ def measure(config_name: str, batch: int, image_size: int, dtype: str, remat: bo
 
 def measure_deviceless(target: str, config_name: str, batch: int, image_size: int, dtype: str,
                        remat: bool, na_backend: str, compiler_options: dict | None = None,
-                       ordered_backward: bool = True) -> dict:
+                       ordered_backward: bool = True, scan_layers: bool = False) -> dict:
     """:func:`measure` for a deviceless target; ``batch`` is per device."""
     from nat_jax.train import deviceless
 
     report = deviceless.compile_program(
         target, config_name, per_device_batch=batch, program="train",
         overrides={"remat": remat, "na_backend": na_backend, "compute_dtype": dtype,
-                   "image_size": image_size, "ordered_backward": ordered_backward},
+                   "image_size": image_size, "ordered_backward": ordered_backward,
+                   "scan_layers": scan_layers},
         compiler_options=compiler_options)
     return dict(config=config_name, model=report["model"], target=target,
                 batch_per_device=batch, image_size=image_size, dtype=dtype,
                 na_backend=na_backend, remat=remat, ordered_backward=ordered_backward,
-                compile_seconds=report["compile_seconds"],
+                scan_layers=scan_layers, compile_seconds=report["compile_seconds"],
                 argument_bytes=report["argument_bytes"], output_bytes=report["output_bytes"],
                 temp_bytes=report["temp_bytes"], alias_bytes=report["alias_bytes"],
                 peak_bytes=report["peak_bytes"], memory_per_device=report["memory_per_device"],
@@ -86,7 +88,8 @@ def measure_deviceless(target: str, config_name: str, batch: int, image_size: in
 
 
 def _model_grad_task(config_name: str, batch: int, image_size: int, dtype: str, remat: bool,
-                     na_backend: str, devices: int = 1, ordered_backward: bool = True) -> dict:
+                     na_backend: str, devices: int = 1, ordered_backward: bool = True,
+                     scan_layers: bool = False) -> dict:
     """Worker task (CUDA plugin active): compile the loss gradient of the model alone for one
     abstract H100, or for 8 with the batch (``batch`` per device) sharded over them."""
     import flax.nnx as nnx
@@ -108,7 +111,7 @@ def _model_grad_task(config_name: str, batch: int, image_size: int, dtype: str, 
     c = configs.get_config(config_name)
     model = nnx.eval_shape(lambda: zoo.build_model(
         model_configs.get(c.model), rngs=nnx.Rngs(0), na_backend=na_backend, remat=remat,
-        dtype=dtype, ordered_backward=ordered_backward))
+        dtype=dtype, ordered_backward=ordered_backward, scan_layers=scan_layers))
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     place = lambda tree: jax.tree.map(  # noqa: E731
         lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated), tree)
@@ -128,7 +131,7 @@ def _model_grad_task(config_name: str, batch: int, image_size: int, dtype: str, 
     return dict(config=config_name, model=c.model,
                 target=f"{mesh.size} x h100 (model fwd+bwd)", batch=batch,
                 image_size=image_size, dtype=dtype, na_backend=na_backend, remat=remat,
-                ordered_backward=ordered_backward,
+                ordered_backward=ordered_backward, scan_layers=scan_layers,
                 compile_seconds=round(time.perf_counter() - start, 1),
                 argument_bytes=mem.argument_size_in_bytes, output_bytes=mem.output_size_in_bytes,
                 temp_bytes=mem.temp_size_in_bytes, alias_bytes=mem.alias_size_in_bytes,
@@ -155,6 +158,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-ordered-backward", dest="ordered_backward", action="store_false",
                         help="build without BuildOptions.ordered_backward (the trainer's "
                              "default is on), to measure what it changes")
+    parser.add_argument("--scan-layers", action="store_true",
+                        help="build with BuildOptions.scan_layers (each stage's layers as one "
+                             "scan), to measure its compile time and memory")
     parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/"
                         "remat_<platform>.json)")
     args = parser.parse_args(argv)
@@ -169,14 +175,15 @@ def main(argv: list[str] | None = None) -> int:
         if args.scope == "model":
             row = deviceless.run_isolated("h100x8", _model_grad_task, args.config, args.batch,
                                           args.image_size, args.dtype, remat, args.na_backend,
-                                          args.devices, args.ordered_backward)
+                                          args.devices, args.ordered_backward,
+                                          args.scan_layers)
         elif args.target == "local":
             row = measure(args.config, args.batch, args.image_size, args.dtype, remat,
-                          args.na_backend, args.ordered_backward)
+                          args.na_backend, args.ordered_backward, args.scan_layers)
         else:
             row = measure_deviceless(args.target, args.config, args.batch, args.image_size,
                                      args.dtype, remat, args.na_backend, options,
-                                     args.ordered_backward)
+                                     args.ordered_backward, args.scan_layers)
             row["compiler_options"] = options
         rows.append(row)
         print(f"{row['config']} on {row.get('target', args.target)}, batch {args.batch}, "
@@ -191,6 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     where = jax.default_backend() if args.target == "local" else args.target
     where = f"{where}_model{'' if args.devices == 1 else '_sharded'}" if args.scope == "model" \
         else where
+    where += "_scan" if args.scan_layers else ""
     out = args.out or os.path.join(os.path.dirname(__file__), "results", f"remat_{where}.json")
     write_json(out, {**environment(command=" ".join(
         [os.path.basename(sys.argv[0])] + (argv if argv is not None else sys.argv[1:]))),

@@ -398,6 +398,67 @@ def test_ordered_backward_gives_the_same_gradients_and_dropout(rng):
                      got, want)
 
 
+# Stage 0: two same layers (period 1); stage 1: DiNAT's alternating dilations over 5 layers
+# (period 2: two scanned groups, then one layer run after the scan).
+SCANNED = dataclasses.replace(SMALL, depths=(2, 5), dilations=((1, 1), (1, 2, 1, 2, 1)),
+                              drop_path_rate=0.3, hidden_dropout_prob=0.1)
+
+
+def _scans(model, x) -> int:
+    graphdef, state = nnx.split(model)
+    return str(jax.make_jaxpr(lambda s: nnx.merge(graphdef, s)(x).logits)(state)).count(
+        "scan[")
+
+
+@pytest.mark.parametrize("options", [
+    dict(), pytest.param(dict(remat=True, ordered_backward=True), marks=pytest.mark.slow)],
+    ids=["scan", "scan+remat+ordered"])
+def test_scan_layers_equals_the_unrolled_model(rng, options):
+    """scan_layers runs each stage's repeated layers as one scan over stacked parameters: in
+    train mode (drop path with its per-layer rates, MLP dropout) the loss, every parameter's
+    gradient and the streams' counts equal the unrolled model's; attention weights (the last
+    layer of each stage, run after the scan) and hidden states too."""
+    x = _images(rng, 3, 32, 32)
+    plain = _same_weights(nat_jax.build_model(SCANNED, rngs=nnx.Rngs(0)), **options)
+    scanned = _same_weights(plain, scan_layers=True, **options)
+    assert _scans(scanned, x) == 2 and _scans(plain, x) == 0
+
+    @nnx.jit
+    def run(m):
+        m.train()
+        nnx.reseed(m, dropout=jax.random.key(3))
+        return nnx.value_and_grad(lambda m: jnp.sum(m(x).logits ** 2))(m)
+
+    (want_loss, want), (loss, got) = run(plain), run(scanned)
+    np.testing.assert_allclose(loss, want_loss, rtol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), got, want)
+    counts = [nnx.to_pure_dict(nnx.state(m, nnx.RngCount)) for m in (plain, scanned)]
+    assert jax.tree.leaves(counts[0]) and all(int(c) > 0 for c in jax.tree.leaves(counts[0]))
+    jax.tree.map(np.testing.assert_array_equal, *counts)
+    if options:
+        return
+    plain.eval()
+    scanned.eval()
+    outs = [_jitted((("output_attentions", True), ("output_hidden_states", True)))(m, x)
+            for m in (plain, scanned)]
+    assert all(a is not None for a in outs[1].attentions)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), *outs)
+
+
+def test_drop_path_rate_is_data_and_checked():
+    """Drop path keeps its rate as a (non-parameter) variable, so layers with different rates
+    share one structure; models without drop path hold no stream for it."""
+    model = nat_jax.build_model(SCANNED, rngs=nnx.Rngs(0))
+    rates = [float(layer.drop_path.rate[...]) for stage in model.dinat.encoder.levels
+             for layer in stage.layers]
+    np.testing.assert_allclose(rates, np.linspace(0, 0.3, 7), rtol=1e-6)
+    assert "drop_path" not in str(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+    off = nat_jax.build_model(SMALL, rngs=nnx.Rngs(0))
+    assert off.dinat.encoder.levels[1].layers[1].drop_path.rngs is None
+    with pytest.raises(ValueError, match="drop path rate 1.0"):
+        nat_jax.build_model(dataclasses.replace(SMALL, drop_path_rate=1.0), rngs=nnx.Rngs(0))
+
+
 def test_no_weight_decay_lists_rpb_and_layer_scale(tiny_model):
     """The model tells the trainer which parameters take no weight decay, by path."""
     paths = tiny_model.no_weight_decay()

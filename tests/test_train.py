@@ -310,6 +310,26 @@ def test_sharded_steps_match_single_device_and_loss_decreases(rng):
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7), o8, o1)
 
 
+@pytest.mark.slow
+def test_scanned_train_step_equals_unrolled_under_fsdp(rng):
+    """--config.scan_layers: two sharded train steps (data x fsdp on 8 devices, drop path on,
+    remat and ordered_backward as the recipe turns them on) equal the unrolled model's, and the
+    step's program scans the one stage with repeated layers (forward, and its transpose)."""
+    from test_sharded_kernels import _two_steps
+
+    c = no_aug(tiny_config("dinat_mini", fsdp_min_size=0, learning_rate=5e-3, remat=True))
+    c.model_overrides.depths = (4, 1)
+    c.model_overrides.dilations = ((1, 2, 1, 2), (1,))
+    assert c.ordered_backward and c.model_overrides.drop_path_rate > 0
+    batch, mesh = fixed_batch(rng), sharding.make_mesh(fsdp=4)
+    p1, l1, jaxpr1 = _two_steps(c, mesh, batch)
+    c.scan_layers = True
+    p2, l2, jaxpr2 = _two_steps(c, mesh, batch)
+    assert jaxpr1.count("scan[") == 0 and jaxpr2.count("scan[") == 2
+    np.testing.assert_allclose(l2, l1, rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=5e-5), p2, p1)
+
+
 # ------------------------------------------------------------------ end to end on mock ImageNet
 
 IMAGENET_CONFIGS = [n for n in configs.CONFIGS if n != "digits"]

@@ -138,7 +138,7 @@ def model_config(config, num_classes: int):
 
 def build_options(config) -> dict[str, Any]:
     """The model's build-time arguments from the training config (dtypes, NA backend, remat,
-    context parallelism, and the eval transform training evaluates with, which the trained
+    context parallelism, layer order and scan, and the eval transform training evaluates with, which the trained
     model carries)."""
     aug = config.aug
     context = config.get("context", 1) > 1
@@ -147,6 +147,7 @@ def build_options(config) -> dict[str, Any]:
                 context_axis=sharding.CONTEXT_AXIS if context else None,
                 context_stages=config.get("context_stages", 1),
                 ordered_backward=config.get("ordered_backward", True),
+                scan_layers=config.get("scan_layers", False),
                 eval_transform=EvalTransform(config.image_size, aug.eval_crop_pct, aug.mean,
                                              aug.std))
 

@@ -51,6 +51,9 @@ def base_config() -> ml_collections.ConfigDict:
     # Each layer's weight gradients before the layer below's backward (BuildOptions; without
     # it XLA keeps every layer's activations for one late all-reduce under data parallelism).
     c.ordered_backward = True
+    # Scan each stage's repeated layers (BuildOptions.scan_layers): faster compiles of deep
+    # stages, the same numbers and checkpoints.
+    c.scan_layers = False
     # XLA compiler options of the train and eval steps, e.g. xla_gpu_enable_triton_gemm=False
     # where XLA's GPU compiler cannot tile a GEMM without its autotuner (see the README).
     c.xla_options = ml_collections.ConfigDict()
