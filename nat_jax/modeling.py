@@ -46,7 +46,9 @@ classifier. Backbones have ``embeddings``, ``encoder`` and ``hidden_states_norms
 there is no final ``layernorm``.
 The qkv kernel's output columns are ``[q | k | v]``, each head-major (head h uses columns
 ``h*d:(h+1)*d`` of its block), matching HF's ``transpose_for_scores`` and the original reshape.
-Dropout modules (present only for non-zero rates) hold ``nnx.RngState``, not parameters.
+Dropout modules (present only for non-zero rates) hold ``nnx.RngState``, not parameters; each
+layer's ``drop_path`` holds its rate as a ``DropPathRate`` variable (and a stream when the
+model's drop-path rate is non-zero).
 
 NNX conventions: modules take ``(config, options, ..., *, rngs)`` where ``config`` is the
 architecture (:mod:`nat_jax.configs`) and :class:`BuildOptions` how it runs (compute and parameter
@@ -111,13 +113,13 @@ class BuildOptions:
         derivative (``jax.jvp``). The trainer turns it on.
       scan_layers: run each stage's repeated layers as one ``jax.lax.scan`` over their
         parameters stacked at trace time (groups of two layers where DiNAT alternates
-        dilations), so XLA compiles one layer body per group instead of every layer: DiNAT-B
-        stage 3 (18 layers, one H100) compiles in 7 s instead of 19 s, 14 instead of 30 with
-        remat (``benchmarks/scan_layers.py``). Same numbers and parameter layout (checkpoints
-        and HF keys unchanged); drop path draws from each layer's own stream as unrolled. A
-        layer whose structure differs from its group (the one returning attention weights)
-        runs after the scan. Off by default: without remat the scanned program keeps more
-        temporaries (2.45 -> 3.66 GiB in that stage).
+        dilations), so XLA compiles one layer body per group instead of every layer. With
+        ``remat`` it pays: DiNAT-B's train step on 8 abstract H100s compiles in 255 s instead
+        of 354 s at the same 7.03 GiB per GPU (``benchmarks/remat.py --scan-layers``); without
+        remat it saves no compile time and keeps the scan's stacked residuals (23.05 -> 30.96
+        GiB). Same numbers and parameter layout (checkpoints and HF keys unchanged); drop path
+        draws from each layer's own stream as unrolled. A layer whose structure differs from
+        its group (the one returning attention weights) runs after the scan.
     """
 
     dtype: str = "float32"
