@@ -41,6 +41,7 @@ if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "
                                + " --xla_force_host_platform_device_count=8").strip()
 
 import argparse  # noqa: E402
+import contextlib  # noqa: E402
 import dataclasses  # noqa: E402
 import math  # noqa: E402
 import re  # noqa: E402
@@ -343,8 +344,8 @@ def main(argv: list[str] | None = None) -> int:
     if max(shard_counts) > jax.device_count():
         parser.error(f"--shards {args.shards}: only {jax.device_count()} devices")
     repeats = 0 if args.no_time else args.repeats
-    if args.logits_budget is not None:
-        xla_backend._LOGITS_BUDGET = args.logits_budget
+    budget = xla_backend.logits_budget(args.logits_budget) if args.logits_budget is not None \
+        else contextlib.nullcontext()
     repeats_3d = 0 if args.no_time else (args.repeats_3d if args.repeats_3d is not None
                                          else repeats)
 
@@ -359,7 +360,7 @@ def main(argv: list[str] | None = None) -> int:
     console = Console()
     if console.width < 180:  # the table's 15 columns (rich wraps to 80 when piped)
         console = Console(width=180)
-    with console.status("benchmarking") as status:
+    with budget, console.status("benchmarking") as status:
         for name in names:
             case = cases[name]
             for shards in shard_counts:

@@ -57,8 +57,10 @@ is batched and both branches run (correct, slower). :func:`na_fused_contained` a
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
+from collections.abc import Iterator
 
 import jax
 import jax.numpy as jnp
@@ -81,6 +83,19 @@ NONFINITE_CONTAINMENT = True
 # images per chip needs 5.6 GB of temporaries with any budget from 16 MiB to 1 GiB, 8.5 GB with
 # non-finite containment: the tiled layout and residuals, not the chunk, set its memory.)
 _LOGITS_BUDGET: int | None = None
+
+
+@contextlib.contextmanager
+def logits_budget(nbytes: int | None) -> Iterator[None]:
+    """Trace with the logits chunked at ``nbytes`` (None: the per-platform default) inside the
+    ``with`` block, e.g. ``1 << 62`` for no chunk loop at all: XLA's cost analysis counts a
+    loop's body once, so a program compiled to be counted should have none."""
+    global _LOGITS_BUDGET
+    old, _LOGITS_BUDGET = _LOGITS_BUDGET, nbytes
+    try:
+        yield
+    finally:
+        _LOGITS_BUDGET = old
 
 
 def _logits_budget() -> int:

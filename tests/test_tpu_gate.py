@@ -286,8 +286,13 @@ def test_hlo_summary_sees_combined_async_gathers():
   %all-gather-done.1 = (bf16[32,4,1024,32]{3,2,1,0}, bf16[32,4,1024,32]{3,2,1,0}) all-gather-done(%all-gather-start.1)
   %ag = f32[8,64]{1,0} all-gather(%x), dimensions={0}
   %k = bf16[4,1024,64]{2,1,0} custom-call(%q), custom_call_target="tpu_custom_call"
+  %while.3 = (s32[], /*index=1*/f32[4]{0}) while(%t), condition=%c, body=%b, metadata={op_name="jit(f)/while(x)"}
+  ROOT %conditional.1 = (f32[2]{0}) conditional(%p, %a, %b), true_computation=%x
+  %add.2 = f32[] add(%a, %b), metadata={op_name="jit(f)/while/body/conditional(y)"}
 """
     summary = deviceless.hlo_summary(hlo, global_batch=32)
     assert summary["all_gathers"] == 2 and summary["mosaic_kernels"] == 1
+    # Loops and conditionals, which XLA's cost analysis counts once / both branches of.
+    assert summary["while_loops"] == 1 and summary["conditionals"] == 1
     assert len(summary["batch_all_gathers"]) == 1
     assert summary["batch_all_gathers"][0].startswith("%all-gather-done.1")

@@ -110,6 +110,8 @@ def abstract_devices(target: Target) -> list:
 
 _RESULT = re.compile(r"^\s*(?:ROOT )?%?[\w.\-]+ = (.*?) (all-gather(?:-start|-done)?)\(")
 _PERMUTE = re.compile(r" collective-permute(?:-start)?\(")
+_WHILE = re.compile(r"^\s*(?:ROOT )?%?[\w.\-]+ = .*? while\(", re.MULTILINE)
+_CONDITIONAL = re.compile(r"^\s*(?:ROOT )?%?[\w.\-]+ = .*? conditional\(", re.MULTILINE)
 _DIMS = re.compile(r"\w+\[([\d,]*)\]")
 
 
@@ -118,7 +120,9 @@ def hlo_summary(hlo: str, global_batch: int) -> dict[str, Any]:
     collective-permutes (halo exchanges), all-gathers, and the all-gathers whose result has the
     global batch as a dimension (an activation gathered over the batch: what running a kernel
     under ``shard_map`` avoids). Asynchronous collectives count once (at their start); gathered
-    shapes are read at their done."""
+    shapes are read at their done. ``while_loops`` and ``conditionals`` say how far XLA's cost
+    analysis is from the work a step does: it counts a loop's body once and adds up both
+    branches of a conditional (the NA backends' non-finite containment is one)."""
     gathers, batch_gathers = 0, []
     for line in hlo.splitlines():
         match = _RESULT.match(line)
@@ -134,6 +138,7 @@ def hlo_summary(hlo: str, global_batch: int) -> dict[str, Any]:
     return {"triton_kernels": hlo.count(f'custom_call_target="{TRITON_TARGET}"'),
             "mosaic_kernels": hlo.count(f'custom_call_target="{tpu_gate.MOSAIC_TARGET}"'),
             "collective_permutes": len(_PERMUTE.findall(hlo)),
+            "while_loops": len(_WHILE.findall(hlo)), "conditionals": len(_CONDITIONAL.findall(hlo)),
             "all_gathers": gathers, "batch_all_gathers": batch_gathers}
 
 
