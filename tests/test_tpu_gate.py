@@ -242,6 +242,7 @@ def test_kernel_sweep():
 # ------------------------------------------------------------------ whole models (deviceless)
 
 
+@pytest.mark.slow  # ~40 s; the default tier compiles NA layers for v5e-8 and v4-8 above
 def test_trainer_step_of_digits_compiles_for_v4_8_fsdp():
     """The trainer's own train step (the small digits DiNAT) on v4-8 with FSDP and the
     pallas_tpu kernels: every NA layer's three Mosaic kernels run per shard, no activation is
