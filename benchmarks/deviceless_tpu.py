@@ -179,10 +179,12 @@ def markdown(rows: Sequence[dict]) -> str:
              "GiB (HBM) | TFLOP / chip (XLA / model) | GB / chip | roofline ms (bound) |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        # The report's "fsdp" is the config's (1: data parallel, -1: over all chips).
+        # "fsdp" is the config's in a report (1: data parallel, -1: over all chips), the job's
+        # bool in a row that failed (True == 1 in Python, hence the identity test).
+        fsdp = r["fsdp"] is True or (r["fsdp"] is not False and r["fsdp"] != 1)
         backend = r["backend"] + (" (taken path, counted whole)" if r.get("taken_path") else "")
         head = (f"| {r['config']} | {r['program']} | {r['target']} | "
-                f"{'data parallel' if r['fsdp'] in (False, 1) else 'FSDP'} | {backend} |")
+                f"{'FSDP' if fsdp else 'data parallel'} | {backend} |")
         if r.get("error"):
             oom = re.search(r"HLO temporaries \(([\d.]+G)\) exceeds available HBM \(([\d.]+G)\)",
                             r["error"])
