@@ -264,6 +264,7 @@ def test_unsharded_entries_run_the_plain_op(rng):
 # ------------------------------------------------------------------ the model switch
 
 
+@pytest.mark.slow  # default-tier time (~35-60 s); make test-all runs it
 def test_train_step_with_context_parallel_stages_equals_single_device(rng):
     """``config.context = 4``: the mesh is (data 2, fsdp 1, context 4); the first stage's
     token rows are split over the context axis (a dilated DiNAT layer with RPB). Two train

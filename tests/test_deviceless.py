@@ -59,6 +59,7 @@ def test_pallas_kernels_run_per_shard_under_the_context_mesh(with_mesh):
         assert summary["batch_all_gathers"], summary
 
 
+@pytest.mark.slow  # default-tier time (~35-60 s); make test-all runs it
 def test_trainer_step_compiles_for_8_h100s_with_kernels_per_shard():
     report = deviceless.compile_train_step(
         "h100x8", "digits", per_device_batch=8,

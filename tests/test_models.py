@@ -372,6 +372,7 @@ def test_remat_gives_the_same_gradients(rng, tiny_model):
                  grads(plain), grads(remat))
 
 
+@pytest.mark.slow  # default-tier time (~35-60 s); make test-all runs it
 def test_ordered_backward_gives_the_same_gradients_and_dropout(rng):
     """ordered_backward only orders the backward pass: in train mode (drop path and dropout
     drawing from the model's streams) the loss and gradients equal the plain model's, with

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import jax
 import numpy as np
+import pytest
 
 from nat_jax.kernels import sharding as na_sharding
 from nat_jax.train import sharding, trainer
@@ -30,6 +31,7 @@ def _two_steps(c, mesh, batch, hlo: bool = False):
     return jax.device_get(state.params), losses, program
 
 
+@pytest.mark.slow  # default-tier time (~35-60 s); make test-all runs it
 def test_pallas_train_step_sharded_equals_single_device(rng):
     c = no_aug(tiny_config("dinat_mini", fsdp_min_size=0, learning_rate=5e-3))
     c.na_backend = "pallas"
@@ -60,7 +62,6 @@ def test_kernel_limits_apply_per_shard():
     globally, so under the mesh ``auto`` keeps the kernels and ``pallas`` is accepted; without
     a mesh it is refused with the reason. Block sizes are resolved for the per-shard shapes."""
     import jax.numpy as jnp
-    import pytest
 
     from nat_jax.kernels import ops
     from nat_jax.kernels.params import make_params

@@ -260,20 +260,24 @@ def test_trainer_step_of_digits_compiles_for_v4_8_fsdp():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("backend", ["xla", "pallas_tpu"])
-def test_trainer_step_compiles_for_v5e_8(backend):
-    """The trainer's own train step of nat_mini on v5e-8 (8 images per chip) on both paths:
-    compiles, fits, counts at least the model's FLOPs, and on pallas_tpu launches the three
-    Mosaic kernels of every NA layer per shard (no all-gather of activations over the batch)."""
+@pytest.mark.parametrize("topology", ["v5e-8", "v4-8"])
+@pytest.mark.parametrize("config", ["nat_mini", "dinat_mini"])
+def test_trainer_step_compiles_for_tpu(config, topology, backend):
+    """The trainer's own train step of both families on both topologies (8 images per chip) on
+    both paths: compiles, fits, counts at least the model's FLOPs, and on pallas_tpu launches
+    the three Mosaic kernels of every NA layer per shard (no all-gather of activations over the
+    batch). The recipe-batch rows are benchmarks/deviceless_tpu.py's."""
     from nat_jax.train import deviceless
 
     report = deviceless.compile_program(
-        "v5e-8", "nat_mini", per_device_batch=8, program="train", timeout=3600,
+        topology, config, per_device_batch=8, program="train", timeout=3600,
         overrides={"na_backend": backend})
     assert report["fits"] and report["flops"] >= report["model_flops"]
     assert not report["batch_all_gathers"], report["batch_all_gathers"]
     assert report["mosaic_kernels"] == (tpu_gate.kernels_per_op() * 18 if backend == "pallas_tpu"
                                         else 0)
-    assert report["device_kind"] == "TPU v5 lite" and report["roofline_seconds"] > 0
+    kind = {"v5e-8": "TPU v5 lite", "v4-8": "TPU v4"}[topology]
+    assert report["device_kind"] == kind and report["roofline_seconds"] > 0
 
 
 def test_hlo_summary_sees_combined_async_gathers():

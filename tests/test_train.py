@@ -305,9 +305,13 @@ def test_sharded_steps_match_single_device_and_loss_decreases(rng):
         np.testing.assert_allclose(l8, l1[:2], rtol=1e-5, err_msg=name)
         np.testing.assert_allclose(g8, g1, rtol=1e-5, err_msg=name)
         # Adam divides by sqrt(v): for the few entries whose gradient is ~0 the summation
-        # order changes the step by up to ~lr, hence an absolute tolerance of 1% of lr.
+        # order changes the step by up to ~lr, hence an absolute tolerance of 1% of lr. The
+        # moments themselves: entries that nearly cancel over the batch (two of the
+        # classifier's 320 with drop path on) differ by up to ~6e-5 of the leaf's largest.
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=5e-5), p8, p1)
-        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7), o8, o1)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(
+            a, b, rtol=1e-4, atol=max(1e-7, 2e-4 * float(np.max(np.abs(b)))) if np.size(b)
+            else 0), o8, o1)
 
 
 @pytest.mark.slow
@@ -337,9 +341,9 @@ IMAGENET_CONFIGS = [n for n in configs.CONFIGS if n != "digits"]
 
 @pytest.mark.parametrize("name,fsdp", [
     # Every ImageNet config (recipe, schedule, augmentation) end to end with a shrunk model,
-    # NAT data parallel and DiNAT FSDP (+EMA) over 8 devices; the two minis in every run, the
+    # NAT data parallel and DiNAT FSDP (+EMA) over 8 devices; dinat_mini in every run, the
     # others in the sampled slow tier.
-    pytest.param(n, f, marks=() if n in ("nat_mini", "dinat_mini") else pytest.mark.slow)
+    pytest.param(n, f, marks=() if n == "dinat_mini" else pytest.mark.slow)
     for n, f in [(n, 8 if n.startswith("dinat") else 1) for n in IMAGENET_CONFIGS]])
 def test_imagenet_config_on_mock_data(tmp_path, name, fsdp):
     c = tiny_config(name, fsdp=fsdp, fsdp_min_size=0, ema_decay=0.9 if fsdp > 1 else 0.0)
