@@ -111,14 +111,11 @@ def _compile_with_window_attention(target: str, config: str, overrides: dict,
 
 def _compile_taken_path(target: str, config: str, overrides: dict, per_device_batch: int,
                         program: str) -> dict:
-    """Worker task: the program as XLA's cost analysis can count it whole: no non-finite
-    containment (a conditional, both of whose branches the analysis adds up) and no chunk loop
-    in the xla path (whose body it counts once). What a step does when its inputs are finite;
-    its memory is not what a run with containment needs."""
+    """Worker task: the program as XLA's cost analysis can count it whole
+    (:func:`nat_jax.kernels.xla.counted_whole`)."""
     from nat_jax.kernels import xla
 
-    xla.NONFINITE_CONTAINMENT = False
-    with xla.logits_budget(1 << 62):
+    with xla.counted_whole():
         return deviceless._compile_program(target, config, overrides,  # noqa: SLF001
                                            per_device_batch, program)
 

@@ -3,8 +3,9 @@ attention (issue: TPU without a TPU, item 2).
 
 Compiles ``grad(sum(NA(q, k, v, rpb) ** 2))`` (forward + backward, bf16, RPB, head_dim 32) for
 one chip of a TPU topology with libtpu, deviceless, and reads XLA's cost and memory analysis.
-The xla path is compiled as :mod:`deviceless_tpu`'s ``--taken-path`` rows are (no non-finite
-containment conditional, no chunk loop), so its count is whole; the baseline is the same
+The xla path is compiled as :mod:`deviceless_tpu`'s ``--taken-path`` rows are
+(:func:`nat_jax.kernels.xla.counted_whole`: no containment conditional, no chunk loop), so its
+count is whole; the baseline is the same
 layer with dense attention inside non-overlapping ``K x K`` windows
 (:func:`deviceless_tpu.window_attention`), which needs the same FLOPs. ``--tiles`` compares
 query tile shapes of the xla path (default: :func:`nat_jax.kernels.windows.xla_tile_sizes`).
@@ -59,9 +60,8 @@ def compile_layer(target: str, batch: int, side: int, heads: int, dilation: int,
     def loss(*args):
         return jnp.sum(na(*args).astype(jnp.float32) ** 2)
 
-    xla.NONFINITE_CONTAINMENT = False
     start = time.perf_counter()
-    with xla.logits_budget(1 << 62), jax.set_mesh(mesh):
+    with xla.counted_whole(), jax.set_mesh(mesh):
         compiled = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3))).trace(
             x, x, x, rpb).lower().compile()
     cost = compiled.cost_analysis()

@@ -98,6 +98,21 @@ def logits_budget(nbytes: int | None) -> Iterator[None]:
         _LOGITS_BUDGET = old
 
 
+@contextlib.contextmanager
+def counted_whole() -> Iterator[None]:
+    """Trace inside the ``with`` block as XLA's cost analysis can count a program whole: no
+    non-finite containment (a conditional, both of whose branches it adds up) and no chunk loop
+    (whose body it counts once). The work of a call on finite inputs; not the memory a program
+    with containment needs."""
+    global NONFINITE_CONTAINMENT
+    old, NONFINITE_CONTAINMENT = NONFINITE_CONTAINMENT, False
+    try:
+        with logits_budget(1 << 62):
+            yield
+    finally:
+        NONFINITE_CONTAINMENT = old
+
+
 def _logits_budget() -> int:
     """Per platform: the context mesh's (a TPU program compiled on a CPU host is chunked as
     on a TPU), else the default backend's."""

@@ -185,12 +185,10 @@ def _conv3x3_s2(config: ModelConfig, options: BuildOptions, din: int, dout: int,
                     use_bias=use_bias, kernel_init=_init(config), rngs=rngs, **_dtypes(options))
 
 
-def _dropout(rate: float, *, rngs: nnx.Rngs, broadcast_dims: tuple[int, ...] = ()
-             ) -> nnx.Dropout:
+def _dropout(rate: float, *, rngs: nnx.Rngs) -> nnx.Dropout:
     # Built in eval mode (model.train() turns it on). Only modules that can drop keep an RNG
     # stream ("dropout", falling back to "default").
-    return nnx.Dropout(rate, broadcast_dims=broadcast_dims, deterministic=True,
-                       rngs=rngs if rate > 0 else None)
+    return nnx.Dropout(rate, deterministic=True, rngs=rngs if rate > 0 else None)
 
 
 class DropPathRate(nnx.Variable):
@@ -565,8 +563,6 @@ class _Model(nnx.Module):
             elif isinstance(node, NatLayer) and node.layer_scale_parameters is not None:
                 out.add(tuple(path) + ("layer_scale_parameters",))
         return frozenset(out)
-
-
 
 
 def _options_from(arguments: dict) -> BuildOptions:
