@@ -42,11 +42,13 @@ memory, so they are recomputed.
 
 Non-finite containment. Dense in-tile matmuls multiply masked entries (exact zeros) by operand
 rows outside a query's window, and ``0 * nan = nan``: one NaN value would poison every query of
-its tile's neighbours. Entries of the probability / ``ds`` matrices are masked with selects,
-so leaks can only come from the four contraction operands that are inputs: ``v`` (forward
-``p @ v``), ``k`` (``dq = ds @ k``), ``q`` (``dk = ds^T @ q``) and the output cotangent
-(``dv = p^T @ do``). When one of those holds a non-finite value (checked with one reduction),
-``lax.cond`` runs the *contained* variant of the same tiled computation: sanitized operands
+its tile's neighbours. Masked logits are ``-inf``, so the probabilities outside the windows
+are exact zeros as long as each row's logsumexp is finite (the clean path skips a select
+there), and ``ds`` is masked with a select; leaks can then only come from the four contraction
+operands that are inputs: ``v`` (forward ``p @ v``), ``k`` (``dq = ds @ k``), ``q`` (``dk =
+ds^T @ q``) and the output cotangent (``dv = p^T @ do``), or from a non-finite logsumexp (a
+non-finite bias). When one of those holds a non-finite value (checked with one reduction
+each), ``lax.cond`` runs the *contained* variant of the same tiled computation: sanitized operands
 (non-finite -> 0) plus indicator matmuls that make an element non-finite exactly when a window
 really holds a non-finite value of its contraction. Elements whose windows hold no non-finite
 value are bitwise what finite inputs give. The contained path has the same tiling and memory
@@ -83,6 +85,13 @@ NONFINITE_CONTAINMENT = True
 # images per chip needs 5.6 GB of temporaries with any budget from 16 MiB to 1 GiB, 8.5 GB with
 # non-finite containment: the tiled layout and residuals, not the chunk, set its memory.)
 _LOGITS_BUDGET: int | None = None
+
+
+# Window masks ([tiles, Tq, Hk] bool, one byte per logit of one (batch, head) pair) up to this
+# size are compile-time constants. Built in-graph, XLA:CPU spent ~2-4 ms per call on the index
+# arithmetic of the 2 MB mask of a 112x112, K=7 layer; far larger masks (long 1-D windows) stay
+# in-graph so that no program embeds them.
+_MASK_CONSTANT_BYTES = 1 << 23
 
 
 @contextlib.contextmanager
@@ -189,8 +198,9 @@ def _take_tokens(x: jax.Array, axis: int, src: np.ndarray) -> jax.Array:
     return jnp.concatenate(parts, axis=axis) if len(parts) > 1 else parts[0]
 
 
-def _to_halos(x: jax.Array, plans) -> jax.Array:
-    """``[B, *spatial, h, c]`` -> ``[B, h, G, NT, Hk, c]``: each tile's key box. Along each axis
+def _to_halos(x: jax.Array, plans, slots_minor: bool = False) -> jax.Array:
+    """``[B, *spatial, h, c]`` -> ``[B, h, G, NT, Hk, c]`` (``[B, h, G, NT, c, Hk]`` with
+    ``slots_minor``): each tile's key box. Along each axis
     the padded group rows are cut into tiles and every tile is joined with the start of the
     next ones (slices and a concatenation: no gather). A periodic axis first takes its wrapped
     halo rows (:meth:`windows.HaloPlan.source_tokens`), which then need no padding."""
@@ -211,12 +221,13 @@ def _to_halos(x: jax.Array, plans) -> jax.Array:
         x = jax.lax.slice_in_dim(x, 0, pl.halo, axis=ax + 1)
     # [B, h, *dil, nt0, H0, nt1, H1, ..., c] -> [B, h, *dil, *nt, *H, c]
     lead = 2 + n
+    slots = [lead + 2 * a + 1 for a in range(n)]
     perm = list(range(lead)) + [lead + 2 * a for a in range(n)] \
-        + [lead + 2 * a + 1 for a in range(n)] + [lead + 2 * n]
+        + ([lead + 2 * n] + slots if slots_minor else slots + [lead + 2 * n])
     x = jnp.transpose(x, perm)
     g = math.prod(pl.dilation for pl in plans)
     nt = math.prod(pl.num_tiles for pl in plans)
-    return x.reshape(b, h, g, nt, -1, c)
+    return x.reshape(b, h, g, nt, c, -1) if slots_minor else x.reshape(b, h, g, nt, -1, c)
 
 
 def _from_tiles(y: jax.Array, plans, spatial: tuple[int, ...]) -> jax.Array:
@@ -228,24 +239,27 @@ def _from_tiles(y: jax.Array, plans, spatial: tuple[int, ...]) -> jax.Array:
     return x
 
 
-def _fold_halos(y: jax.Array, plans, spatial: tuple[int, ...]) -> jax.Array:
+def _fold_halos(y: jax.Array, plans, spatial: tuple[int, ...], slots_minor: bool = False
+                ) -> jax.Array:
     """Transpose of :func:`_to_halos`: sums each halo slot back onto its token
-    (``[B, h, G, NT, Hk, c]`` -> ``[B, *spatial, h, c]``; pads and adds, no scatter)."""
-    b, h, c = y.shape[0], y.shape[1], y.shape[-1]
+    (``[B, h, G, NT, Hk, c]`` or, ``slots_minor``, ``[B, h, G, NT, c, Hk]`` -> ``[B, *spatial,
+    h, c]``; pads and adds, no scatter)."""
+    b, h, c = y.shape[0], y.shape[1], y.shape[-2 if slots_minor else -1]
     shape = jax.ShapeDtypeStruct((b, *spatial, h, c), y.dtype)
-    (x,) = jax.linear_transpose(lambda x: _to_halos(x, plans), shape)(y)
+    (x,) = jax.linear_transpose(lambda x: _to_halos(x, plans, slots_minor), shape)(y)
     return x
 
 
-def _mask(plans) -> jax.Array:
-    """``[G, NT, Tq, Hk]`` window mask, built in-graph from the small per-axis tables."""
+def _mask(plans, xp=jnp):
+    """``[G, NT, Tq, Hk]`` window mask from the small per-axis tables, computed by ``xp``:
+    numpy (a compile-time constant) or jax.numpy (in-graph)."""
     n = len(plans)
-    mask = jnp.ones((), bool)
+    mask = xp.ones((), bool)
     for a, pl in enumerate(plans):
-        mask = mask & windows.interleave_axis(jnp.asarray(pl.mask), a, n, 4)
+        mask = mask & windows.interleave_axis(xp.asarray(pl.mask), a, n, 4)
     full = (tuple(pl.dilation for pl in plans) + tuple(pl.num_tiles for pl in plans)
             + tuple(pl.tile for pl in plans) + tuple(pl.halo for pl in plans))
-    mask = jnp.broadcast_to(mask, full)
+    mask = xp.broadcast_to(mask, full)
     return mask.reshape(math.prod(full[:n]), math.prod(full[n:2 * n]),
                         math.prod(full[2 * n:3 * n]), -1)
 
@@ -278,9 +292,10 @@ def _hits(pattern: jax.Array, bad: jax.Array, spec: str) -> jax.Array:
 
 
 def _scores(qt, kh, bias, mask, scale):
-    """``[C, N, Tq, Hk]`` masked logits; ``qt [C, N, Tq, d]``, ``kh [C, N, Hk, d]``, ``bias
-    [C, Tq, Hk]`` or None, ``mask [N, Tq, Hk]``."""
-    s = jnp.einsum("cnqd,cnkd->cnqk", qt, kh, preferred_element_type=jnp.float32) * scale
+    """``[C, N, Tq, Hk]`` masked logits; ``qt [C, N, Tq, d]``, ``kh [C, N, d, Hk]`` (halos are
+    kept with their slots minor, see :func:`_layout`), ``bias [C, Tq, Hk]`` or None, ``mask
+    [N, Tq, Hk]``."""
+    s = jnp.einsum("cnqd,cndk->cnqk", qt, kh, preferred_element_type=jnp.float32) * scale
     if bias is not None:
         s = s + bias[:, None]
     return jnp.where(mask, s, -jnp.inf)
@@ -290,21 +305,29 @@ def _forward_tiles(qt, kh, vh, bias, *, mask, scale: float, contained: bool):
     """One chunk of tiles: ``(out [C, N, Tq, dv] in v's dtype, lse [C, N, Tq] f32)``."""
     s = _scores(qt, kh, bias, mask, scale)
     m = jnp.max(s, axis=-1, keepdims=True)
-    # The select keeps masked entries exactly zero even for a row whose max is not finite.
-    e = jnp.where(mask, jnp.exp(s - m), 0.0)
+    # Masked logits are -inf, so exp gives them exact zeros without a select over the logits,
+    # given a max that is not -inf: only padding rows (past the input's end) have every entry
+    # masked, and they get max 0, sum 1 (output 0, lse 0, so their backward is zero too).
+    # The contained variant keeps the select: with a non-finite max (a NaN in the window)
+    # exp(-inf - nan) would not be zero, and its indicator matmuls read e.
+    m = jnp.where(m == -jnp.inf, 0.0, m)
+    e = jnp.exp(s - m)
+    if contained:
+        e = jnp.where(mask, e, 0.0)
     l = jnp.sum(e, axis=-1, keepdims=True)
+    l = jnp.where(l == 0.0, 1.0, l)
     v_op = _clean(vh) if contained else vh
-    o = jnp.einsum("cnqk,cnkd->cnqd", e.astype(vh.dtype), v_op,
+    o = jnp.einsum("cnqk,cndk->cnqd", e.astype(vh.dtype), v_op,
                    preferred_element_type=jnp.float32) / l
     if contained:
         # p @ v element-wise: a window value nan, or +inf and -inf together, or an infinity met
         # with probability 0 give nan; otherwise an infinity keeps its sign.
         pos = e > 0
         window = mask & jnp.ones_like(pos)
-        nan = (_hits(window, jnp.isnan(vh), "cnqk,cnkd->cnqd")
-               + _hits(window & ~pos, jnp.isinf(vh), "cnqk,cnkd->cnqd")) > 0
-        plus = _hits(pos, vh == jnp.inf, "cnqk,cnkd->cnqd") > 0
-        minus = _hits(pos, vh == -jnp.inf, "cnqk,cnkd->cnqd") > 0
+        nan = (_hits(window, jnp.isnan(vh), "cnqk,cndk->cnqd")
+               + _hits(window & ~pos, jnp.isinf(vh), "cnqk,cndk->cnqd")) > 0
+        plus = _hits(pos, vh == jnp.inf, "cnqk,cndk->cnqd") > 0
+        minus = _hits(pos, vh == -jnp.inf, "cnqk,cndk->cnqd") > 0
         o = jnp.where(plus, jnp.inf, o)
         o = jnp.where(minus, -jnp.inf, o)
         o = jnp.where(nan | (plus & minus), jnp.nan, o)
@@ -314,21 +337,26 @@ def _forward_tiles(qt, kh, vh, bias, *, mask, scale: float, contained: bool):
 
 def _backward_tiles(qt, kh, vh, bias, ot, lset, dot, dlset, *, mask, scale: float,
                     contained: bool):
-    """Gradients of one chunk: ``(dq [C,N,Tq,d], dk [C,N,Hk,d], dv [C,N,Hk,dv], dbias [C,Tq,Hk]
-    f32)`` (halo-shaped dk/dv, summed back onto tokens by the caller)."""
+    """Gradients of one chunk: ``(dq [C,N,Tq,d], dk [C,N,d,Hk], dv [C,N,dv,Hk], dbias [C,Tq,Hk]
+    f32)`` (halo-shaped dk/dv, slots minor like ``kh``/``vh``, summed back onto tokens by the
+    caller)."""
     s = _scores(qt, kh, bias, mask, scale)
-    p = jnp.where(mask, jnp.exp(s - lset[..., None]), 0.0)
-    dp = jnp.einsum("cnqd,cnkd->cnqk", dot, vh, preferred_element_type=jnp.float32)
+    p = jnp.exp(s - lset[..., None])  # masked: exp(-inf) = 0 (see _forward_tiles)
+    if contained:
+        # A NaN logsumexp (non-finite q or k in the window) would make the masked entries
+        # NaN, and p^T do would carry them to keys outside the window.
+        p = jnp.where(mask, p, 0.0)
+    dp = jnp.einsum("cnqd,cndk->cnqk", dot, vh, preferred_element_type=jnp.float32)
     delta = jnp.sum(dot.astype(jnp.float32) * ot.astype(jnp.float32), axis=-1) - dlset
     ds = jnp.where(mask, p * (dp - delta[..., None]), 0.0)
     dtype = qt.dtype
     k_op, q_op, do_op = (_clean(x) if contained else x for x in (kh, qt, dot))
-    dq = jnp.einsum("cnqk,cnkd->cnqd", ds.astype(dtype), k_op,
+    dq = jnp.einsum("cnqk,cndk->cnqd", ds.astype(dtype), k_op,
                     preferred_element_type=jnp.float32) * scale
     # dk = ds^T q and dv = p^T do contract the query axis, which is not minor in ds / p:
     # XLA:CPU runs such dots on a slow generic path (2x slower at 112x112). Transposing the
-    # small [Tq, d] operand instead gives plain [d, Tq] @ [Tq, Hk] matmuls; the [d, Hk]
-    # results are transposed back inside the halo fold's fusion.
+    # small [Tq, d] operand instead gives plain [d, Tq] @ [Tq, Hk] matmuls whose [d, Hk]
+    # results are already in the halos' slots-minor layout.
     q_t = jnp.swapaxes(q_op, -1, -2)
     do_t = jnp.swapaxes(do_op, -1, -2)
     dk = jnp.einsum("cndq,cnqk->cndk", q_t, ds.astype(dtype),
@@ -337,10 +365,10 @@ def _backward_tiles(qt, kh, vh, bias, ot, lset, dot, dlset, *, mask, scale: floa
                     preferred_element_type=jnp.float32)
     if contained:
         window = mask & jnp.ones(ds.shape, bool)
-        dq = jnp.where(_hits(window, _bad(kh), "cnqk,cnkd->cnqd") > 0, jnp.nan, dq)
+        dq = jnp.where(_hits(window, _bad(kh), "cnqk,cndk->cnqd") > 0, jnp.nan, dq)
         dk = jnp.where(_hits(window, _bad(qt), "cnqk,cnqd->cndk") > 0, jnp.nan, dk)
         dv = jnp.where(_hits(window, _bad(dot), "cnqk,cnqd->cndk") > 0, jnp.nan, dv)
-    return dq, jnp.swapaxes(dk, -1, -2), jnp.swapaxes(dv, -1, -2), jnp.sum(ds, axis=1)
+    return dq, dk, dv, jnp.sum(ds, axis=1)
 
 
 def _chunk_sizes(z: int, n: int, pair_bytes: int) -> tuple[int, int]:
@@ -428,9 +456,10 @@ def _unfold_heads(x: jax.Array, batch: int, heads: int, groups: int) -> jax.Arra
     return x.reshape(batch, heads, groups, n // groups, rows // grp, c)
 
 
-def _flat_halos(x: jax.Array, plans) -> jax.Array:
-    """``[B, *spatial, h, c]`` -> ``[B*h, G*NT, Hk, c]``."""
-    y = _to_halos(x, plans)
+def _flat_halos(x: jax.Array, plans, slots_minor: bool = False) -> jax.Array:
+    """``[B, *spatial, h, c]`` -> ``[B*h, G*NT, Hk, c]`` (``[B*h, G*NT, c, Hk]`` with
+    ``slots_minor``)."""
+    y = _to_halos(x, plans, slots_minor)
     return y.reshape(y.shape[0] * y.shape[1], -1, *y.shape[4:])
 
 
@@ -440,11 +469,19 @@ def _groups(plans) -> int:
 
 def _layout(query, key, value, p, tile_sizes):
     """Tiled queries ``[B*heads_kv, G*NT, group*Tq, d]`` (heads folded, :func:`_fold_heads`)
-    and key/value halos ``[B*heads_kv, G*NT, Hk, d]``."""
+    and key/value halos ``[B*heads_kv, G*NT, d, Hk]``.
+
+    The halos keep their slots minor: every contraction with them is then a plain ``[m, k] @
+    [k, n]`` matmul or one with a minor contraction. With ``[Hk, d]`` halos, ``q k^T`` (and the
+    backward's ``do v^T``) contracts the minor axis of both operands, which XLA:CPU ran at half
+    the rate (112x112 tiles, fp32, head_dim 32: 17.7 vs 9.0 ms per ``q k^T``); ``p v``
+    contracting the minor axis of both measured 6.2 vs 4.1 ms, a smaller loss. Accelerators
+    choose physical layouts themselves."""
     spatial = tuple(query.shape[1:1 + p.rank])
     plans = _plans(spatial, p, query.shape[-1], tile_sizes)
     qt = _fold_heads(_to_tiles(query, plans), key.shape[-2])
-    return spatial, plans, qt, _flat_halos(key, plans), _flat_halos(value, plans)
+    return (spatial, plans, qt, _flat_halos(key, plans, slots_minor=True),
+            _flat_halos(value, plans, slots_minor=True))
 
 
 def _bias_table(rpb, plans, batch: int, heads_kv: int):
@@ -460,14 +497,17 @@ def _bias_table(rpb, plans, batch: int, heads_kv: int):
 
 
 def _mask_flat(plans, group: int):
-    """``[G*NT, group*Tq, Hk]``: every folded query head sees the same windows."""
-    m = _mask(plans)
+    """``[G*NT, group*Tq, Hk]``: every folded query head sees the same windows. A constant up
+    to ``_MASK_CONSTANT_BYTES``, else built in-graph."""
+    size = group * math.prod(pl.dilation * pl.num_tiles * pl.tile * pl.halo for pl in plans)
+    xp = np if size <= _MASK_CONSTANT_BYTES else jnp
+    m = _mask(plans, xp)
     m = m.reshape(-1, *m.shape[2:])
-    return jnp.tile(m, (1, group, 1)) if group > 1 else m
+    return jnp.asarray(xp.tile(m, (1, group, 1)) if group > 1 else m)
 
 
 def _pair_bytes(qt, kh) -> int:
-    return 4 * qt.shape[1] * qt.shape[2] * kh.shape[2]
+    return 4 * qt.shape[1] * qt.shape[2] * kh.shape[-1]
 
 
 def _forward_core(qt, kh, vh, bias, plans, scale: float, contained: bool):
@@ -505,15 +545,17 @@ def _forward(query, key, value, rpb, p: NAParams, tile_sizes, contained: bool | 
     b, h, g = query.shape[0], query.shape[-2], _groups(plans)
     out = _from_tiles(_unfold_heads(ot, b, h, g), plans, spatial)
     lse = _from_tiles(_unfold_heads(lset[..., None], b, h, g), plans, spatial)[..., 0]
-    # Whether the backward pass's contractions with q and k may leak: one reduction each over
-    # the compact arrays (the halos repeat every key ~3x).
-    qk_bad = jnp.any(_bad(query)) | jnp.any(_bad(key))
-    return (out, lse), (qt, kh, vh, ot, lset, qk_bad)
+    # Whether the backward pass may leak: through its contractions with q and k, or through a
+    # non-finite logsumexp (from q, k or the bias; the clean backward's probabilities rely on a
+    # finite one to be zero outside the windows). One reduction each over the compact arrays
+    # (the halos repeat every key ~3x).
+    leaky = jnp.any(_bad(query)) | jnp.any(_bad(key)) | jnp.any(_bad(lse))
+    return (out, lse), (qt, kh, vh, ot, lset, leaky)
 
 
 def _backward(res, cotangents, rpb, p: NAParams, tile_sizes, spatial, batch: int, heads: int,
               contained: bool | None):
-    qt, kh, vh, ot, lset, qk_bad = res
+    qt, kh, vh, ot, lset, leaky = res
     dout, dlse = cotangents
     plans = _plans(spatial, p, qt.shape[-1], tile_sizes)
     hk = qt.shape[0] // batch
@@ -525,7 +567,7 @@ def _backward(res, cotangents, rpb, p: NAParams, tile_sizes, spatial, batch: int
     if contained is None and not NONFINITE_CONTAINMENT:
         contained = False
     if contained is None:
-        leak = qk_bad | jnp.any(_bad(dout))
+        leak = leaky | jnp.any(_bad(dout))
         dqt, dkh, dvh, dbias = jax.lax.cond(leak, functools.partial(run, contained=True),
                                             functools.partial(run, contained=False), *args)
     else:
@@ -539,8 +581,8 @@ def _backward(res, cotangents, rpb, p: NAParams, tile_sizes, spatial, batch: int
     # arrays. Compiled for v5e (a nat_mini stage-1 layer, fwd+bwd, 128 images): 43.8 -> 32.1
     # GB accessed, temporaries 5.35 -> 3.19 GB; bf16 dk/dv error against fp32 2.4e-3 -> 3.1e-3
     # rms (dq's is 2.5e-3). fp32 inputs are unchanged.
-    dk = _fold_halos(unflat(dkh.astype(kh.dtype)), plans, spatial)
-    dv = _fold_halos(unflat(dvh.astype(vh.dtype)), plans, spatial)
+    dk = _fold_halos(unflat(dkh.astype(kh.dtype)), plans, spatial, slots_minor=True)
+    dv = _fold_halos(unflat(dvh.astype(vh.dtype)), plans, spatial, slots_minor=True)
     drpb = None
     if rpb is not None:
         # Folded rows are (query head in group, tile row): a plain reshape gives query heads.
