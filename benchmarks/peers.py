@@ -76,13 +76,15 @@ def natjax_runners(preset: str, train_batch: int, infer_batch: int, backend: str
         jax.block_until_ready(metrics)
 
     # The train step donates its state: inference gets its own copy of the parameters.
-    graphdef, params, rest = nnx.split(nnx.merge(run.graphdef, run.state.params, run.rest),
-                                       nnx.Param, ...)
+    # Dropout and drop path are module state: eval() switches them off.
+    model = nnx.merge(run.graphdef, run.state.params, run.rest)
+    model.eval()
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     params = jax.tree.map(jnp.copy, params)
 
     @jax.jit
     def forward(params, x):
-        return nnx.merge(graphdef, params, rest)(x, deterministic=True).logits
+        return nnx.merge(graphdef, params, rest)(x).logits
 
     x = jnp.asarray(rng.standard_normal((infer_batch, 224, 224, 3)), jnp.float32)
 

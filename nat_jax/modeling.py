@@ -390,8 +390,15 @@ def _apply_layer(layer: NatLayer, x: jax.Array) -> tuple[jax.Array, jax.Array | 
     params, x = _gradients_in_order(params, x)
     tied = nnx.merge(graphdef, params, rest)
     out = tied(x)
-    # RNG counts advance as without the tie (a no-op where merge shares the variables).
-    nnx.update(layer, nnx.state(tied, nnx.Not(nnx.Param)))
+    # RNG counts advance as without the tie. Where merge shares the non-parameter variables
+    # (flax 0.12) they already have; writing them back would then fail for a model whose state
+    # was created outside the current trace (a jitted function closing over it).
+    state = nnx.state(tied, nnx.Not(nnx.Param))
+    leaves = jax.tree.leaves(state, is_leaf=lambda v: isinstance(v, nnx.Variable))
+    ours = jax.tree.leaves(nnx.state(layer, nnx.Not(nnx.Param)),
+                           is_leaf=lambda v: isinstance(v, nnx.Variable))
+    if any(a is not b for a, b in zip(leaves, ours)):
+        nnx.update(layer, state)
     return out
 
 

@@ -399,6 +399,24 @@ def test_ordered_backward_gives_the_same_gradients_and_dropout(rng):
                      got, want)
 
 
+def test_ordered_backward_model_runs_under_jax_jit_closing_over_its_state(rng):
+    """A jax.jit function that merges the model from state it closes over (variables created
+    outside the trace, as a notebook or benchmark writes it) runs an ordered_backward model in
+    eval mode and gives the plain model's logits. (In train mode the dropout streams must
+    advance, which needs the state passed in, as for any model.)"""
+    x = _images(rng, 2, 32, 32)
+    config = dataclasses.replace(SMALL, drop_path_rate=0.3)
+    plain = _same_weights(nat_jax.build_model(config, rngs=nnx.Rngs(0)))
+    ordered = _same_weights(plain, ordered_backward=True)
+    logits = {}
+    for name, model in (("plain", plain), ("ordered", ordered)):
+        model.eval()
+        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+        forward = jax.jit(lambda params, x: nnx.merge(graphdef, params, rest)(x).logits)
+        logits[name] = forward(params, x)
+    np.testing.assert_allclose(logits["ordered"], logits["plain"], rtol=1e-6, atol=1e-6)
+
+
 # Stage 0: two same layers (period 1); stage 1: DiNAT's alternating dilations over 5 layers
 # (period 2: two scanned groups, then one layer run after the scan).
 SCANNED = dataclasses.replace(SMALL, depths=(2, 5), dilations=((1, 1), (1, 2, 1, 2, 1)),
