@@ -128,20 +128,21 @@ class Job:
     fsdp: bool
     backend: str
     taken_path: bool = False  # compiled to be counted (see _compile_taken_path)
+    remat: bool = False  # remat=True, scan_layers=True: the setting for models that do not fit
 
     @property
     def name(self) -> str:
         return (f"{self.config}-{self.program}-{self.target}-"
                 f"{'fsdp' if self.fsdp else 'dp'}-{self.backend}"
-                f"{'-taken' if self.taken_path else ''}")
+                f"{'-taken' if self.taken_path else ''}{'-remat-scan' if self.remat else ''}")
 
 
 def jobs(config_names: Sequence[str], targets: Sequence[str], programs: Sequence[str],
-         shardings: Sequence[str], backends: Sequence[str], taken_path: bool = False
-         ) -> list[Job]:
+         shardings: Sequence[str], backends: Sequence[str], taken_path: bool = False,
+         remat: bool = False) -> list[Job]:
     """Every combination; FSDP only for train steps (inference keeps parameters as training
     shards them, and the minis' fit either way)."""
-    return [Job(c, t, p, s == "fsdp", b, taken_path) for c in config_names for t in targets
+    return [Job(c, t, p, s == "fsdp", b, taken_path, remat) for c in config_names for t in targets
             for p in programs for s in shardings if p == "train" or s == "dp"
             for b in backends]
 
@@ -153,6 +154,8 @@ def compile_job(job: Job, timeout: float) -> dict:
     row = {"job": job.name, **dataclasses.asdict(job),
            "per_device_batch": recipe // target.devices}
     overrides = {"fsdp": -1 if job.fsdp else 1, "na_backend": job.backend}
+    if job.remat:
+        overrides.update(remat=True, scan_layers=True)
     try:
         if job.backend == WINDOW or job.taken_path:
             task = _compile_with_window_attention if job.backend == WINDOW \
@@ -179,7 +182,8 @@ def markdown(rows: Sequence[dict]) -> str:
         # "fsdp" is the config's in a report (1: data parallel, -1: over all chips), the job's
         # bool in a row that failed (True == 1 in Python, hence the identity test).
         fsdp = r["fsdp"] is True or (r["fsdp"] is not False and r["fsdp"] != 1)
-        backend = r["backend"] + (" (taken path, counted whole)" if r.get("taken_path") else "")
+        backend = r["backend"] + (" (taken path, counted whole)" if r.get("taken_path") else "") \
+            + (", remat + scan" if r.get("remat") else "")
         head = (f"| {r['config']} | {r['program']} | {r['target']} | "
                 f"{'FSDP' if fsdp else 'data parallel'} | {backend} |")
         if r.get("error"):
@@ -212,6 +216,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                              "conditional and the xla path's chunk loop, which XLA's cost "
                              "analysis counts twice / once (FLOPs and bytes of the path a step "
                              "takes on finite inputs; not the memory a run needs)")
+    parser.add_argument("--remat", action="store_true",
+                        help="train steps with remat=True and scan_layers=True (the setting "
+                             "for models whose recipe batch does not fit otherwise)")
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds per compile")
     parser.add_argument("--json", type=Path, default=RESULTS)
     parser.add_argument("--append", action="store_true",
@@ -222,7 +229,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return [x.strip() for x in text.split(",") if x.strip()]
 
     selected = jobs(split(args.config), split(args.target), split(args.program),
-                    split(args.sharding), split(args.backend), args.taken_path)
+                    split(args.sharding), split(args.backend), args.taken_path, args.remat)
     start = time.perf_counter()
     old_rows, old_seconds = [], 0.0
     if args.append and args.json.exists():
