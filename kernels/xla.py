@@ -292,8 +292,8 @@ def _hits(pattern: jax.Array, bad: jax.Array, spec: str) -> jax.Array:
 
 
 def _scores(qt, kh, bias, mask, scale):
-    """``[C, N, Tq, Hk]`` masked logits; ``qt [C, N, Tq, d]``, ``kh [C, N, d, Hk]`` (halos are
-    kept with their slots minor, see :func:`_layout`), ``bias [C, Tq, Hk]`` or None, ``mask
+    """``[C, N, Tq, Hk]`` masked logits; ``qt [C, N, Tq, d]``, ``kh [C, N, d, Hk]`` (key halos
+    are kept with their slots minor, see :func:`_layout`), ``bias [C, Tq, Hk]`` or None, ``mask
     [N, Tq, Hk]``."""
     s = jnp.einsum("cnqd,cndk->cnqk", qt, kh, preferred_element_type=jnp.float32) * scale
     if bias is not None:
@@ -317,17 +317,17 @@ def _forward_tiles(qt, kh, vh, bias, *, mask, scale: float, contained: bool):
     l = jnp.sum(e, axis=-1, keepdims=True)
     l = jnp.where(l == 0.0, 1.0, l)
     v_op = _clean(vh) if contained else vh
-    o = jnp.einsum("cnqk,cndk->cnqd", e.astype(vh.dtype), v_op,
+    o = jnp.einsum("cnqk,cnkd->cnqd", e.astype(vh.dtype), v_op,
                    preferred_element_type=jnp.float32) / l
     if contained:
         # p @ v element-wise: a window value nan, or +inf and -inf together, or an infinity met
         # with probability 0 give nan; otherwise an infinity keeps its sign.
         pos = e > 0
         window = mask & jnp.ones_like(pos)
-        nan = (_hits(window, jnp.isnan(vh), "cnqk,cndk->cnqd")
-               + _hits(window & ~pos, jnp.isinf(vh), "cnqk,cndk->cnqd")) > 0
-        plus = _hits(pos, vh == jnp.inf, "cnqk,cndk->cnqd") > 0
-        minus = _hits(pos, vh == -jnp.inf, "cnqk,cndk->cnqd") > 0
+        nan = (_hits(window, jnp.isnan(vh), "cnqk,cnkd->cnqd")
+               + _hits(window & ~pos, jnp.isinf(vh), "cnqk,cnkd->cnqd")) > 0
+        plus = _hits(pos, vh == jnp.inf, "cnqk,cnkd->cnqd") > 0
+        minus = _hits(pos, vh == -jnp.inf, "cnqk,cnkd->cnqd") > 0
         o = jnp.where(plus, jnp.inf, o)
         o = jnp.where(minus, -jnp.inf, o)
         o = jnp.where(nan | (plus & minus), jnp.nan, o)
@@ -337,8 +337,8 @@ def _forward_tiles(qt, kh, vh, bias, *, mask, scale: float, contained: bool):
 
 def _backward_tiles(qt, kh, vh, bias, ot, lset, dot, dlset, *, mask, scale: float,
                     contained: bool):
-    """Gradients of one chunk: ``(dq [C,N,Tq,d], dk [C,N,d,Hk], dv [C,N,dv,Hk], dbias [C,Tq,Hk]
-    f32)`` (halo-shaped dk/dv, slots minor like ``kh``/``vh``, summed back onto tokens by the
+    """Gradients of one chunk: ``(dq [C,N,Tq,d], dk [C,N,d,Hk], dv [C,N,Hk,dv], dbias [C,Tq,Hk]
+    f32)`` (halo-shaped dk/dv laid out like ``kh``/``vh``, summed back onto tokens by the
     caller)."""
     s = _scores(qt, kh, bias, mask, scale)
     p = jnp.exp(s - lset[..., None])  # masked: exp(-inf) = 0 (see _forward_tiles)
@@ -346,7 +346,9 @@ def _backward_tiles(qt, kh, vh, bias, ot, lset, dot, dlset, *, mask, scale: floa
         # A NaN logsumexp (non-finite q or k in the window) would make the masked entries
         # NaN, and p^T do would carry them to keys outside the window.
         p = jnp.where(mask, p, 0.0)
-    dp = jnp.einsum("cnqd,cndk->cnqk", dot, vh, preferred_element_type=jnp.float32)
+    # do v^T as a plain matmul wants v slots-minor (see _layout): transposed per chunk.
+    dp = jnp.einsum("cnqd,cndk->cnqk", dot, jnp.swapaxes(vh, -1, -2),
+                    preferred_element_type=jnp.float32)
     delta = jnp.sum(dot.astype(jnp.float32) * ot.astype(jnp.float32), axis=-1) - dlset
     ds = jnp.where(mask, p * (dp - delta[..., None]), 0.0)
     dtype = qt.dtype
@@ -355,8 +357,8 @@ def _backward_tiles(qt, kh, vh, bias, ot, lset, dot, dlset, *, mask, scale: floa
                     preferred_element_type=jnp.float32) * scale
     # dk = ds^T q and dv = p^T do contract the query axis, which is not minor in ds / p:
     # XLA:CPU runs such dots on a slow generic path (2x slower at 112x112). Transposing the
-    # small [Tq, d] operand instead gives plain [d, Tq] @ [Tq, Hk] matmuls whose [d, Hk]
-    # results are already in the halos' slots-minor layout.
+    # small [Tq, d] operand instead gives plain [d, Tq] @ [Tq, Hk] matmuls; their [d, Hk]
+    # results are the key halos' layout, and dv is transposed back inside the fold's fusion.
     q_t = jnp.swapaxes(q_op, -1, -2)
     do_t = jnp.swapaxes(do_op, -1, -2)
     dk = jnp.einsum("cndq,cnqk->cndk", q_t, ds.astype(dtype),
@@ -368,7 +370,7 @@ def _backward_tiles(qt, kh, vh, bias, ot, lset, dot, dlset, *, mask, scale: floa
         dq = jnp.where(_hits(window, _bad(kh), "cnqk,cndk->cnqd") > 0, jnp.nan, dq)
         dk = jnp.where(_hits(window, _bad(qt), "cnqk,cnqd->cndk") > 0, jnp.nan, dk)
         dv = jnp.where(_hits(window, _bad(dot), "cnqk,cnqd->cndk") > 0, jnp.nan, dv)
-    return dq, dk, dv, jnp.sum(ds, axis=1)
+    return dq, dk, jnp.swapaxes(dv, -1, -2), jnp.sum(ds, axis=1)
 
 
 def _chunk_sizes(z: int, n: int, pair_bytes: int) -> tuple[int, int]:
@@ -468,20 +470,20 @@ def _groups(plans) -> int:
 
 
 def _layout(query, key, value, p, tile_sizes):
-    """Tiled queries ``[B*heads_kv, G*NT, group*Tq, d]`` (heads folded, :func:`_fold_heads`)
-    and key/value halos ``[B*heads_kv, G*NT, d, Hk]``.
+    """Tiled queries ``[B*heads_kv, G*NT, group*Tq, d]`` (heads folded, :func:`_fold_heads`),
+    key halos ``[B*heads_kv, G*NT, d, Hk]`` and value halos ``[B*heads_kv, G*NT, Hk, d]``.
 
-    The halos keep their slots minor: every contraction with them is then a plain ``[m, k] @
-    [k, n]`` matmul or one with a minor contraction. With ``[Hk, d]`` halos, ``q k^T`` (and the
-    backward's ``do v^T``) contracts the minor axis of both operands, which XLA:CPU ran at half
-    the rate (112x112 tiles, fp32, head_dim 32: 17.7 vs 9.0 ms per ``q k^T``); ``p v``
-    contracting the minor axis of both measured 6.2 vs 4.1 ms, a smaller loss. Accelerators
-    choose physical layouts themselves."""
+    Key halos keep their slots minor, so ``q k^T`` is a plain ``[Tq, d] @ [d, Hk]`` matmul; with
+    ``[Hk, d]`` halos it contracts the minor axis of both operands, which XLA:CPU ran at half
+    the rate (112x112 tiles, fp32, head_dim 32: 17.7 vs 9.0 ms). Value halos stay ``[Hk, d]``
+    for the forward's ``p v`` (interleaved at 112x112: forward 10-20% faster than with
+    slots-minor values); the backward transposes them per chunk for ``do v^T``. Accelerators
+    choose physical layouts themselves (TPU bytes per layer unchanged)."""
     spatial = tuple(query.shape[1:1 + p.rank])
     plans = _plans(spatial, p, query.shape[-1], tile_sizes)
     qt = _fold_heads(_to_tiles(query, plans), key.shape[-2])
     return (spatial, plans, qt, _flat_halos(key, plans, slots_minor=True),
-            _flat_halos(value, plans, slots_minor=True))
+            _flat_halos(value, plans))
 
 
 def _bias_table(rpb, plans, batch: int, heads_kv: int):
@@ -582,7 +584,7 @@ def _backward(res, cotangents, rpb, p: NAParams, tile_sizes, spatial, batch: int
     # GB accessed, temporaries 5.35 -> 3.19 GB; bf16 dk/dv error against fp32 2.4e-3 -> 3.1e-3
     # rms (dq's is 2.5e-3). fp32 inputs are unchanged.
     dk = _fold_halos(unflat(dkh.astype(kh.dtype)), plans, spatial, slots_minor=True)
-    dv = _fold_halos(unflat(dvh.astype(vh.dtype)), plans, spatial, slots_minor=True)
+    dv = _fold_halos(unflat(dvh.astype(vh.dtype)), plans, spatial)
     drpb = None
     if rpb is not None:
         # Folded rows are (query head in group, tile row): a plain reshape gives query heads.
