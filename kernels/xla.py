@@ -296,7 +296,11 @@ def _scores(qt, kh, bias, mask, scale):
     are kept with their slots minor, see :func:`_layout`), ``bias [C, Tq, Hk]`` or None, ``mask
     [N, Tq, Hk]``."""
     s = jnp.einsum("cnqd,cndk->cnqk", qt, kh, preferred_element_type=jnp.float32) * scale
-    if bias is not None:
+    if bias is not None and bias.shape[0] != s.shape[0]:
+        # One table per head for a chunk of whole batches (pairs are batch-major).
+        c, h = s.shape[0], bias.shape[0]
+        s = (s.reshape(c // h, h, *s.shape[1:]) + bias[None, :, None]).reshape(s.shape)
+    elif bias is not None:
         s = s + bias[:, None]
     return jnp.where(mask, s, -jnp.inf)
 
@@ -392,10 +396,11 @@ def _chunk_sizes(z: int, n: int, pair_bytes: int) -> tuple[int, int]:
 
 def _chunked(fn, args, kinds: str, out_kinds: str, pair_bytes: int):
     """Run ``fn`` chunk by chunk. ``kinds[i]`` says how ``args[i]`` is laid out: ``"p"`` =
-    ``[Z, N, ...]`` (pairs x tiles), ``"z"`` = ``[Z, ...]`` (per pair, e.g. the bias), ``"n"`` =
-    ``[N, ...]`` (per tile, the mask); None args pass through. Outputs are ``"p"`` or ``"s"``
-    (``[Z, ...]`` summed over tiles). Chunks are dynamic slices inside a ``fori_loop`` whose
-    outputs are updated in place."""
+    ``[Z, N, ...]`` (pairs x tiles), ``"n"`` = ``[N, ...]`` (per tile, the mask), ``"h"`` =
+    ``[H, ...]`` per head, pair ``z`` taking row ``z % H`` (the bias: a chunk of whole batches
+    gets the table itself); None args pass through. Outputs are ``"p"`` or ``"s"`` (``[Z, ...]``
+    summed over tiles). Chunks are dynamic slices inside a ``fori_loop`` whose outputs are
+    updated in place."""
     z, n = next(a.shape[:2] for a, k in zip(args, kinds) if k == "p")
     cz, cn = _chunk_sizes(z, n, pair_bytes)
     if (cz, cn) == (z, n):
@@ -410,8 +415,13 @@ def _chunked(fn, args, kinds: str, out_kinds: str, pair_bytes: int):
         if k == "p":
             return jax.lax.dynamic_slice(a, (z0, n0) + (0,) * (a.ndim - 2),
                                          (cz, cn) + a.shape[2:])
-        if k == "z":
-            return jax.lax.dynamic_slice_in_dim(a, z0, cz, axis=0)
+        if k == "h":
+            h = a.shape[0]
+            if cz % h == 0:
+                return a
+            if h % cz == 0:
+                return jax.lax.dynamic_slice_in_dim(a, z0 % h, cz, axis=0)
+            return jnp.take(a, (z0 + jnp.arange(cz)) % h, axis=0)
         return jax.lax.dynamic_slice_in_dim(a, n0, cn, axis=0)
 
     shapes = jax.eval_shape(lambda *xs: fn(*xs),
@@ -486,16 +496,15 @@ def _layout(query, key, value, p, tile_sizes):
             _flat_halos(value, plans))
 
 
-def _bias_table(rpb, plans, batch: int, heads_kv: int):
-    """``[B*heads_kv, group*Tq, Hk]`` f32 bias per (batch, key/value head) pair, rows folded
-    like the queries', or None."""
+def _bias_table(rpb, plans, heads_kv: int):
+    """``[heads_kv, group*Tq, Hk]`` f32 bias per key/value head (rows folded like the
+    queries'), or None. Pair ``z`` (batch-major) uses row ``z % heads_kv``: the table is not
+    repeated per image (it was the forward's largest copy at 14x14, 8 heads)."""
     if rpb is None:
         return None
     h = rpb.shape[0]
     table = rpb.astype(jnp.float32).reshape(h, -1)[:, _rel(plans)]  # [h, Tq, Hk]
-    table = table.reshape(heads_kv, -1, table.shape[-1])
-    return jnp.broadcast_to(table[None], (batch, *table.shape)).reshape(batch * heads_kv,
-                                                                        *table.shape[1:])
+    return table.reshape(heads_kv, -1, table.shape[-1])
 
 
 def _mask_flat(plans, group: int):
@@ -517,7 +526,7 @@ def _forward_core(qt, kh, vh, bias, plans, scale: float, contained: bool):
         return _forward_tiles(q, k, v, b, mask=mask, scale=scale, contained=contained)
 
     group = qt.shape[2] // math.prod(pl.tile for pl in plans)
-    return _chunked(fn, (qt, kh, vh, bias, _mask_flat(plans, group)), "pppzn", "pp",
+    return _chunked(fn, (qt, kh, vh, bias, _mask_flat(plans, group)), "ppphn", "pp",
                     _pair_bytes(qt, kh))
 
 
@@ -529,13 +538,13 @@ def _backward_core(qt, kh, vh, bias, ot, lset, dot, dlset, plans, scale: float,
 
     group = qt.shape[2] // math.prod(pl.tile for pl in plans)
     return _chunked(fn, (qt, kh, vh, bias, ot, lset, dot, dlset, _mask_flat(plans, group)),
-                    "pppzppppn", "ppps", _pair_bytes(qt, kh))
+                    "ppphppppn", "ppps", _pair_bytes(qt, kh))
 
 
 def _forward(query, key, value, rpb, p: NAParams, tile_sizes, contained: bool | None):
     """Forward pass and the tiled residuals. ``contained=None`` decides at run time."""
     spatial, plans, qt, kh, vh = _layout(query, key, value, p, tile_sizes)
-    bias = _bias_table(rpb, plans, query.shape[0], key.shape[-2])
+    bias = _bias_table(rpb, plans, key.shape[-2])
     run = functools.partial(_forward_core, plans=plans, scale=p.scale)
     if contained is None and not NONFINITE_CONTAINMENT:
         contained = False
@@ -563,7 +572,7 @@ def _backward(res, cotangents, rpb, p: NAParams, tile_sizes, spatial, batch: int
     hk = qt.shape[0] // batch
     dot = _fold_heads(_to_tiles(dout.astype(qt.dtype), plans), hk)
     dlset = _fold_heads(_to_tiles(dlse.astype(jnp.float32)[..., None], plans), hk)[..., 0]
-    bias = _bias_table(rpb, plans, batch, hk)
+    bias = _bias_table(rpb, plans, hk)
     run = functools.partial(_backward_core, plans=plans, scale=p.scale)
     args = (qt, kh, vh, bias, ot, lset, dot, dlset)
     if contained is None and not NONFINITE_CONTAINMENT:

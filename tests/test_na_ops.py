@@ -400,6 +400,30 @@ def test_chunked_xla_path_matches(rng, monkeypatch):
         assert_close(a, np.asarray(b, np.float64), 1e-5, 1e-5)
 
 
+@pytest.mark.parametrize("chunk", [(1, None), (2, None), (3, None), (6, None), (1, 2)])
+def test_xla_chunks_of_pairs_take_their_heads_bias(rng, monkeypatch, chunk):
+    """Chunks of (batch, head) pairs that hold whole batches (6 = 2 images x 3 heads; 3), part
+    of one batch's heads (1), or pairs straddling two images (2), and tiles of one pair: each
+    takes its heads' rows of the per-head bias table, forward and backward."""
+    from nat_jax.kernels import xla
+    q, k, v = (jnp.asarray(rng.standard_normal((2, 12, 10, 3, 8)), jnp.float32)
+               for _ in range(3))
+    rpb = jnp.asarray(rng.standard_normal((3, 5, 5)), jnp.float32)
+    p = kernels.make_params((12, 10), 8, 3)
+
+    def run(q, k, v, rpb):
+        out, lse = xla.na_fused(q, k, v, p, rpb)
+        return jnp.sum(out * v) + jnp.sum(lse)
+
+    want = jax.value_and_grad(run, argnums=(0, 1, 2, 3))(q, k, v, rpb)
+    cz, cn = chunk
+    monkeypatch.setattr(xla, "_chunk_sizes", lambda z, n, _: (cz, cn or n))
+    got = jax.value_and_grad(run, argnums=(0, 1, 2, 3))(q, k, v, rpb)
+    assert_close(got[0], np.asarray(want[0], np.float64), 1e-6, 1e-6)
+    for name, a, b in zip("q k v rpb".split(), got[1], want[1]):
+        assert_close(a, np.asarray(b, np.float64), 1e-5, 1e-5, f"d{name}")
+
+
 # ---------------------------------------------------------------------------- validation
 
 
