@@ -93,6 +93,14 @@ def hlo_ops(hlo_text: str) -> dict[str, tuple[str, str, str]]:
     return out
 
 
+def result_shapes(hlo_text: str) -> dict[str, str]:
+    """``name -> result shape`` for every instruction of a compiled module."""
+    out = {}
+    for m in re.finditer(r"^\s*(?:ROOT\s+)?%?([\w.\-]+) = (\S+) ", hlo_text, re.M):
+        out.setdefault(m.group(1), m.group(2))
+    return out
+
+
 def _fused_opcodes(hlo_text: str) -> dict[str, set[str]]:
     """``fusion instruction name -> opcodes inside its fused computation`` (to spot dots)."""
     comps, current = {}, None
@@ -168,6 +176,8 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--top", type=int, default=0,
+                        help="also list the N most expensive ops (category, shape, source op)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
 
@@ -184,7 +194,7 @@ def main(argv=None) -> int:
     compiled = run.step_fn.lower(run.state, batch, run.rest).compile()
     compile_s = time.perf_counter() - start
     text = compiled.as_text()
-    ops, fused = hlo_ops(text), _fused_opcodes(text)
+    ops, fused, shapes = hlo_ops(text), _fused_opcodes(text), result_shapes(text)
 
     # The state is donated: thread it through the timed calls.
     state = [run.state]
@@ -203,6 +213,7 @@ def main(argv=None) -> int:
 
     by_cat = collections.Counter()
     unknown = 0.0
+    top = []
     for name, us in totals.items():
         # Control flow thunks contain their body's events: count the body ops only.
         if ops.get(name, ("",))[0] in ("while", "conditional", "call"):
@@ -211,7 +222,11 @@ def main(argv=None) -> int:
             unknown += us
             continue
         opcode, op_name, source = ops[name]
-        by_cat[categorize(opcode, op_name, source, fused.get(name, set()))] += us
+        category = categorize(opcode, op_name, source, fused.get(name, set()))
+        by_cat[category] += us
+        top.append({"op": name, "category": category, "ms": us / args.steps / 1e3,
+                    "shape": shapes.get(name, "?"), "source_op": op_name})
+    top = sorted(top, key=lambda t: -t["ms"])[:args.top]
     by_cat = {k: v / args.steps / 1e3 for k, v in by_cat.most_common()}  # ms per step
     busy = sum(by_cat.values())
 
@@ -227,7 +242,7 @@ def main(argv=None) -> int:
                          matmul_ceiling_gflops=ceiling / 1e9,
                          forward_gflops_per_image=fwd_flops / 1e9,
                          bound_images_per_second=bound,
-                         fraction_of_bound=args.batch / step_s / bound)
+                         fraction_of_bound=args.batch / step_s / bound, top_ops=top)
     print(f"{args.preset} batch {args.batch} {args.dtype}: step {step_s * 1e3:.0f} ms, "
           f"{args.batch / step_s:.2f} images/s = {result['fraction_of_bound']:.2f} of the "
           f"matmul bound ({bound:.2f} images/s at {ceiling / 1e9:.0f} GFLOP/s); "
@@ -235,6 +250,11 @@ def main(argv=None) -> int:
     print(f"per-op time (sum of op events, ms/step; {busy:.0f} busy vs {step_s * 1e3:.0f} wall):")
     for k, v in by_cat.items():
         print(f"  {k:45s} {v:9.1f}  {v / busy:6.1%}")
+    if top:
+        print(f"the {len(top)} most expensive ops (ms/step):")
+        for t in top:
+            print(f"  {t['ms']:8.1f}  {t['category'][:22]:22s} {t['shape'][:40]:40s} "
+                  f"{t['source_op'][-60:]}")
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                    f"profile_train_step_{jax.devices()[0].platform}.json")
     write_json(out, result)

@@ -597,7 +597,12 @@ def _backward(res, cotangents, rpb, p: NAParams, tile_sizes, spatial, batch: int
     drpb = None
     if rpb is not None:
         # Folded rows are (query head in group, tile row): a plain reshape gives query heads.
-        dtab = dbias.reshape(batch, heads, -1).sum(0)  # [h, Tq*Hk]
+        # Summed over the batch as a contraction with ones: XLA:CPU's reduce over this leading
+        # axis took 35 ms for [16, 8, 196 * 196] (nat_mini's stage-3 layers at batch 16),
+        # the contraction 1.1 ms. HIGHEST keeps fp32 sums on TPU.
+        dtab = jnp.einsum("b,bhx->hx", jnp.ones((batch,), jnp.float32),
+                          dbias.reshape(batch, heads, -1),
+                          precision=jax.lax.Precision.HIGHEST)  # [h, Tq*Hk]
         flat = jnp.zeros((heads, math.prod(rpb.shape[1:])), jnp.float32)
         flat = flat.at[:, _rel(plans).reshape(-1)].add(dtab)
         drpb = flat.reshape(rpb.shape).astype(rpb.dtype)
