@@ -9,6 +9,10 @@ launch of the step is checked by ptxas (no spills, shared memory within the limi
 
 from __future__ import annotations
 
+import os
+import signal
+import time
+
 import pytest
 
 from nat_jax.train import deviceless
@@ -84,3 +88,17 @@ def test_tiny_models_train_on_8_h100s_at_128_per_gpu(config):
     assert report["triton_kernels"] > 0 and not report["batch_all_gathers"]
     assert report["kernel_launches"] == report["triton_kernels"]
     assert not report["kernel_problems"], report["kernel_problems"]
+
+
+def _die():
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def test_a_worker_that_dies_is_reported_at_once():
+    """A compile worker killed without reporting (the kernel's OOM killer does that to a
+    whole-model compile too large for the host) is an error at once, not a wait for the
+    timeout."""
+    start = time.monotonic()
+    with pytest.raises(RuntimeError, match="worker process died .*exit code -9"):
+        deviceless.run_isolated("v5e-8", _die, timeout=600)
+    assert time.monotonic() - start < 120

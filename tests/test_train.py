@@ -70,9 +70,25 @@ def test_every_config_resolves_to_a_model():
         model = nnx.eval_shape(lambda: nat_jax.build_model(model_cfg, rngs=nnx.Rngs(0),
                                                            **options))
         assert model.eval_transform.image_size == c.image_size
-        assert model.options.dtype == c.compute_dtype
+        assert model.options.dtype == trainer.compute_dtype(c)
     with pytest.raises(ValueError, match="config name="):
         get_config("nat_huge")
+
+
+def test_compute_dtype_auto_is_float32_on_cpu_and_bfloat16_on_accelerators():
+    """The ImageNet configs' "auto" compute dtype: bfloat16 where it pays (GPU, TPU, abstract
+    devices of a deviceless compile included), float32 on CPU; a named dtype always wins."""
+    c = get_config("nat_mini")
+    assert c.compute_dtype == "auto"
+    assert trainer.compute_dtype(c, "cpu") == "float32"
+    assert trainer.compute_dtype(c) == "float32"  # this host
+    for platform in ("tpu", "gpu", "cuda"):
+        assert trainer.compute_dtype(c, platform) == "bfloat16"
+        assert trainer.build_options(c, platform)["dtype"] == "bfloat16"
+    assert trainer.build_options(c)["dtype"] == "float32"
+    assert trainer.StepConfig.from_config(c, 10, "tpu").compute_dtype == "bfloat16"
+    c.compute_dtype = "bfloat16"
+    assert trainer.compute_dtype(c, "cpu") == "bfloat16"
 
 
 def test_overrides_coerce_types_and_reject_unknown_fields():

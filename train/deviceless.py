@@ -211,7 +211,8 @@ def _compile_program(target_name: str, config_name: str, overrides: dict[str, An
     report = {
         "target": target.name, "config": config_name, "model": config.model,
         "program": program, "na_backend": config.na_backend,
-        "compute_dtype": config.compute_dtype, "global_batch": config.global_batch_size,
+        "compute_dtype": trainer.compute_dtype(config, target.platform),
+        "global_batch": config.global_batch_size,
         "per_device_batch": per_device_batch, "fsdp": config.fsdp, "params": n_params,
         "compile_seconds": round(seconds, 1), "model_flops": flops,
         **tpu_gate.executable_report(compiled, target.memory_per_device, chip),
@@ -233,16 +234,37 @@ def _worker(conn, target_name: str, fn: Callable, args: tuple) -> None:
 def run_isolated(target_name: str, fn: Callable, *args: Any, timeout: float = 1800.0) -> Any:
     """``fn(*args)`` in a fresh process with the target's plugin registered, killed after
     ``timeout`` seconds (a compile can hang rather than fail). Raises ``RuntimeError`` with the
-    worker's error, or ``TimeoutError``."""
+    worker's error (or at once when the worker dies without one, e.g. killed for host memory),
+    or ``TimeoutError``."""
     ctx = multiprocessing.get_context("spawn")
     results = ctx.Queue()
     proc = ctx.Process(target=_worker, args=(results, target_name, fn, args), daemon=True)
     proc.start()
+    name = getattr(fn, "__name__", fn)
+    deadline = time.monotonic() + timeout
     try:
-        status, value = results.get(timeout=timeout)
-    except queue.Empty:
-        raise TimeoutError(f"{getattr(fn, '__name__', fn)} on {target_name} did not finish "
-                           f"within {timeout:.0f} s") from None
+        while True:
+            try:
+                wait = max(0.0, min(5.0, deadline - time.monotonic()))
+                status, value = results.get(timeout=wait)
+                break
+            except queue.Empty:
+                if not proc.is_alive():
+                    try:  # it may have reported just before exiting
+                        status, value = results.get(timeout=1.0)
+                        break
+                    except queue.Empty:
+                        pass
+                    # A whole-model compile can need more host memory than there is (a v4-8
+                    # DiNAT-T step at 256 images per chip took over 20 GB here): say so now
+                    # rather than wait out the timeout.
+                    why = ", killed: out of host memory?" if proc.exitcode == -9 else ""
+                    raise RuntimeError(f"{name} on {target_name}: the worker process died "
+                                       f"(exit code {proc.exitcode}{why}) before reporting"
+                                       ) from None
+                if time.monotonic() >= deadline:
+                    raise TimeoutError(f"{name} on {target_name} did not finish within "
+                                       f"{timeout:.0f} s") from None
     finally:
         proc.join(5)
         if proc.is_alive():

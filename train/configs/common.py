@@ -44,7 +44,9 @@ def base_config() -> ml_collections.ConfigDict:
     # how it runs (the build options of nat_jax.BuildOptions).
     c.model = "nat_mini"
     c.model_overrides = ml_collections.ConfigDict()
-    c.compute_dtype = "bfloat16"   # activations; parameters stay float32
+    # Activations (parameters stay float32). "auto": bfloat16 on GPU/TPU, float32 on CPU, where
+    # bfloat16 measured slower (README, "Timings"); name a dtype to force one.
+    c.compute_dtype = "auto"
     c.param_dtype = "float32"
     c.na_backend = "auto"          # neighborhood-attention backend ("auto", "xla", "pallas", ...)
     c.remat = False                # recompute each layer in the backward pass (less memory)
