@@ -293,15 +293,14 @@ def _hits(pattern: jax.Array, bad: jax.Array, spec: str) -> jax.Array:
 
 def _scores(qt, kh, bias, mask, scale):
     """``[C, N, Tq, Hk]`` masked logits; ``qt [C, N, Tq, d]``, ``kh [C, N, d, Hk]`` (key halos
-    are kept with their slots minor, see :func:`_layout`), ``bias [C, Tq, Hk]`` or None, ``mask
-    [N, Tq, Hk]``."""
+    are kept with their slots minor, see :func:`_layout`), ``bias [C or H, Tq, Hk]`` or None,
+    ``mask [N, Tq, Hk]``."""
     s = jnp.einsum("cnqd,cndk->cnqk", qt, kh, preferred_element_type=jnp.float32) * scale
-    if bias is not None and bias.shape[0] != s.shape[0]:
-        # One table per head for a chunk of whole batches (pairs are batch-major).
+    if bias is not None:
+        # bias holds one row per pair, or one per head for a chunk of whole batches (pairs are
+        # batch-major): either way pair c takes row c % len(bias).
         c, h = s.shape[0], bias.shape[0]
         s = (s.reshape(c // h, h, *s.shape[1:]) + bias[None, :, None]).reshape(s.shape)
-    elif bias is not None:
-        s = s + bias[:, None]
     return jnp.where(mask, s, -jnp.inf)
 
 
