@@ -546,3 +546,43 @@ def test_unfused_attention_without_backend_kernels_warns_once(rng, recwarn):
     recwarn.clear()
     nnx.jit(lambda m, x: m(x, output_attentions=True).attentions)(model, x[:1])  # retrace
     assert not [w for w in recwarn if "unfused" in str(w.message)]
+
+
+@pytest.mark.parametrize("shape,kernel,strides,padding,im2col", [
+    ((2, 16, 16, 3), (3, 3, 3, 8), (2, 2), ((1, 1), (1, 1)), False),  # RGB stem: stays a conv
+    ((2, 16, 16, 16), (3, 3, 16, 8), (2, 2), ((1, 1), (1, 1)), True),
+    ((2, 15, 9, 24), (3, 3, 24, 12), (2, 2), ((1, 1), (1, 1)), True),  # odd (Ho = ceil(H/2))
+    ((1, 11, 10, 16), (3, 2, 16, 5), (2, 1), ((0, 1), (2, 0)), True),  # asymmetric everything
+    ((1, 12, 12, 16), (3, 3, 16, 4), (3, 3), ((1, 0), (0, 0)), True),  # rows cropped, stride 3
+])
+def test_convs_on_cpu_run_as_im2col_and_equal_lax_conv(rng, shape, kernel, strides, padding,
+                                                       im2col):
+    """``nnx.Conv``'s convolution in our models is an im2col matmul when lowered for CPU with at
+    least 16 input channels (faster backward there) and stays a convolution otherwise and for
+    other platforms; values and both gradients equal ``lax.conv_general_dilated``'s."""
+    from nat_jax import modeling
+
+    x = jnp.asarray(rng.standard_normal(shape, np.float32))
+    w = jnp.asarray(rng.standard_normal(kernel, np.float32))
+    dn = jax.lax.conv_dimension_numbers(shape, kernel, ("NHWC", "HWIO", "NHWC"))
+
+    def ours(x, w):
+        return modeling._conv_general_dilated(x, w, strides, padding, dimension_numbers=dn)
+
+    def theirs(x, w):
+        return jax.lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=dn,
+                                            precision="highest")
+
+    out, expected = jax.jit(ours)(x, w), theirs(x, w)
+    assert out.shape == expected.shape
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5 * float(jnp.abs(expected).max()))
+    ct = jnp.asarray(rng.standard_normal(expected.shape, np.float32))
+    grads = jax.jit(jax.grad(lambda x, w: jnp.vdot(ours(x, w), ct), argnums=(0, 1)))(x, w)
+    expected_grads = jax.grad(lambda x, w: jnp.vdot(theirs(x, w), ct), argnums=(0, 1))(x, w)
+    for g, e in zip(grads, expected_grads):
+        np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-5 * float(jnp.abs(e).max()))
+
+    cpu_hlo = jax.jit(ours).lower(x, w).compile().as_text()
+    assert ("convolution(" not in cpu_hlo) == im2col
+    tpu = jax.export.export(jax.jit(ours), platforms=["tpu"])(x, w).mlir_module()
+    assert "stablehlo.convolution" in tpu and "dot_general" not in tpu
