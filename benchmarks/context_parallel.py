@@ -57,6 +57,7 @@ from rich.table import Table  # noqa: E402
 
 from nat_jax.kernels import context, neighborhood_attention  # noqa: E402
 from nat_jax.kernels import xla as xla_backend  # noqa: E402
+from nat_jax import host  # noqa: E402
 from nat_jax.timing import environment, median_seconds, write_json  # noqa: E402
 
 MIB = 2 ** 20
@@ -374,4 +375,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    host.relaunch_with_huge_pages()  # timings with malloc's huge pages (nat_jax.host)
     sys.exit(main())

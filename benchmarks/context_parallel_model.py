@@ -37,6 +37,7 @@ from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 from nat_jax import configs, zoo  # noqa: E402
+from nat_jax import host  # noqa: E402
 from nat_jax.timing import environment, write_json  # noqa: E402
 from nat_jax.train import deviceless  # noqa: E402
 
@@ -128,4 +129,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    host.relaunch_with_huge_pages()  # timings with malloc's huge pages (nat_jax.host)
     sys.exit(main())

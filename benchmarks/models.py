@@ -28,6 +28,7 @@ from rich.table import Table
 
 import nat_jax
 from nat_jax import configs, kernels
+from nat_jax import host
 from nat_jax.timing import environment, median_seconds, write_json
 
 
@@ -120,4 +121,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    host.relaunch_with_huge_pages()  # timings with malloc's huge pages (nat_jax.host)
     sys.exit(main())

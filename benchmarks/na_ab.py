@@ -24,6 +24,7 @@ import numpy as np
 
 from nat_jax import kernels
 from nat_jax.kernels import xla
+from nat_jax import host
 from nat_jax.timing import environment, write_json
 
 from na_ops import Shape  # noqa: E402  (benchmarks/ is the script's directory)
@@ -151,4 +152,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    host.relaunch_with_huge_pages()  # timings with malloc's huge pages (nat_jax.host)
     sys.exit(main())

@@ -32,6 +32,7 @@ from rich.console import Console
 from rich.table import Table
 
 from nat_jax import kernels
+from nat_jax import host
 from nat_jax.timing import environment, median_seconds, write_json
 
 
@@ -267,4 +268,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    host.relaunch_with_huge_pages()  # timings with malloc's huge pages (nat_jax.host)
     sys.exit(main())

@@ -45,6 +45,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import torch  # noqa: E402
 
+from nat_jax import host  # noqa: E402
 from nat_jax.timing import environment, write_json  # noqa: E402
 
 MODELS = ("nat_mini", "dinat_mini", "swin_t", "hf_nat_mini", "hf_dinat_mini")
@@ -244,4 +245,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    host.relaunch_with_huge_pages()  # timings with malloc's huge pages (nat_jax.host)
     sys.exit(main())

@@ -36,6 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from nat_jax import host
 from nat_jax.timing import environment, median_seconds, write_json
 from nat_jax.train import configs, sharding, trainer
 
@@ -273,4 +274,5 @@ def forward_flops(config) -> float:
 
 
 if __name__ == "__main__":
+    host.relaunch_with_huge_pages()  # timings with malloc's huge pages (nat_jax.host)
     sys.exit(main())

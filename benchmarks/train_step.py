@@ -32,6 +32,7 @@ import numpy as np
 from PIL import Image
 
 from nat_jax import configs as model_configs
+from nat_jax import host
 from nat_jax.timing import environment, write_json
 from nat_jax.train import configs, input_pipeline, sharding, trainer
 
@@ -147,4 +148,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    host.relaunch_with_huge_pages()  # timings with malloc's huge pages (nat_jax.host)
     sys.exit(main())

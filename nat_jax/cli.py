@@ -48,6 +48,9 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:  # a process of its own: restart with malloc's huge pages (nat_jax.host)
+        from nat_jax import host
+        host.relaunch_with_huge_pages()
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser(argv)
     args = parser.parse_args(argv)

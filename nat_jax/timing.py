@@ -18,6 +18,8 @@ from typing import Any
 import jax
 import numpy as np
 
+from nat_jax import host
+
 
 def median_seconds(fn: Callable[..., Any], *args: Any, repeats: int = 5, warmup: int = 1
                    ) -> float:
@@ -47,7 +49,7 @@ def environment(**extra: Any) -> dict:
         host=platform.machine(), cpu_count=os.cpu_count(),
         load_average=os.getloadavg() if hasattr(os, "getloadavg") else None,
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        **extra)
+        malloc_huge_pages=host.huge_pages_enabled(), **extra)
 
 
 def write_json(path: str | os.PathLike, payload: Any) -> None:
