@@ -11,8 +11,9 @@ Models (random weights, 224x224, float32):
   ``nat_jax.convert.torch_natten`` (plain torch).
 
 PyTorch training is forward + cross-entropy + backward + ``torch.optim.AdamW``. Every round runs
-one step of every model in turn, so load from other jobs hits all of them alike; the figures are
-medians over rounds, with the host's load average before and after.
+two steps of every model in turn and times the second (the first step after switching
+frameworks is slower), so load from other jobs hits all of them alike; the figures are medians
+over rounds, with the host's load average before and after.
 
 The "matmul bound" is this machine's fp32 matmul rate (a 2048^3 ``jnp`` matmul, same process)
 divided by each model's useful FLOPs per image (PyTorch's ``FlopCounterMode`` on the forward;
@@ -193,6 +194,10 @@ def main(argv=None) -> int:
     for r in range(args.rounds):
         for name, (train, infer) in runners.items():
             for kind, fn in (("train", train), ("infer", infer)):
+                # One untimed call first: the first nat-jax step after a PyTorch one ran 0.7-2 s
+                # slower (more CPU time in XLA's own threads, whichever allocator settings),
+                # which penalized whichever model followed Swin-T in a round.
+                fn()
                 t0 = time.perf_counter()
                 fn()
                 times[name][kind].append(time.perf_counter() - t0)
