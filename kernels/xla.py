@@ -338,19 +338,20 @@ def _forward_tiles(qt, kh, vh, bias, *, mask, scale: float, contained: bool):
     return o.astype(vh.dtype), lse
 
 
-def _backward_tiles(qt, kh, vht, bias, ot, lset, dot, dlset, *, mask, scale: float,
+def _backward_tiles(qt, kh, vh, bias, ot, lset, dot, dlset, *, mask, scale: float,
                     contained: bool):
     """Gradients of one chunk: ``(dq [C,N,Tq,d], dk [C,N,d,Hk], dv [C,N,Hk,dv], dbias [C,Tq,Hk]
-    f32)`` (halo-shaped dk like ``kh``, dv like the forward's ``[Hk, dv]`` value halos, summed
-    back onto tokens by the caller). ``vht [C,N,dv,Hk]``: value halos slots-minor."""
+    f32)`` (halo-shaped dk/dv laid out like ``kh``/``vh``, summed back onto tokens by the
+    caller)."""
     s = _scores(qt, kh, bias, mask, scale)
     p = jnp.exp(s - lset[..., None])  # masked: exp(-inf) = 0 (see _forward_tiles)
     if contained:
         # A NaN logsumexp (non-finite q or k in the window) would make the masked entries
         # NaN, and p^T do would carry them to keys outside the window.
         p = jnp.where(mask, p, 0.0)
-    # do v^T as a plain matmul: the value halos come slots-minor (see _backward).
-    dp = jnp.einsum("cnqd,cndk->cnqk", dot, vht, preferred_element_type=jnp.float32)
+    # do v^T as a plain matmul wants v slots-minor (see _layout): transposed per chunk.
+    dp = jnp.einsum("cnqd,cndk->cnqk", dot, jnp.swapaxes(vh, -1, -2),
+                    preferred_element_type=jnp.float32)
     delta = jnp.sum(dot.astype(jnp.float32) * ot.astype(jnp.float32), axis=-1) - dlset
     ds = jnp.where(mask, p * (dp - delta[..., None]), 0.0)
     dtype = qt.dtype
@@ -477,22 +478,21 @@ def _groups(plans) -> int:
     return math.prod(pl.dilation for pl in plans)
 
 
-def _layout(query, key, p, tile_sizes):
-    """Tiled queries ``[B*heads_kv, G*NT, group*Tq, d]`` (heads folded, :func:`_fold_heads`)
-    and key halos ``[B*heads_kv, G*NT, d, Hk]``; value halos are built where they are used
-    (:func:`_flat_halos`), ``[B*heads_kv, G*NT, Hk, dv]`` in the forward and slots-minor in the
-    backward.
+def _layout(query, key, value, p, tile_sizes):
+    """Tiled queries ``[B*heads_kv, G*NT, group*Tq, d]`` (heads folded, :func:`_fold_heads`),
+    key halos ``[B*heads_kv, G*NT, d, Hk]`` and value halos ``[B*heads_kv, G*NT, Hk, d]``.
 
     Key halos keep their slots minor, so ``q k^T`` is a plain ``[Tq, d] @ [d, Hk]`` matmul; with
     ``[Hk, d]`` halos it contracts the minor axis of both operands, which XLA:CPU ran at half
-    the rate (112x112 tiles, fp32, head_dim 32: 17.7 vs 9.0 ms). Value halos are ``[Hk, dv]``
+    the rate (112x112 tiles, fp32, head_dim 32: 17.7 vs 9.0 ms). Value halos stay ``[Hk, d]``
     for the forward's ``p v`` (interleaved at 112x112: forward 10-20% faster than with
-    slots-minor values) and slots-minor for the backward's ``do v^T``. Accelerators choose
-    physical layouts themselves."""
+    slots-minor values); the backward transposes them per chunk for ``do v^T``. Accelerators
+    choose physical layouts themselves (TPU bytes per layer unchanged)."""
     spatial = tuple(query.shape[1:1 + p.rank])
     plans = _plans(spatial, p, query.shape[-1], tile_sizes)
     qt = _fold_heads(_to_tiles(query, plans), key.shape[-2])
-    return spatial, plans, qt, _flat_halos(key, plans, slots_minor=True)
+    return (spatial, plans, qt, _flat_halos(key, plans, slots_minor=True),
+            _flat_halos(value, plans))
 
 
 def _bias_table(rpb, plans, heads_kv: int):
@@ -529,21 +529,20 @@ def _forward_core(qt, kh, vh, bias, plans, scale: float, contained: bool):
                     _pair_bytes(qt, kh))
 
 
-def _backward_core(qt, kh, vht, bias, ot, lset, dot, dlset, plans, scale: float,
+def _backward_core(qt, kh, vh, bias, ot, lset, dot, dlset, plans, scale: float,
                    contained: bool):
     def fn(q, k, v, b, o, lse, do, dlse, mask):
         return _backward_tiles(q, k, v, b, o, lse, do, dlse, mask=mask, scale=scale,
                                contained=contained)
 
     group = qt.shape[2] // math.prod(pl.tile for pl in plans)
-    return _chunked(fn, (qt, kh, vht, bias, ot, lset, dot, dlset, _mask_flat(plans, group)),
+    return _chunked(fn, (qt, kh, vh, bias, ot, lset, dot, dlset, _mask_flat(plans, group)),
                     "ppphppppn", "ppps", _pair_bytes(qt, kh))
 
 
 def _forward(query, key, value, rpb, p: NAParams, tile_sizes, contained: bool | None):
     """Forward pass and the tiled residuals. ``contained=None`` decides at run time."""
-    spatial, plans, qt, kh = _layout(query, key, p, tile_sizes)
-    vh = _flat_halos(value, plans)
+    spatial, plans, qt, kh, vh = _layout(query, key, value, p, tile_sizes)
     bias = _bias_table(rpb, plans, key.shape[-2])
     run = functools.partial(_forward_core, plans=plans, scale=p.scale)
     if contained is None and not NONFINITE_CONTAINMENT:
@@ -561,25 +560,20 @@ def _forward(query, key, value, rpb, p: NAParams, tile_sizes, contained: bool | 
     # finite one to be zero outside the windows). One reduction each over the compact arrays
     # (the halos repeat every key ~3x).
     leaky = jnp.any(_bad(query)) | jnp.any(_bad(key)) | jnp.any(_bad(lse))
-    # The values are kept as they came: the backward builds its slots-minor halos from them
-    # (one pass over the compact array instead of a transpose of every chunk's [Hk, dv]
-    # halos, which took ~16 ms per nat_mini stage-1 layer at batch 16), and the residual is
-    # ~3.4x smaller than the halos.
-    return (out, lse), (qt, kh, value, ot, lset, leaky)
+    return (out, lse), (qt, kh, vh, ot, lset, leaky)
 
 
 def _backward(res, cotangents, rpb, p: NAParams, tile_sizes, spatial, batch: int, heads: int,
               contained: bool | None):
-    qt, kh, value, ot, lset, leaky = res
+    qt, kh, vh, ot, lset, leaky = res
     dout, dlse = cotangents
     plans = _plans(spatial, p, qt.shape[-1], tile_sizes)
-    vht = _flat_halos(value, plans, slots_minor=True)
     hk = qt.shape[0] // batch
     dot = _fold_heads(_to_tiles(dout.astype(qt.dtype), plans), hk)
     dlset = _fold_heads(_to_tiles(dlse.astype(jnp.float32)[..., None], plans), hk)[..., 0]
     bias = _bias_table(rpb, plans, hk)
     run = functools.partial(_backward_core, plans=plans, scale=p.scale)
-    args = (qt, kh, vht, bias, ot, lset, dot, dlset)
+    args = (qt, kh, vh, bias, ot, lset, dot, dlset)
     if contained is None and not NONFINITE_CONTAINMENT:
         contained = False
     if contained is None:
@@ -598,7 +592,7 @@ def _backward(res, cotangents, rpb, p: NAParams, tile_sizes, spatial, batch: int
     # GB accessed, temporaries 5.35 -> 3.19 GB; bf16 dk/dv error against fp32 2.4e-3 -> 3.1e-3
     # rms (dq's is 2.5e-3). fp32 inputs are unchanged.
     dk = _fold_halos(unflat(dkh.astype(kh.dtype)), plans, spatial, slots_minor=True)
-    dv = _fold_halos(unflat(dvh.astype(value.dtype)), plans, spatial)
+    dv = _fold_halos(unflat(dvh.astype(vh.dtype)), plans, spatial)
     drpb = None
     if rpb is not None:
         # Folded rows are (query head in group, tile row): a plain reshape gives query heads.
@@ -675,13 +669,13 @@ def na_backward_contained(query: jax.Array, key: jax.Array, value: jax.Array,
     (e.g. from another backend's kernel) and the cotangents ``dout`` ``[B, *spatial, heads,
     head_dim_v]`` and ``dlse`` ``[B, *spatial, heads]`` (None = zero). ``drpb`` is None
     without ``rpb``."""
-    spatial, plans, qt, kh = _layout(query, key, p, tile_sizes)
+    spatial, plans, qt, kh, vh = _layout(query, key, value, p, tile_sizes)
     hk = key.shape[-2]
     ot = _fold_heads(_to_tiles(out, plans), hk)
     lset = _fold_heads(_to_tiles(lse.astype(jnp.float32)[..., None], plans), hk)[..., 0]
     if dlse is None:
         dlse = jnp.zeros(lse.shape, jnp.float32)
-    return _backward((qt, kh, value, ot, lset, None), (dout, dlse), rpb, p, tile_sizes, spatial,
+    return _backward((qt, kh, vh, ot, lset, None), (dout, dlse), rpb, p, tile_sizes, spatial,
                      query.shape[0], query.shape[-2], True)
 
 
