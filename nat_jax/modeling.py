@@ -172,11 +172,59 @@ def _linear(config: ModelConfig, options: BuildOptions, din: int, dout: int, *,
                       **_dtypes(options))
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _normalize_last(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float) -> jax.Array:
+    """LayerNorm over the last axis in float32: ``(x - mean) / sqrt(var + eps) * scale + bias``
+    with the two-pass variance ``E[(x - mean)^2]`` (torch's). ``x [..., C]``, ``scale, bias
+    [C]`` -> float32 ``[..., C]``."""
+    return _normalize_last_fwd(x, scale, bias, eps)[0]
+
+
+def _normalize_last_fwd(x, scale, bias, eps):
+    xf = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+    centered = xf - jnp.mean(xf, axis=-1, keepdims=True)
+    inv = jax.lax.rsqrt(jnp.mean(centered * centered, axis=-1, keepdims=True) + eps)
+    xhat = centered * inv
+    out = xhat * scale.astype(xhat.dtype) + bias.astype(xhat.dtype)
+    return out, (xhat, inv, scale, bias, jnp.zeros((0,), x.dtype))
+
+
+def _normalize_last_bwd(eps, res, g):
+    xhat, inv, scale, bias, x_dtype = res
+    gs = g * scale.astype(g.dtype)
+    dx = inv * (gs - jnp.mean(gs, axis=-1, keepdims=True)
+                - xhat * jnp.mean(gs * xhat, axis=-1, keepdims=True))
+    lead = tuple(range(g.ndim - 1))
+    return (dx.astype(x_dtype.dtype), jnp.sum(g * xhat, axis=lead).astype(scale.dtype),
+            jnp.sum(g, axis=lead).astype(bias.dtype))
+
+
+_normalize_last.defvjp(_normalize_last_fwd, _normalize_last_bwd)
+
+
+class LayerNorm(nnx.LayerNorm):
+    """``nnx.LayerNorm`` over the last axis (same parameters, statistics in float32, torch's
+    two-pass variance) whose backward is written out: ``dx = (g - mean(g) - xhat mean(g xhat))
+    / sigma`` with ``g = dy * scale``, instead of autodiff through the statistics. On XLA:CPU
+    that made a NAT-Mini stage-1 LayerNorm + matmul block's forward + backward 18% faster
+    (44.0 -> 36.2 ms, batch 16). Masks, other axes and the fast variance use Flax's code."""
+
+    def __call__(self, x: jax.Array, *, mask: jax.Array | None = None) -> jax.Array:
+        if (mask is not None or self.use_fast_variance or self.axis_name is not None
+                or self.scale is None or self.bias is None
+                or self.reduction_axes not in (-1, (-1,)) or self.feature_axes not in (-1, (-1,))):
+            return super().__call__(x, mask=mask)
+        x, scale, bias = self.promote_dtype((x, self.scale[...], self.bias[...]),
+                                            dtype=self.dtype)
+        dtype = self.dtype or jnp.result_type(x, scale, bias)
+        return _normalize_last(x, scale, bias, self.epsilon).astype(dtype)
+
+
 def _layer_norm(config: ModelConfig, options: BuildOptions, dim: int, *, rngs: nnx.Rngs,
                 eps: float | None = None) -> nnx.LayerNorm:
     # use_fast_variance=False: E[(x-mean)^2] like torch, not E[x^2]-mean^2.
-    return nnx.LayerNorm(dim, epsilon=config.layer_norm_eps if eps is None else eps,
-                         use_fast_variance=False, rngs=rngs, **_dtypes(options))
+    return LayerNorm(dim, epsilon=config.layer_norm_eps if eps is None else eps,
+                     use_fast_variance=False, rngs=rngs, **_dtypes(options))
 
 
 def _im2col_conv(x: jax.Array, kernel: jax.Array, strides, padding, *, precision,

@@ -586,3 +586,35 @@ def test_convs_on_cpu_run_as_im2col_and_equal_lax_conv(rng, shape, kernel, strid
     assert ("convolution(" not in cpu_hlo) == im2col
     tpu = jax.export.export(jax.jit(ours), platforms=["tpu"])(x, w).mlir_module()
     assert "stablehlo.convolution" in tpu and "dot_general" not in tpu
+
+
+@pytest.mark.parametrize("dtype", [None, jnp.bfloat16])
+def test_layer_norm_with_written_backward_equals_flax(rng, dtype):
+    """The models' LayerNorm (hand-written backward) against ``nnx.LayerNorm``: outputs and the
+    gradients of input, scale and bias, on inputs far from zero mean (two-pass variance)."""
+    from nat_jax import modeling
+
+    kw = dict(epsilon=1e-5, use_fast_variance=False, dtype=dtype, rngs=nnx.Rngs(0))
+    ours, flax_ln = modeling.LayerNorm(24, **kw), nnx.LayerNorm(24, **kw)
+    for m in (ours, flax_ln):  # the same non-trivial parameters in both
+        m.scale[...] = jnp.asarray(np.linspace(0.5, 2.0, 24, dtype=np.float32))
+        m.bias[...] = jnp.asarray(np.linspace(-1.0, 1.0, 24, dtype=np.float32))
+    x = jnp.asarray(rng.standard_normal((3, 5, 7, 24)) * 3.0 + 50.0, jnp.float32)
+    ct = jnp.asarray(rng.standard_normal(x.shape), jnp.float32)
+
+    def grads(m):
+        def loss(m, x):
+            return jnp.vdot(m(x).astype(jnp.float32), ct)
+        return jax.grad(loss, argnums=(0, 1))(m, x)
+
+    tol = 1e-5 if dtype is None else 2e-2
+    out, want = ours(x), flax_ln(x)
+    assert out.dtype == want.dtype
+    np.testing.assert_allclose(out.astype(np.float32), want.astype(np.float32), rtol=tol, atol=tol)
+    (gm, gx), (wm, wx) = grads(ours), grads(flax_ln)
+    scale = float(jnp.abs(wx).max())
+    np.testing.assert_allclose(gx.astype(np.float32), wx.astype(np.float32), rtol=tol,
+                               atol=tol * scale)
+    for name in ("scale", "bias"):
+        g, w = getattr(gm, name)[...], getattr(wm, name)[...]
+        np.testing.assert_allclose(g, w, rtol=tol, atol=tol * float(jnp.abs(w).max()))
