@@ -1,7 +1,8 @@
 """Interleaved A/B timing of NA implementations in one process: the gather reference, the xla
 path of this checkout, the xla path of another git revision (loaded from ``git show``), and
-tile-size variants. Every variant is timed round-robin (one call each per round) so that load
-from other jobs hits all of them alike; medians and ratios go to JSON with the load average.
+tile-size variants. Every variant is timed round-robin (per round, an untimed call and a timed
+one each) so that load from other jobs hits all of them alike; medians and ratios go to JSON
+with the load average.
 
 Usage::
 
@@ -87,6 +88,10 @@ def interleaved(fns: dict, args: dict, rounds: int, nargs: int | None = None) ->
         jax.block_until_ready(fn(*args[name][:nargs]))
     for _ in range(rounds):
         for name, fn in fns.items():
+            # An untimed call first: a variant's first call after another's ran up to 15%
+            # slower (the forward of identical code after the reference's), which favoured
+            # whichever variant came later in the round.
+            jax.block_until_ready(fn(*args[name][:nargs]))
             t0 = time.perf_counter()
             jax.block_until_ready(fn(*args[name][:nargs]))
             times[name].append(time.perf_counter() - t0)
