@@ -15,7 +15,8 @@ two steps of every model in turn and times the second (the first step after swit
 frameworks is slower), so load from other jobs hits all of them alike; the figures are medians
 over rounds, with the host's load average before and after.
 
-The "matmul bound" is this machine's fp32 matmul rate (a 2048^3 ``jnp`` matmul, same process)
+The "matmul bound" is this machine's fp32 matmul rate (the best of 15 2048^3 ``jnp`` matmuls,
+same process)
 divided by each model's useful FLOPs per image (PyTorch's ``FlopCounterMode`` on the forward;
 training counted as 3x forward). nat-jax's NAT/DiNAT have the HF models' FLOPs (same
 architecture).
@@ -47,7 +48,7 @@ import jax.numpy as jnp  # noqa: E402
 import torch  # noqa: E402
 
 from nat_jax import host  # noqa: E402
-from nat_jax.timing import environment, write_json  # noqa: E402
+from nat_jax.timing import environment, matmul_ceiling, write_json  # noqa: E402
 
 MODELS = ("nat_mini", "dinat_mini", "swin_t", "hf_nat_mini", "hf_dinat_mini")
 
@@ -142,18 +143,6 @@ def torch_forward_flops(model: torch.nn.Module) -> float:
     with FlopCounterMode(display=False) as counter, torch.inference_mode():
         model(torch.zeros(1, 3, 224, 224))
     return float(counter.get_total_flops())
-
-
-def matmul_ceiling(n: int = 2048) -> float:
-    a = jnp.ones((n, n), jnp.float32)
-    f = jax.jit(lambda a, b: a @ b)
-    jax.block_until_ready(f(a, a))
-    times = []
-    for _ in range(5):
-        t0 = time.perf_counter()
-        jax.block_until_ready(f(a, a))
-        times.append(time.perf_counter() - t0)
-    return 2 * n**3 / float(np.median(times))
 
 
 def main(argv=None) -> int:

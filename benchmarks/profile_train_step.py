@@ -12,9 +12,10 @@ instruction's metadata in the compiled HLO (source file and the JAX name stack):
 * ``norm / GELU / softmax / elementwise`` (fwd and bwd), ``optimizer`` (optax),
   ``data`` (normalize, erasing, mixup on device), ``other`` (copies, transposes, loss).
 
-Also measures this machine's matmul ceiling in the same process (a large fp32 matmul) and
-reports the step's images/s against the bound ``ceiling / (3 * forward FLOPs per image)``
-(forward FLOPs from XLA's cost analysis of the model's inference forward).
+Also measures this machine's matmul ceiling in the same process (the best of 15 large fp32
+matmuls, :func:`nat_jax.timing.matmul_ceiling`) and reports the step's images/s against the
+bound ``ceiling / (3 * forward FLOPs per image)`` (forward FLOPs from XLA's cost analysis of
+the model's inference forward).
 
 Usage::
 
@@ -33,11 +34,10 @@ import tempfile
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from nat_jax import host
-from nat_jax.timing import environment, median_seconds, write_json
+from nat_jax.timing import environment, matmul_ceiling, write_json
 from nat_jax.train import configs, sharding, trainer
 
 _INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+) = .*?\s([a-z][\w\-]*)\((.*)$")
@@ -161,13 +161,6 @@ def profile_events(fn, args, steps: int) -> dict[str, float]:
                 if "hlo_op" in stats:
                     totals[stats["hlo_op"]] += ev.duration_ns / 1e3
     return totals
-
-
-def matmul_ceiling(dtype=jnp.float32, n: int = 2048) -> float:
-    """FLOP/s of one large square matmul on this device (the 'matmul bound')."""
-    a = jnp.ones((n, n), dtype)
-    f = jax.jit(lambda a, b: a @ b)
-    return 2 * n**3 / median_seconds(f, a, a, repeats=5)
 
 
 def main(argv=None) -> int:

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from nat_jax import host
@@ -50,6 +51,22 @@ def environment(**extra: Any) -> dict:
         load_average=os.getloadavg() if hasattr(os, "getloadavg") else None,
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         malloc_huge_pages=host.huge_pages_enabled(), **extra)
+
+
+def matmul_ceiling(dtype=jnp.float32, n: int = 2048, repeats: int = 15) -> float:
+    """FLOP/s of one large square ``n x n`` matmul on the default device: the best of
+    ``repeats`` timed calls (the ceiling the benchmarks' "fraction of the matmul bound" divides
+    by). The best, not the median: a median of 5 ranged 205-370 GFLOP/s across runs on a 2-core
+    VM, which moved every fraction with it."""
+    a = jnp.ones((n, n), dtype)
+    f = jax.jit(lambda a, b: a @ b)
+    jax.block_until_ready(f(a, a))
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(f(a, a))
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best
 
 
 def write_json(path: str | os.PathLike, payload: Any) -> None:
