@@ -6,8 +6,8 @@ with fresh ``mmap`` pages and unmaps them on ``free``, so every execution touche
 temporaries' pages anew: NAT-Mini's train step (batch 16, fp32, 2-core VM) took 757k minor page
 faults and 1.2 s of system time per step. With the glibc tunable ``glibc.malloc.hugetlb=1``
 (glibc >= 2.35), malloc asks the kernel for transparent huge pages (``madvise``), and the same
-step took 2.7k faults and 0.55 s of system time: 3.44 -> 3.05 s. Elementwise passes over fresh
-outputs run 2.5x faster (a 38 MB ``x * 2 + 1``: 8.6 -> 3.3 ms).
+step took 2.7k faults and 0.55 s of system time: 3.44 -> ~3.10 s. Elementwise passes over
+fresh outputs run 2.5x faster (a 38 MB ``x * 2 + 1``: 8.6 -> 3.3 ms).
 
 The tunable is read when a process starts, so it has to be in the environment beforehand:
 

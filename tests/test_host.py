@@ -14,7 +14,8 @@ from nat_jax import host
 
 def test_tunable_parsing():
     assert host.huge_pages_enabled({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"})
-    assert host.huge_pages_enabled({"GLIBC_TUNABLES": "glibc.malloc.check=0:glibc.malloc.hugetlb=2"})
+    assert host.huge_pages_enabled(
+        {"GLIBC_TUNABLES": "glibc.malloc.check=0:glibc.malloc.hugetlb=2"})
     assert not host.huge_pages_enabled({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"})
     assert not host.huge_pages_enabled({"GLIBC_TUNABLES": "glibc.malloc.check=0"})
     assert not host.huge_pages_enabled({})
