@@ -214,9 +214,10 @@ def _worker(tasks, results, plugin: str) -> None:
                          f"{type(err).__name__}: {err}\n{traceback.format_exc()[-4000:]}"))
 
 
-def _next_result(results, proc, timeout: float):
-    """The worker's next ``(index, status, value)``, or ``(None, "error", why)`` when it runs
-    past ``timeout`` seconds or dies without answering."""
+def next_result(results, proc, timeout: float):
+    """A worker process's next ``(index, status, value)`` from its ``results`` queue, or
+    ``(None, "error", why)`` as soon as it dies without answering, or ``(None, "timeout",
+    why)`` when it runs past ``timeout`` seconds (also used by ``train.deviceless``)."""
     deadline = time.monotonic() + timeout
     while True:
         try:
@@ -226,9 +227,13 @@ def _next_result(results, proc, timeout: float):
                 try:  # it may have answered just before exiting
                     return results.get(timeout=1.0)
                 except queue.Empty:
-                    return None, "error", f"worker process died (exit code {proc.exitcode})"
+                    # A whole-model compile can need more host memory than there is (a v4-8
+                    # DiNAT-T step at 256 images per chip took over 20 GB here).
+                    why = ", killed: out of host memory?" if proc.exitcode == -9 else ""
+                    return (None, "error",
+                            f"worker process died (exit code {proc.exitcode}{why})")
             if time.monotonic() > deadline:
-                return None, "error", f"timed out after {timeout:.0f} s"
+                return None, "timeout", f"timed out after {timeout:.0f} s"
 
 
 def run_isolated(tasks: Sequence[tuple[Callable, tuple]], timeout: float = 600.0,
@@ -249,7 +254,7 @@ def run_isolated(tasks: Sequence[tuple[Callable, tuple]], timeout: float = 600.0
         proc.start()
         try:
             while pending:
-                index, status, value = _next_result(results, proc, timeout)
+                index, status, value = next_result(results, proc, timeout)
                 lost = index is None
                 index = pending[0][0] if lost else index
                 out[index] = ({"ok": True, "value": value} if status == "ok"

@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import multiprocessing
-import queue
 import re
 import sys
 import time
@@ -226,9 +225,9 @@ def _compile_program(target_name: str, config_name: str, overrides: dict[str, An
 def _worker(conn, target_name: str, fn: Callable, args: tuple) -> None:
     try:
         activate(TARGETS[target_name])
-        conn.put(("ok", fn(*args)))
+        conn.put((0, "ok", fn(*args)))
     except BaseException as err:  # report everything to the parent, one line first
-        conn.put(("error", f"{type(err).__name__}: {err}\n{traceback.format_exc()}"))
+        conn.put((0, "error", f"{type(err).__name__}: {err}\n{traceback.format_exc()}"))
 
 
 def run_isolated(target_name: str, fn: Callable, *args: Any, timeout: float = 1800.0) -> Any:
@@ -241,35 +240,17 @@ def run_isolated(target_name: str, fn: Callable, *args: Any, timeout: float = 18
     proc = ctx.Process(target=_worker, args=(results, target_name, fn, args), daemon=True)
     proc.start()
     name = getattr(fn, "__name__", fn)
-    deadline = time.monotonic() + timeout
     try:
-        while True:
-            try:
-                wait = max(0.0, min(5.0, deadline - time.monotonic()))
-                status, value = results.get(timeout=wait)
-                break
-            except queue.Empty:
-                if not proc.is_alive():
-                    try:  # it may have reported just before exiting
-                        status, value = results.get(timeout=1.0)
-                        break
-                    except queue.Empty:
-                        pass
-                    # A whole-model compile can need more host memory than there is (a v4-8
-                    # DiNAT-T step at 256 images per chip took over 20 GB here): say so now
-                    # rather than wait out the timeout.
-                    why = ", killed: out of host memory?" if proc.exitcode == -9 else ""
-                    raise RuntimeError(f"{name} on {target_name}: the worker process died "
-                                       f"(exit code {proc.exitcode}{why}) before reporting"
-                                       ) from None
-                if time.monotonic() >= deadline:
-                    raise TimeoutError(f"{name} on {target_name} did not finish within "
-                                       f"{timeout:.0f} s") from None
+        index, status, value = tpu_gate.next_result(results, proc, timeout)
     finally:
         proc.join(5)
         if proc.is_alive():
             proc.kill()
             proc.join()
+    if status == "timeout":
+        raise TimeoutError(f"{name} on {target_name} did not finish within {timeout:.0f} s")
+    if status == "error" and index is None:  # died without reporting: say so now
+        raise RuntimeError(f"{name} on {target_name}: the {value} before reporting")
     if status == "error":
         raise RuntimeError(value)
     return value
