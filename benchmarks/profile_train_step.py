@@ -40,7 +40,7 @@ from nat_jax import host
 from nat_jax.timing import environment, matmul_ceiling, write_json
 from nat_jax.train import configs, sharding, trainer
 
-_INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+) = .*?\s([a-z][\w\-]*)\((.*)$")
+_INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+) = (\S+).*?\s([a-z][\w\-]*)\((.*)$")
 _OP_NAME = re.compile(r'op_name="([^"]*)"')
 _FRAME = re.compile(r"stack_frame_id=(\d+)")
 
@@ -78,27 +78,20 @@ def _frame_files(tables, frame: int) -> str:
     return " ".join(files)
 
 
-def hlo_ops(hlo_text: str) -> dict[str, tuple[str, str, str]]:
-    """``name -> (opcode, op_name, source files/functions)`` for every instruction of a
-    compiled module."""
+def hlo_ops(hlo_text: str) -> dict[str, tuple[str, str, str, str]]:
+    """``name -> (opcode, op_name, source files/functions, result shape)`` for every
+    instruction of a compiled module."""
     tables = _tables(hlo_text)
     out = {}
     for line in hlo_text.splitlines():
         m = _INSTR.match(line)
         if not m:
             continue
-        name = _OP_NAME.search(m.group(3))
-        frame = _FRAME.search(m.group(3))
-        out[m.group(1)] = (m.group(2), name.group(1) if name else "",
-                           _frame_files(tables, int(frame.group(1))) if frame else "")
-    return out
-
-
-def result_shapes(hlo_text: str) -> dict[str, str]:
-    """``name -> result shape`` for every instruction of a compiled module."""
-    out = {}
-    for m in re.finditer(r"^\s*(?:ROOT\s+)?%?([\w.\-]+) = (\S+) ", hlo_text, re.M):
-        out.setdefault(m.group(1), m.group(2))
+        name = _OP_NAME.search(m.group(4))
+        frame = _FRAME.search(m.group(4))
+        out[m.group(1)] = (m.group(3), name.group(1) if name else "",
+                           _frame_files(tables, int(frame.group(1))) if frame else "",
+                           m.group(2))
     return out
 
 
@@ -188,7 +181,7 @@ def main(argv=None) -> int:
     compiled = run.step_fn.lower(run.state, batch, run.rest).compile()
     compile_s = time.perf_counter() - start
     text = compiled.as_text()
-    ops, fused, shapes = hlo_ops(text), _fused_opcodes(text), result_shapes(text)
+    ops, fused = hlo_ops(text), _fused_opcodes(text)
 
     # The state is donated: thread it through the timed calls.
     state = [run.state]
@@ -215,11 +208,11 @@ def main(argv=None) -> int:
         if name not in ops:
             unknown += us
             continue
-        opcode, op_name, source = ops[name]
+        opcode, op_name, source, shape = ops[name]
         category = categorize(opcode, op_name, source, fused.get(name, set()))
         by_cat[category] += us
         top.append({"op": name, "category": category, "ms": us / args.steps / 1e3,
-                    "shape": shapes.get(name, "?"), "source_op": op_name})
+                    "shape": shape, "source_op": op_name})
     top = sorted(top, key=lambda t: -t["ms"])[:args.top]
     by_cat = {k: v / args.steps / 1e3 for k, v in by_cat.most_common()}  # ms per step
     busy = sum(by_cat.values())
