@@ -16,9 +16,8 @@ frameworks is slower), so load from other jobs hits all of them alike; the figur
 over rounds, with the host's load average before and after.
 
 The "matmul bound" is this machine's fp32 matmul rate (the best of 15 2048^3 ``jnp`` matmuls,
-same process)
-divided by each model's useful FLOPs per image (PyTorch's ``FlopCounterMode`` on the forward;
-training counted as 3x forward). nat-jax's NAT/DiNAT have the HF models' FLOPs (same
+same process) divided by each model's useful FLOPs per image (PyTorch's ``FlopCounterMode`` on
+the forward; training counted as 3x forward). nat-jax's NAT/DiNAT have the HF models' FLOPs (same
 architecture).
 
 Requires ``pip install --no-deps timm`` (timm imports torchvision, which does not import beside

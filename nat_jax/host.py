@@ -43,15 +43,19 @@ def transparent_huge_pages() -> str | None:
     return chosen[0] if chosen else None
 
 
-def huge_pages_enabled(environ: dict[str, str] | None = None) -> bool:
-    """Whether this process was started with malloc's huge pages on (``GLIBC_TUNABLES`` sets
-    ``glibc.malloc.hugetlb`` to a non-zero value)."""
-    environ = os.environ if environ is None else environ
+def _tunable(environ) -> str | None:
+    """The value ``GLIBC_TUNABLES`` in ``environ`` gives ``glibc.malloc.hugetlb``, or None."""
     for item in environ.get("GLIBC_TUNABLES", "").split(":"):
         name, _, value = item.partition("=")
         if name.strip() == TUNABLE:
-            return value.strip() not in ("", "0")
-    return False
+            return value.strip()
+    return None
+
+
+def huge_pages_enabled(environ: dict[str, str] | None = None) -> bool:
+    """Whether this process was started with malloc's huge pages on (``GLIBC_TUNABLES`` sets
+    ``glibc.malloc.hugetlb`` to a non-zero value)."""
+    return _tunable(os.environ if environ is None else environ) not in (None, "", "0")
 
 
 def relaunch_reason(environ: dict[str, str] | None = None, *, thp: str | None = "probe",
@@ -65,8 +69,7 @@ def relaunch_reason(environ: dict[str, str] | None = None, *, thp: str | None = 
     if environ.get(OPT_OUT, "1").strip() == "0" or libc != "glibc" or thp not in ("always",
                                                                                     "madvise"):
         return None
-    if any(i.partition("=")[0].strip() == TUNABLE
-           for i in environ.get("GLIBC_TUNABLES", "").split(":")):
+    if _tunable(environ) is not None:
         return None
     return f"malloc without huge pages (transparent huge pages: {thp})"
 
