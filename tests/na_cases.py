@@ -11,6 +11,13 @@ import itertools
 import numpy as np
 
 
+def auto_on_cpu() -> str:
+    """The backend ``backend="auto"`` runs on a CPU: the native cpu kernels where they build
+    (a C++ compiler is present), else the xla path."""
+    from nat_jax.kernels import cpu
+    return "cpu" if cpu.build_error() is None else "xla"
+
+
 def case(shape, kernel, stride=1, dilation=1, causal=False, batch=1, heads=2, head_dim=16,
          heads_kv=None, periodic=False):
     """``heads_kv`` (default ``heads``): key/value heads (grouped-query attention);

@@ -20,7 +20,7 @@ import oracle
 from nat_jax import kernels
 from test_na_ops import assert_close
 
-BACKENDS = ["reference", "xla"]
+BACKENDS = ["reference", "xla", "cpu"]
 
 CASES = [
     # (case, extra tokens, extra kv heads, rpb)

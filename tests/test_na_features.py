@@ -27,7 +27,7 @@ from nat_jax.kernels import ops, windows
 from test_na_ops import FWD_TOL, GRAD_TOL, assert_close, natten_flex
 from test_nonfinite import check_contained
 
-BACKENDS = ["reference", "xla"]
+BACKENDS = ["reference", "xla", "cpu"]
 case = na_cases.case
 
 GQA = [
@@ -328,7 +328,8 @@ def test_xla_gqa_does_not_repeat_kv():
 ])
 def test_kernel_backends_without_the_features(rng, name, feature, match):
     """The kernel backends say why they cannot take a call with either feature: ``auto`` then
-    runs ``xla`` on their platform, and naming them raises with the reason."""
+    runs ``xla`` on their platform, and naming them raises with the reason. (On this CPU host
+    ``auto`` runs the cpu kernels, which have both features.)"""
     c = case((8, 9), 3, heads=2, **feature)
     (q, k, v, _), _ = make_inputs(rng, c)
     platform = {"pallas": "cuda", "pallas_tpu": "tpu"}[name]
@@ -340,7 +341,7 @@ def test_kernel_backends_without_the_features(rng, name, feature, match):
     with pytest.raises(ValueError, match=f"backend='{name}': .*{match}"):
         kernels.na2d(q, k, v, 3, is_periodic=c["periodic"], backend=name)
     got = kernels.na2d(q, k, v, 3, is_periodic=c["periodic"])  # auto
-    want = kernels.na2d(q, k, v, 3, is_periodic=c["periodic"], backend="xla")
+    want = kernels.na2d(q, k, v, 3, is_periodic=c["periodic"], backend=na_cases.auto_on_cpu())
     np.testing.assert_array_equal(got, want)
 
 

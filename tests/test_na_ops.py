@@ -14,7 +14,7 @@ import na_cases
 import oracle
 from nat_jax import kernels
 
-BACKENDS = ["reference", "xla"]
+BACKENDS = ["reference", "xla", "cpu"]
 # Per-dtype tolerances (atol, rtol) on O(1) outputs; gradients are compared after normalizing by
 # their own scale.
 FWD_TOL = {jnp.float32: (2e-5, 1e-5), jnp.bfloat16: (3e-2, 2e-2), jnp.float16: (5e-3, 5e-3)}
@@ -490,6 +490,6 @@ def test_auto_backend_resolves_to_a_registered_backend():
     name = kernels.resolve_backend("auto", q, k, v, p, None)
     assert name in kernels.available_backends()
     if jax.default_backend() == "cpu":
-        assert name == "xla"
+        assert name == na_cases.auto_on_cpu()
     with pytest.raises(ValueError, match="is not one of"):
         kernels.resolve_backend("fastest", q, k, v, p, None)

@@ -32,7 +32,7 @@ import oracle
 from nat_jax import kernels
 
 # The one list of backends under test; other backends join by adding their name here.
-BACKENDS = ["reference", "xla", "pallas", "pallas_tpu"]
+BACKENDS = ["reference", "xla", "cpu", "pallas", "pallas_tpu"]
 
 CASES = [
     (na_cases.case((16,), 5, head_dim=8), True),

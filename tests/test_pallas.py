@@ -200,7 +200,7 @@ class TestPallasNA:
             rng, c, jnp.float32, True)
         p = make_params(c["shape"], c["head_dim"], c["kernel"], dilation=c["dilation"])
         assert kernels.resolve_backend("auto", q, k, v, p, rpb) == (
-            "xla" if self.INTERPRET else "pallas")
+            na_cases.auto_on_cpu() if self.INTERPRET else "pallas")
 
         check_public_op(c, (q, k, v, dout, dlse, rpb), (q64, k64, v64, None, None, rpb64),
                         "pallas")
@@ -382,7 +382,8 @@ def test_auto_picks_pallas_only_for_cuda_and_supported_calls():
     assert pallas.unsupported(q, q, p, None) is None
     assert kernels.resolve_backend("auto", q, q, q, p, None, platform="cuda") == "pallas"
     assert kernels.resolve_backend("auto", q, q, q, p, None, platform="gpu") == "pallas"
-    assert kernels.resolve_backend("auto", q, q, q, p, None, platform="cpu") == "xla"
+    assert kernels.resolve_backend("auto", q, q, q, p, None, platform="cpu") == \
+        na_cases.auto_on_cpu()
     # TPUs get their own kernels (pallas_tpu), never the Triton ones.
     assert kernels.resolve_backend("auto", q, q, q, p, None, platform="tpu") == "pallas_tpu"
     big = jnp.zeros((1, 16, 16, 1, 512), jnp.bfloat16)

@@ -10,6 +10,7 @@ puts the kernels into CUDA programs and the xla path into CPU ones. Whether the 
 from __future__ import annotations
 
 import collections
+import re
 
 import numpy as np
 import pytest
@@ -17,6 +18,7 @@ import pytest
 import jax
 import jax.numpy as jnp
 
+import na_cases
 from nat_jax import kernels
 from nat_jax.kernels import gpu_gate, pallas
 from nat_jax.kernels.params import make_params
@@ -58,8 +60,9 @@ def test_default_interpret_compiles_for_cuda(shape, kw):
 
 
 def test_auto_backend_follows_the_lowering_platform(rng):
-    """The same ``backend="auto"`` call: Pallas kernels when lowered for CUDA, the xla path
-    (no custom calls at all) when lowered for the CPU, where it also runs and is exact."""
+    """The same ``backend="auto"`` call: Pallas kernels when lowered for CUDA, the cpu
+    backend's own kernels (or, without a compiler, the xla path: no custom calls at all) when
+    lowered for the CPU, where it also runs and is exact."""
     q, k, v = (jnp.asarray(rng.standard_normal((1, 20, 20, 2, 32)), jnp.float32)
                for _ in range(3))
 
@@ -68,7 +71,9 @@ def test_auto_backend_follows_the_lowering_platform(rng):
 
     assert kernel_names(fwd_bwd(op), q, k, v, None) == sorted(KERNELS[:3])
     cpu_text = jax.jit(fwd_bwd(op)).lower(q, k, v, None).as_text()
-    assert "custom_call" not in cpu_text
+    targets = set(re.findall(r"custom_call @(\w+)", cpu_text))
+    want = {"nat_jax_na_forward", "nat_jax_na_backward_query", "nat_jax_na_backward_key"}
+    assert targets == (want if na_cases.auto_on_cpu() == "cpu" else set())
     out = kernels.na2d(q, k, v, 5, dilation=2, backend="auto")
     want = kernels.na2d(q, k, v, 5, dilation=2, backend="reference")
     np.testing.assert_allclose(np.asarray(out), np.asarray(want), rtol=1e-5, atol=1e-5)
