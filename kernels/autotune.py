@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import time
 from pathlib import Path
 
@@ -25,11 +24,11 @@ import jax
 import jax.numpy as jnp
 
 from nat_jax.kernels import pallas
+from nat_jax.kernels.cache import cache_root
 from nat_jax.kernels.params import NAParams
 
 _CACHE: dict[str, pallas.BlockSizes] = {}
-DEFAULT_CACHE_FILE = Path(os.environ.get("NAT_JAX_CACHE", Path.home() / ".cache" / "nat_jax")
-                          ) / "pallas_blocks.json"
+DEFAULT_CACHE_FILE = cache_root() / "pallas_blocks.json"
 
 
 def shape_key(query, value, p: NAParams, has_rpb: bool = False) -> str:

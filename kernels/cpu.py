@@ -19,12 +19,16 @@ window's keys and values (``cpu_na.cc``), so the work is what NATTEN's FLOP coun
   outside its window); a row with a non-finite maximum logit is NaN throughout, as in the
   reference.
 
-The kernel source is compiled on first use with the system C++ compiler (``$CXX``, else
-``g++``; ``-O3 -march=native``) against the installed jaxlib's FFI headers, into
-``$NAT_JAX_CACHE_DIR`` (default ``~/.cache/nat_jax``), keyed by the source, jaxlib version,
-compiler and CPU; a compile writes to a temporary name and renames, so concurrent processes
-are safe. Without a compiler the backend reports itself unsupported and ``backend="auto"``
-keeps the :mod:`xla` path.
+The kernel source is compiled on first use (~3 s) with the system C++ compiler (``$CXX``,
+else ``g++``; ``-O3 -march=native``) against the installed jaxlib's FFI headers, into
+``cpu_kernels/`` of :func:`cache.cache_root` (``$NAT_JAX_CACHE``, default
+``~/.cache/nat_jax``), keyed by the source, jaxlib version, compiler and CPU; a compile writes
+to a temporary name and renames, so concurrent processes are safe. Without a compiler the
+backend reports itself unsupported and ``backend="auto"`` keeps the :mod:`xla` path.
+
+Programs with these custom calls run in this process but cannot be serialized by
+``jax.export`` for CPU (XLA gives custom calls no compatibility guarantee); export with
+``backend="xla"`` (or for an accelerator, whose programs never contain them).
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from nat_jax.kernels import windows
+from nat_jax.kernels.cache import cache_root
 from nat_jax.kernels.params import NAParams
 
 _SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu_na.cc")
@@ -53,12 +58,6 @@ _TARGETS = {"nat_jax_na_forward": "NatJaxNaForward",
             "nat_jax_na_backward_query": "NatJaxNaBackwardQuery",
             "nat_jax_na_backward_key": "NatJaxNaBackwardKey"}
 _FLOAT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
-
-
-def _cache_dir() -> str:
-    root = os.environ.get("NAT_JAX_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "nat_jax")
-    return os.path.join(root, "cpu_kernels")
 
 
 def _cpu_signature() -> str:
@@ -92,7 +91,7 @@ def _library() -> tuple[ctypes.CDLL | None, str | None]:
     key = hashlib.sha256(b"\0".join([source, " ".join(_FLAGS).encode(), cxx.encode(),
                                      jaxlib.__version__.encode(),
                                      _cpu_signature().encode()])).hexdigest()[:16]
-    path = os.path.join(_cache_dir(), f"na-{key}.so")
+    path = os.path.join(cache_root(), "cpu_kernels", f"na-{key}.so")
     if not os.path.exists(path):
         os.makedirs(os.path.dirname(path), exist_ok=True)
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=os.path.dirname(path))

@@ -23,11 +23,11 @@ from pathlib import Path
 from flax import nnx
 
 from nat_jax import pretrained, zoo
+from nat_jax.kernels.cache import CACHE_ENV, cache_root
 
 __all__ = ["CACHE_ENV", "PretrainedNotFoundError", "cache_root", "converted_path",
            "from_pretrained"]
 
-CACHE_ENV = "NAT_JAX_CACHE"
 # Weight files of an HF repo, in the order they are tried (the converter reads the same set).
 _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                  "pytorch_model.bin.index.json")
@@ -35,14 +35,6 @@ _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_m
 
 class PretrainedNotFoundError(OSError):
     """The name is no local checkpoint, preset or reachable Hub repo (one-line message)."""
-
-
-def cache_root() -> Path:
-    """``$NAT_JAX_CACHE``, else ``$XDG_CACHE_HOME/nat_jax``, else ``~/.cache/nat_jax``."""
-    if os.environ.get(CACHE_ENV):
-        return Path(os.environ[CACHE_ENV]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base).expanduser() / "nat_jax"
 
 
 def converted_path(repo_id: str, commit: str) -> Path:

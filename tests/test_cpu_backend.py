@@ -10,7 +10,6 @@ import sys
 import textwrap
 
 import numpy as np
-import pytest
 
 import jax
 import jax.numpy as jnp
@@ -117,7 +116,7 @@ _PROBE = """
 
 def test_without_a_compiler_auto_keeps_the_xla_path(tmp_path):
     env = dict(os.environ, CXX=str(tmp_path / "no-such-compiler"),
-               NAT_JAX_CACHE_DIR=str(tmp_path / "cache"), JAX_PLATFORMS="cpu")
+               NAT_JAX_CACHE=str(tmp_path / "cache"), JAX_PLATFORMS="cpu")
     done = _run(_PROBE + """
     try:
         kernels.na2d(q, q, q, 3, backend="cpu")
@@ -134,7 +133,7 @@ def test_without_a_compiler_auto_keeps_the_xla_path(tmp_path):
 def test_concurrent_first_builds_share_one_cache(tmp_path):
     """Two processes building into an empty cache at once both get a working library (each
     compiles to a temporary name and renames), and leave exactly one file behind."""
-    env = dict(os.environ, NAT_JAX_CACHE_DIR=str(tmp_path), JAX_PLATFORMS="cpu")
+    env = dict(os.environ, NAT_JAX_CACHE=str(tmp_path), JAX_PLATFORMS="cpu")
     code = textwrap.dedent(_PROBE)
     procs = [subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -158,7 +157,7 @@ def test_a_source_that_does_not_compile_is_reported(tmp_path, monkeypatch):
     bad = tmp_path / "bad.cc"
     bad.write_text("this is not C++\n")
     monkeypatch.setattr(cpu, "_SOURCE", str(bad))
-    monkeypatch.setenv("NAT_JAX_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("NAT_JAX_CACHE", str(tmp_path / "cache"))
     cpu._library.cache_clear()
     try:
         why = cpu.build_error()
