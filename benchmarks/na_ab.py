@@ -1,6 +1,6 @@
 """Interleaved A/B timing of NA implementations in one process: the gather reference, the xla
-path of this checkout, the xla path of another git revision (loaded from ``git show``), and
-tile-size variants. Every variant is timed round-robin (per round, an untimed call and a timed
+path of this checkout, the cpu backend's native kernels (where they build), the xla path of
+another git revision (loaded from ``git show``), and tile-size variants. Every variant is timed round-robin (per round, an untimed call and a timed
 one each) so that load from other jobs hits all of them alike; medians and ratios go to JSON
 with the load average.
 
@@ -24,7 +24,7 @@ import jax
 import numpy as np
 
 from nat_jax import kernels
-from nat_jax.kernels import xla
+from nat_jax.kernels import cpu, xla
 from nat_jax import host
 from nat_jax.timing import environment, write_json
 
@@ -106,6 +106,7 @@ def main(argv=None) -> int:
     parser.add_argument("--tiles", nargs="*", default=[],
                         help="tile variants of this checkout's xla path, e.g. 1x8 8x8")
     parser.add_argument("--no-reference", action="store_true")
+    parser.add_argument("--no-cpu", action="store_true", help="leave out the cpu backend")
     parser.add_argument("--autodiff", action="store_true",
                         help="also time autodiff of this checkout's xla forward (vs its "
                              "custom_vjp)")
@@ -119,6 +120,8 @@ def main(argv=None) -> int:
     if args.rev:
         impls[f"xla@{args.rev}"] = load_revision_xla(args.rev)
     impls["xla"] = xla.na_fused
+    if not args.no_cpu and cpu.build_error() is None:
+        impls["cpu"] = cpu.na_fused
     if args.autodiff:
         impls["xla autodiff"] = lambda q, k, v, p, r: xla._forward(q, k, v, r, p, None, False)[0]
     for t in args.tiles:

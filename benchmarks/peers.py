@@ -4,7 +4,7 @@ Models (random weights, 224x224, float32):
 
 * nat-jax ``nat_mini`` / ``dinat_mini``: training = the trainer's own jitted step (AdamW, label
   smoothing, mixup/cutmix and erasing on device); inference = jitted forward. NA backend
-  ``--backend`` (default ``xla``, the CPU/TPU path).
+  ``--backend`` (default ``auto``: the cpu backend's kernels on a CPU; ``xla`` for the portable path).
 * timm ``swin_tiny_patch4_window7_224`` (eager PyTorch).
 * HuggingFace transformers ``NatForImageClassification`` / ``DinatForImageClassification``
   (nat-mini / dinat-mini configs), eager PyTorch, with the NATTEN functions they need from
@@ -151,7 +151,8 @@ def main(argv=None) -> int:
     parser.add_argument("--train-batch", type=int, default=16)
     parser.add_argument("--infer-batch", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--backend", default="xla", help="nat-jax NA backend")
+    parser.add_argument("--backend", default="auto",
+                        help="nat-jax NA backend (auto: the cpu kernels on a CPU)")
     parser.add_argument("--out", default=os.path.join(HERE, "results", "peers_cpu.json"))
     args = parser.parse_args(argv)
 

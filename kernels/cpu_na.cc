@@ -164,7 +164,9 @@ inline void row_dots(const float* a, const float* const* rows, int64_t count, in
                      float* out) {
   for (int64_t j0 = 0; j0 < count; j0 += 16) {
     const int c = static_cast<int>(std::min<int64_t>(16, count - j0));
-    switch (n) {
+    // A short remainder (49 = 3 * 16 + 1) is cheaper as plain dots than a reduction tree.
+    const int tree = c > 4 ? n : 0;
+    switch (tree) {
       case 16: dots16<1>(a, rows + j0, c, out + j0); continue;
       case 32: dots16<2>(a, rows + j0, c, out + j0); continue;
       case 64: dots16<4>(a, rows + j0, c, out + j0); continue;
@@ -220,37 +222,45 @@ struct Geometry {
   int64_t threads;
 };
 
-// The window of one query: key token index and RPB offset of every slot (-1: masked).
+// The window of one query: key token index and RPB offset of every slot (-1: masked). The part
+// that depends on the first two axes is kept per row of tokens (consecutive tokens share it).
 struct Window {
-  std::vector<int64_t> key;
-  std::vector<int64_t> bias;
+  explicit Window(const Geometry& g)
+      : key(g.window), bias(g.window), row_key(g.axis[0].kernel * g.axis[1].kernel),
+        row_bias(row_key.size()) {}
+  std::vector<int64_t> key, bias, row_key, row_bias;
+  int64_t row = -1;
 };
 
 void query_window(const Geometry& g, int64_t token, bool with_rpb, Window& w) {
   const Axis& a0 = g.axis[0];
   const Axis& a1 = g.axis[1];
   const Axis& a2 = g.axis[2];
-  int64_t x2 = token % a2.length;
-  int64_t x1 = (token / a2.length) % a1.length;
-  int64_t x0 = token / (a2.length * a1.length);
-  int64_t j = 0;
-  for (int64_t i0 = 0; i0 < a0.kernel; ++i0) {
-    int32_t c0 = a0.nb[x0 * a0.kernel + i0];
-    for (int64_t i1 = 0; i1 < a1.kernel; ++i1) {
-      int32_t c1 = a1.nb[x1 * a1.kernel + i1];
-      for (int64_t i2 = 0; i2 < a2.kernel; ++i2, ++j) {
-        int32_t c2 = a2.nb[x2 * a2.kernel + i2];
-        if (c0 < 0 || c1 < 0 || c2 < 0) {
-          w.key[j] = -1;
-          continue;
-        }
-        w.key[j] = (static_cast<int64_t>(c0) * a1.length + c1) * a2.length + c2;
-        if (with_rpb) {
-          w.bias[j] = (static_cast<int64_t>(a0.rel[x0 * a0.kernel + i0]) * g.rpb_dims[1] +
-                       a1.rel[x1 * a1.kernel + i1]) * g.rpb_dims[2] +
-                      a2.rel[x2 * a2.kernel + i2];
-        }
+  const int64_t x2 = token % a2.length;
+  const int64_t row = token / a2.length;
+  if (row != w.row) {
+    const int64_t x1 = row % a1.length, x0 = row / a1.length;
+    int64_t r = 0;
+    for (int64_t i0 = 0; i0 < a0.kernel; ++i0) {
+      const int32_t c0 = a0.nb[x0 * a0.kernel + i0];
+      for (int64_t i1 = 0; i1 < a1.kernel; ++i1, ++r) {
+        const int32_t c1 = a1.nb[x1 * a1.kernel + i1];
+        w.row_key[r] = c0 < 0 || c1 < 0 ? -1 : (int64_t{c0} * a1.length + c1) * a2.length;
+        if (with_rpb)
+          w.row_bias[r] = (int64_t{a0.rel[x0 * a0.kernel + i0]} * g.rpb_dims[1] +
+                           a1.rel[x1 * a1.kernel + i1]) * g.rpb_dims[2];
       }
+    }
+    w.row = row;
+  }
+  const int32_t* nb2 = a2.nb + x2 * a2.kernel;
+  const int32_t* rel2 = with_rpb ? a2.rel + x2 * a2.kernel : nullptr;
+  int64_t j = 0;
+  for (size_t r = 0; r < w.row_key.size(); ++r) {
+    const int64_t base = w.row_key[r];
+    for (int64_t i2 = 0; i2 < a2.kernel; ++i2, ++j) {
+      w.key[j] = base < 0 || nb2[i2] < 0 ? -1 : base + nb2[i2];
+      if (with_rpb) w.bias[j] = w.row_bias[r] + rel2[i2];
     }
   }
 }
@@ -263,25 +273,27 @@ float logits(const Geometry& g, const Window& w, const float* q, const float* k_
   for (int64_t j = 0; j < g.window; ++j)
     rows[j] = w.key[j] < 0 ? nullptr : k_head + w.key[j] * kstride;
   row_dots(q, rows, g.window, g.head_dim, s);
+  // Separate simple loops so each vectorizes (one scalar loop with the mask, bias gather, max
+  // and NaN test in it was a third of the forward).
+  if (rpb_head != nullptr) {
+#pragma omp simd
+    for (int64_t j = 0; j < g.window; ++j) s[j] = g.scale * s[j] + rpb_head[w.bias[j]];
+  } else {
+#pragma omp simd
+    for (int64_t j = 0; j < g.window; ++j) s[j] *= g.scale;
+  }
   float m = kNegInf;
-  bool nan = false;
+  int nan = 0;
+#pragma omp simd reduction(max : m) reduction(| : nan)
   for (int64_t j = 0; j < g.window; ++j) {
-    if (w.key[j] < 0) {
-      s[j] = kNegInf;
-      continue;
-    }
-    float x = g.scale * s[j];
-    if (rpb_head != nullptr) x += rpb_head[w.bias[j]];
+    const float x = w.key[j] < 0 ? kNegInf : s[j];
     s[j] = x;
-    nan |= std::isnan(x);
+    nan |= x != x;
     m = x > m ? x : m;
   }
   return nan ? kNaN : m;
 }
 
-// The geometry of a call from its operands' shapes: q [B, N, H, D], heads_kv and head_dim_v
-// from k / v (or dk / do in the key pass), the per-axis tables, and the RPB table's shape
-// (rpb_dims null: no RPB operand). `rel` / `inv` may be null (the pass does not read them).
 Geometry make_geometry(ffi::Span<const int64_t> qd, int64_t heads_kv, int64_t head_dim_v,
                        const ffi::Buffer<ffi::S32>* nb, const ffi::Buffer<ffi::S32>* rel,
                        const ffi::Buffer<ffi::S32>* inv, const ffi::Span<const int64_t>* rpb_dims,
@@ -341,7 +353,7 @@ ffi::Error NaForward(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buff
   const int64_t rpb_head = g.rpb_dims[0] * g.rpb_dims[1] * g.rpb_dims[2];
   // One item = one (image, token): every head of it, so the window is looked up once.
   parallel_for(g.batch * g.tokens, g.threads, [&](int64_t, int64_t begin, int64_t end) {
-    Window w{std::vector<int64_t>(g.window), std::vector<int64_t>(g.window)};
+    Window w(g);
     std::vector<float> s(g.window);
     std::vector<const float*> rows(g.window);
     for (int64_t item = begin; item < end; ++item) {
@@ -412,7 +424,7 @@ ffi::Error NaBackwardQuery(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
   // Per-chunk partial RPB gradients, summed in chunk order below (deterministic).
   std::vector<float> partial(with_rpb ? ((items + chunk - 1) / chunk) * g.heads * rpb_head : 0);
   parallel_for(items, g.threads, [&](int64_t c, int64_t begin, int64_t end) {
-    Window w{std::vector<int64_t>(g.window), std::vector<int64_t>(g.window)};
+    Window w(g);
     std::vector<float> s(g.window), dp(g.window);
     std::vector<const float*> rows(g.window);
     float* bias_grad = with_rpb ? partial.data() + c * g.heads * rpb_head : nullptr;
@@ -493,43 +505,55 @@ ffi::Error NaBackwardKey(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> dout,
   const Axis& a0 = g.axis[0];
   const Axis& a1 = g.axis[1];
   const Axis& a2 = g.axis[2];
-  const int64_t pairs = a0.inv_width * a1.inv_width * a2.inv_width * group;
+  const int64_t pairs = a0.inv_width * a1.inv_width * a2.inv_width;
   parallel_for(g.batch * g.tokens, g.threads, [&](int64_t, int64_t begin, int64_t end) {
-    // The (weight, row) pairs of one key: ds with q rows for dk, p with do rows for dv.
-    std::vector<float> wk(pairs), wv(pairs);
-    std::vector<const float*> rq(pairs), rd(pairs);
+    // The (query token, slot) pairs whose slot holds the key; the part from the first two axes
+    // is kept per row of keys (consecutive keys share it).
+    std::vector<int64_t> row_n, row_j, qn(pairs), sj(pairs);
+    int64_t cached_row = -1;
+    // The (weight, row) pairs of one key head: ds with q rows for dk, p with do rows for dv.
+    std::vector<float> wk(pairs * group), wv(pairs * group);
+    std::vector<const float*> rq(pairs * group), rd(pairs * group);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t b = item / g.tokens, m = item % g.tokens;
       const int64_t y2 = m % a2.length;
-      const int64_t y1 = (m / a2.length) % a1.length;
-      const int64_t y0 = m / (a2.length * a1.length);
-      for (int64_t hk = 0; hk < g.heads_kv; ++hk) {
-        const int64_t krow = (b * g.tokens + m) * g.heads_kv + hk;
-        int64_t count = 0;
+      const int64_t row = m / a2.length;
+      if (row != cached_row) {
+        const int64_t y1 = row % a1.length, y0 = row / a1.length;
+        row_n.clear();
+        row_j.clear();
         const int32_t* e0 = a0.inv + y0 * a0.inv_width * 2;
         for (int64_t u0 = 0; u0 < a0.inv_width && e0[2 * u0] >= 0; ++u0) {
-          const int64_t x0 = e0[2 * u0], i0 = e0[2 * u0 + 1];
           const int32_t* e1 = a1.inv + y1 * a1.inv_width * 2;
           for (int64_t u1 = 0; u1 < a1.inv_width && e1[2 * u1] >= 0; ++u1) {
-            const int64_t x1 = e1[2 * u1], i1 = e1[2 * u1 + 1];
-            const int32_t* e2 = a2.inv + y2 * a2.inv_width * 2;
-            for (int64_t u2 = 0; u2 < a2.inv_width && e2[2 * u2] >= 0; ++u2) {
-              const int64_t x2 = e2[2 * u2], i2 = e2[2 * u2 + 1];
-              const int64_t n = (x0 * a1.length + x1) * a2.length + x2;
-              const int64_t j = (i0 * a1.kernel + i1) * a2.kernel + i2;
-              for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
-                const int64_t row = (b * g.tokens + n) * g.heads + h;
-                wk[count] = g.scale * dsp[row * g.window + j];
-                wv[count] = pp[row * g.window + j];
-                rq[count] = qp + row * g.head_dim;
-                rd[count] = dop + row * g.head_dim_v;
-                ++count;
-              }
-            }
+            row_n.push_back((int64_t{e0[2 * u0]} * a1.length + e1[2 * u1]) * a2.length);
+            row_j.push_back((int64_t{e0[2 * u0 + 1]} * a1.kernel + e1[2 * u1 + 1]) * a2.kernel);
           }
         }
-        weighted_sum(wk.data(), rq.data(), count, g.head_dim, dkp + krow * g.head_dim);
-        weighted_sum(wv.data(), rd.data(), count, g.head_dim_v, dvp + krow * g.head_dim_v);
+        cached_row = row;
+      }
+      int64_t count = 0;
+      const int32_t* e2 = a2.inv + y2 * a2.inv_width * 2;
+      for (size_t r = 0; r < row_n.size(); ++r) {
+        for (int64_t u2 = 0; u2 < a2.inv_width && e2[2 * u2] >= 0; ++u2, ++count) {
+          qn[count] = row_n[r] + e2[2 * u2];
+          sj[count] = row_j[r] + e2[2 * u2 + 1];
+        }
+      }
+      for (int64_t hk = 0; hk < g.heads_kv; ++hk) {
+        int64_t c = 0;
+        for (int64_t u = 0; u < count; ++u) {
+          for (int64_t h = hk * group; h < (hk + 1) * group; ++h, ++c) {
+            const int64_t qrow = (b * g.tokens + qn[u]) * g.heads + h;
+            wk[c] = g.scale * dsp[qrow * g.window + sj[u]];
+            wv[c] = pp[qrow * g.window + sj[u]];
+            rq[c] = qp + qrow * g.head_dim;
+            rd[c] = dop + qrow * g.head_dim_v;
+          }
+        }
+        const int64_t krow = (b * g.tokens + m) * g.heads_kv + hk;
+        weighted_sum(wk.data(), rq.data(), c, g.head_dim, dkp + krow * g.head_dim);
+        weighted_sum(wv.data(), rd.data(), c, g.head_dim_v, dvp + krow * g.head_dim_v);
       }
     }
   });
