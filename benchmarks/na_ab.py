@@ -1,8 +1,8 @@
 """Interleaved A/B timing of NA implementations in one process: the gather reference, the xla
 path of this checkout, the cpu backend's native kernels (where they build), the xla path of
-another git revision (loaded from ``git show``), and tile-size variants. Every variant is timed round-robin (per round, an untimed call and a timed
-one each) so that load from other jobs hits all of them alike; medians and ratios go to JSON
-with the load average.
+another git revision (loaded from ``git show``), and tile-size variants. Every variant is timed
+round-robin (per round, an untimed call and a timed one each) so that load from other jobs hits
+all of them alike; medians and ratios go to JSON with the load average.
 
 Usage::
 

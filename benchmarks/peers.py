@@ -4,7 +4,8 @@ Models (random weights, 224x224, float32):
 
 * nat-jax ``nat_mini`` / ``dinat_mini``: training = the trainer's own jitted step (AdamW, label
   smoothing, mixup/cutmix and erasing on device); inference = jitted forward. NA backend
-  ``--backend`` (default ``auto``: the cpu backend's kernels on a CPU; ``xla`` for the portable path).
+  ``--backend`` (default ``auto``: the cpu backend's kernels on a CPU; ``xla``: the portable
+  path).
 * timm ``swin_tiny_patch4_window7_224`` (eager PyTorch).
 * HuggingFace transformers ``NatForImageClassification`` / ``DinatForImageClassification``
   (nat-mini / dinat-mini configs), eager PyTorch, with the NATTEN functions they need from
