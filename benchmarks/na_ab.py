@@ -41,7 +41,15 @@ CASES = {
     "14": Shape("ab", "14x14 h8 K7 b2", 2, (14, 14), 8, 32, 7),
     "7": Shape("ab", "7x7 h16 K7 b2", 2, (7, 7), 16, 32, 7),
     "train1": Shape("ab", "56x56 h2 K7 b16", 16, (56, 56), 2, 32, 7),
+    # nat_mini's four stages at inference batch 8 (depths 3, 4, 6, 5: ``--cases nat_mini``
+    # also prints the whole model's NA time per variant).
+    "s1b8": Shape("ab", "nat_mini s1 56x56 h2 b8", 8, (56, 56), 2, 32, 7),
+    "s2b8": Shape("ab", "nat_mini s2 28x28 h4 b8", 8, (28, 28), 4, 32, 7),
+    "s3b8": Shape("ab", "nat_mini s3 14x14 h8 b8", 8, (14, 14), 8, 32, 7),
+    "s4b8": Shape("ab", "nat_mini s4 7x7 h16 b8", 8, (7, 7), 16, 32, 7),
 }
+# Layers per stage of nat_mini, for the whole-model sums of ``--cases nat_mini``.
+NAT_MINI_STAGES = {"s1b8": 3, "s2b8": 4, "s3b8": 6, "s4b8": 5}
 
 
 def load_revision_xla(rev: str):
@@ -101,7 +109,8 @@ def interleaved(fns: dict, args: dict, rounds: int, nargs: int | None = None) ->
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cases", nargs="+", default=["112", "56"], choices=sorted(CASES))
+    parser.add_argument("--cases", nargs="+", default=["112", "56"],
+                        choices=sorted(CASES) + ["nat_mini"])
     parser.add_argument("--rev", default=None, help="git revision whose xla path to compare")
     parser.add_argument("--tiles", nargs="*", default=[],
                         help="tile variants of this checkout's xla path, e.g. 1x8 8x8")
@@ -113,6 +122,8 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
+    if "nat_mini" in args.cases:
+        args.cases = [c for c in args.cases if c != "nat_mini"] + list(NAT_MINI_STAGES)
 
     impls = {}
     if not args.no_reference:
@@ -152,9 +163,20 @@ def main(argv=None) -> int:
                   f"({row['fwd_speedup_vs_reference']:5.2f}x)  fwd+bwd {row['fwd_bwd_ms']:8.2f} ms "
                   f"({row['fwd_bwd_speedup_vs_reference']:5.2f}x vs {base})  load "
                   f"{os.getloadavg()[0]:.1f}", flush=True)
+    models = {}
+    if all(key in args.cases for key in NAT_MINI_STAGES):
+        # One whole model's NA: every stage's time times its layers.
+        for name in impls:
+            per = {key: next(r for r in rows if r["case"] == CASES[key].name
+                             and r["impl"] == name) for key in NAT_MINI_STAGES}
+            models[name] = {kind: sum(per[k][kind] * n for k, n in NAT_MINI_STAGES.items())
+                            for kind in ("fwd_ms", "fwd_bwd_ms")}
+            print(f"nat_mini, all 18 layers, batch 8: {name:10s} fwd {models[name]['fwd_ms']:8.1f}"
+                  f" ms  fwd+bwd {models[name]['fwd_bwd_ms']:8.1f} ms")
     out = args.out or os.path.join(ROOT, "benchmarks", "results", "na_ab_cpu.json")
     write_json(out, dict(meta=environment(command=" ".join(["python", "benchmarks/na_ab.py",
-                                                            *sys.argv[1:]])), results=rows))
+                                                            *sys.argv[1:]])), results=rows,
+                         nat_mini_batch8=models))
     print(f"wrote {out}")
     return 0
 
