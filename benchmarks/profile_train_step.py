@@ -105,12 +105,12 @@ def _fused_opcodes(hlo_text: str) -> dict[str, set[str]]:
             continue
         m = _INSTR.match(line)
         if m and current is not None:
-            current.add(m.group(2))
+            current.add(m.group(3))
     out = {}
     for line in hlo_text.splitlines():
         m = _INSTR.match(line)
-        if m and m.group(2) == "fusion":
-            called = re.search(r"calls=%?([\w.\-]+)", m.group(3))
+        if m and m.group(3) == "fusion":
+            called = re.search(r"calls=%?([\w.\-]+)", m.group(4))
             if called:
                 out[m.group(1)] = comps.get(called.group(1), set())
     return out
