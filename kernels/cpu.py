@@ -24,7 +24,9 @@ else ``g++``; ``-O3 -march=native``) against the installed jaxlib's FFI headers,
 ``cpu_kernels/`` of :func:`cache.cache_root` (``$NAT_JAX_CACHE``, default
 ``~/.cache/nat_jax``), keyed by the source, jaxlib version, compiler and CPU; a compile writes
 to a temporary name and renames, so concurrent processes are safe. Without a compiler the
-backend reports itself unsupported and ``backend="auto"`` keeps the :mod:`xla` path.
+backend reports itself unsupported and ``backend="auto"`` keeps the :mod:`xla` path. Each call
+runs on the CPUs the process may use (``$NAT_JAX_CPU_THREADS`` to set how many, read when a
+call is traced); results do not depend on the thread count.
 
 Programs with these custom calls run in this process but cannot be serialized by
 ``jax.export`` for CPU (XLA gives custom calls no compatibility guarantee); export with
@@ -45,6 +47,7 @@ import tempfile
 
 import jax
 import jax.numpy as jnp
+import jaxlib
 import numpy as np
 
 from nat_jax.kernels import windows
@@ -87,16 +90,16 @@ def _library() -> tuple[ctypes.CDLL | None, str | None]:
     include = jax.ffi.include_dir()
     with open(_SOURCE, "rb") as f:
         source = f.read()
-    import jaxlib
     key = hashlib.sha256(b"\0".join([source, " ".join(_FLAGS).encode(), cxx.encode(),
                                      jaxlib.__version__.encode(),
                                      _cpu_signature().encode()])).hexdigest()[:16]
     path = os.path.join(cache_root(), "cpu_kernels", f"na-{key}.so")
     if not os.path.exists(path):
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=os.path.dirname(path))
-        os.close(fd)
+        tmp = None
         try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            fd, tmp = tempfile.mkstemp(suffix=".so", dir=os.path.dirname(path))
+            os.close(fd)
             done = subprocess.run([cxx, *_FLAGS, "-isystem", include, _SOURCE, "-o", tmp],
                                   capture_output=True, text=True, timeout=300)
             if done.returncode != 0:
@@ -104,11 +107,14 @@ def _library() -> tuple[ctypes.CDLL | None, str | None]:
                               f"{done.stderr.strip()[-2000:]}")
             os.replace(tmp, path)
         except (OSError, subprocess.TimeoutExpired) as e:
-            return None, f"the cpu backend's kernels did not compile ({cxx}): {e}"
+            return None, f"the cpu backend's kernels could not be built in {path}: {e}"
         finally:
-            if os.path.exists(tmp):
+            if tmp is not None and os.path.exists(tmp):
                 os.unlink(tmp)
-    lib = ctypes.CDLL(path)
+    try:
+        lib = ctypes.CDLL(path)
+    except OSError as e:
+        return None, f"the cpu backend's kernels ({path}) did not load: {e}"
     for name, symbol in _TARGETS.items():
         jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, symbol)),
                                     platform="cpu")
@@ -129,6 +135,9 @@ def unsupported(query, value, p: NAParams, rpb) -> str | None:
 
 
 def _threads() -> int:
+    """``$NAT_JAX_CPU_THREADS``, else the CPUs this process may run on."""
+    if os.environ.get("NAT_JAX_CPU_THREADS"):
+        return max(1, int(os.environ["NAT_JAX_CPU_THREADS"]))
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:

@@ -167,3 +167,42 @@ def test_a_source_that_does_not_compile_is_reported(tmp_path, monkeypatch):
     assert not list((tmp_path / "cache" / "cpu_kernels").iterdir())
     monkeypatch.undo()
     assert cpu.build_error() is None
+
+
+def test_an_unwritable_cache_is_reported(tmp_path, monkeypatch):
+    """A cache root that cannot hold the library (here a file) names the path; auto then keeps
+    the xla path instead of failing."""
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("")
+    monkeypatch.setenv("NAT_JAX_CACHE", str(blocker))
+    cpu._library.cache_clear()
+    try:
+        why = cpu.build_error()
+        q = jnp.ones((1, 6, 6, 1, 4))
+        p = kernels.make_params((6, 6), 4, 3)
+        assert ops.resolve_backend("auto", q, q, q, p, None) == "xla"
+    finally:
+        cpu._library.cache_clear()
+    assert why is not None and "could not be built" in why and str(blocker) in why
+
+
+def test_results_do_not_depend_on_the_thread_count(rng, monkeypatch):
+    """Work is cut into chunks by the problem size alone, and per-chunk RPB gradients are added
+    in chunk order: one thread and three give the same bits."""
+    q, k, v, rpb = _inputs(rng, (23, 19), heads=2)
+
+    def run():
+        def loss(q, k, v, rpb):
+            out, lse = kernels.na2d(q, k, v, 3, dilation=(2, 1), rpb=rpb, backend="cpu",
+                                    return_lse=True)
+            return jnp.sum(out * q) + jnp.sum(lse)
+
+        return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3)))(q, k, v, rpb)
+
+    results = []
+    for threads in ("1", "3"):
+        monkeypatch.setenv("NAT_JAX_CPU_THREADS", threads)
+        jax.clear_caches()
+        results.append(jax.tree.leaves(run()))
+    for a, b in zip(*results):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
