@@ -6,7 +6,8 @@ BIN := $(VENV)/bin
 PYTEST_ARGS ?= -n auto
 # The GPU compile gate on the newest jax GPU users run (Python 3.12 gets jax 0.11/0.12).
 NEWEST_JAX ?= 0.12.0.1
-PY312 ?= $(shell command -v python3.12 || echo "env PYENV_VERSION=3.12.1 python3.12")
+# (A pyenv shim is on PATH even where it cannot run without PYENV_VERSION: ask the interpreter.)
+PY312 ?= $(shell python3.12 -c 'import sys; print(sys.executable)' 2>/dev/null || echo "env PYENV_VERSION=3.12.1 python3.12")
 VENV_NEW := .venv-jax$(NEWEST_JAX)
 # ptxas for the GPU gate when the CUDA toolkit is not on PATH (a pip wheel; no GPU needed).
 NVCC_WHEEL := nvidia-cuda-nvcc==13.0.88
