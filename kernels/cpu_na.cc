@@ -265,13 +265,18 @@ void query_window(const Geometry& g, int64_t token, bool with_rpb, Window& w) {
   }
 }
 
+// rows[j]: the row of window slot j in one head's keys or values (`head`, rows `stride` floats
+// apart), null for a masked slot.
+inline void window_rows(const Window& w, const float* head, int64_t stride, const float** rows) {
+  for (size_t j = 0; j < w.key.size(); ++j)
+    rows[j] = w.key[j] < 0 ? nullptr : head + w.key[j] * stride;
+}
+
 // Scaled, biased logits of one (query, head) over its window; masked slots are -inf. Returns
-// the maximum (NaN if any logit is NaN). `rows` is scratch for `window` pointers.
+// the maximum (NaN if any logit is NaN). Fills `rows` with the window's key rows.
 float logits(const Geometry& g, const Window& w, const float* q, const float* k_head,
              const float* rpb_head, float* s, const float** rows) {
-  const int64_t kstride = g.heads_kv * g.head_dim;
-  for (int64_t j = 0; j < g.window; ++j)
-    rows[j] = w.key[j] < 0 ? nullptr : k_head + w.key[j] * kstride;
+  window_rows(w, k_head, g.heads_kv * g.head_dim, rows);
   row_dots(q, rows, g.window, g.head_dim, s);
   // Separate simple loops so each vectorizes (one scalar loop with the mask, bias gather, max
   // and NaN test in it was a third of the forward).
@@ -380,10 +385,8 @@ ffi::Error NaForward(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buff
           l += s[j];
         }
         const float inv_l = 1.0f / l;
-        for (int64_t j = 0; j < g.window; ++j) {
-          s[j] *= inv_l;
-          rows[j] = w.key[j] < 0 ? nullptr : v_head + w.key[j] * g.heads_kv * g.head_dim_v;
-        }
+        for (int64_t j = 0; j < g.window; ++j) s[j] *= inv_l;
+        window_rows(w, v_head, g.heads_kv * g.head_dim_v, rows.data());
         weighted_sum(s.data(), rows.data(), g.window, g.head_dim_v, o);
         lp[row] = m + std::log(l);
       }
@@ -426,7 +429,7 @@ ffi::Error NaBackwardQuery(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
   parallel_for(items, g.threads, [&](int64_t c, int64_t begin, int64_t end) {
     Window w(g);
     std::vector<float> s(g.window), dp(g.window);
-    std::vector<const float*> rows(g.window);
+    std::vector<const float*> rows(g.window), vrows(g.window);
     float* bias_grad = with_rpb ? partial.data() + c * g.heads * rpb_head : nullptr;
     for (int64_t item = begin; item < end; ++item) {
       const int64_t b = item / g.tokens, n = item % g.tokens;
@@ -455,22 +458,20 @@ ffi::Error NaBackwardQuery(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
           continue;
         }
         const float delta = dot(d_o, opp + row * g.head_dim_v, g.head_dim_v) - dlp[row];
-        for (int64_t j = 0; j < g.window; ++j)
-          rows[j] = w.key[j] < 0 ? nullptr : v_head + w.key[j] * g.heads_kv * g.head_dim_v;
-        row_dots(d_o, rows.data(), g.window, g.head_dim_v, dp.data());
+        window_rows(w, v_head, g.heads_kv * g.head_dim_v, vrows.data());
+        row_dots(d_o, vrows.data(), g.window, g.head_dim_v, dp.data());
         for (int64_t j = 0; j < g.window; ++j) {
           if (w.key[j] < 0) {
             p[j] = ds[j] = 0.0f;
-            rows[j] = nullptr;
             continue;
           }
           // s - lse <= 0 up to rounding; NaN only for a NaN logit, which made lse NaN (above).
           p[j] = exp_nonpos(s[j] - l);
           ds[j] = p[j] * (dp[j] - delta);
           if (db != nullptr) db[w.bias[j]] += ds[j];
-          dp[j] = g.scale * ds[j];
-          rows[j] = k_head + w.key[j] * g.heads_kv * g.head_dim;
+          dp[j] = g.scale * ds[j];  // dq's weights (dp is spent)
         }
+        // `rows` still holds the key rows logits() gathered.
         weighted_sum(dp.data(), rows.data(), g.window, g.head_dim, dq_row);
       }
     }
